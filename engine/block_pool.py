@@ -1,0 +1,112 @@
+"""Ref-counted KV blocks, an LRU free queue and the prefix cache (vLLM v1's design).
+
+A block whose ref count drops to 0 goes to the tail of the free queue but keeps its hash and
+content, so a later prompt with the same prefix can take it back (a cache hit). Allocation
+takes blocks from the head of the queue (least recently freed first) and only then forgets
+their hash (an eviction). Torch-free: the tensors live in the model runner's KV cache.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None  # set once the block is full and cached
+    token_ids: tuple[int, ...] = ()  # the tokens it holds when cached, to confirm a hit
+
+
+@dataclass
+class CacheEvents:
+    """Hashes stored into and evicted from the prefix cache since the last drain (the prefill
+    node publishes these to Redis)."""
+
+    stored: list[bytes] = field(default_factory=list)
+    evicted: list[bytes] = field(default_factory=list)
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # block_id -> Block for every block with ref_count 0, least recently freed first
+        self.free_queue: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached: dict[bytes, Block] = {}  # block_hash -> the block that holds it
+        self.events = CacheEvents()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def allocate(self, num_blocks: int) -> list[Block]:
+        """Takes `num_blocks` blocks from the head of the free queue, evicting their hashes.
+        The caller has checked there are enough; each comes back with ref_count 1."""
+        if num_blocks > self.num_free_blocks:
+            raise RuntimeError(f"asked for {num_blocks} blocks, {self.num_free_blocks} free")
+        blocks = []
+        for _ in range(num_blocks):
+            _, block = self.free_queue.popitem(last=False)
+            self._evict(block)
+            block.ref_count = 1
+            blocks.append(block)
+        return blocks
+
+    def touch(self, blocks: Sequence[Block]) -> None:
+        """Takes a reference on cache-hit blocks, pulling free ones out of the free queue."""
+        for block in blocks:
+            if block.ref_count == 0:
+                del self.free_queue[block.block_id]
+            block.ref_count += 1
+
+    def free(self, blocks: Sequence[Block]) -> None:
+        """Drops one reference on each block. Pass a request's blocks tail first, so that its
+        last blocks are evicted before its first ones (prefixes are the most shareable)."""
+        for block in blocks:
+            if block.ref_count <= 0:
+                raise RuntimeError(f"block {block.block_id} freed with ref_count {block.ref_count}")
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block.block_id] = block
+
+    def lookup(self, block_hash: bytes, token_ids: Sequence[int]) -> Block | None:
+        """The cached block with this hash, if its token ids match too."""
+        block = self.cached.get(block_hash)
+        if block is None or block.token_ids != tuple(token_ids):
+            return None
+        return block
+
+    def cache(self, block: Block, block_hash: bytes, token_ids: Sequence[int]) -> None:
+        """Marks a full block as holding `block_hash`. If another block already holds that hash
+        this one stays uncached (a duplicate), and is simply reused once freed."""
+        if not self.enable_caching or block.block_hash is not None or block_hash in self.cached:
+            return
+        block.block_hash = block_hash
+        block.token_ids = tuple(token_ids)
+        self.cached[block_hash] = block
+        self.events.stored.append(block_hash)
+
+    def drain_events(self) -> CacheEvents:
+        events, self.events = self.events, CacheEvents()
+        return events
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached hash of free blocks (blocks in use keep theirs)."""
+        for block in list(self.free_queue.values()):
+            self._evict(block)
+
+    def _evict(self, block: Block) -> None:
+        if block.block_hash is None:
+            return
+        del self.cached[block.block_hash]
+        self.events.evicted.append(block.block_hash)
+        block.block_hash = None
+        block.token_ids = ()

@@ -1,0 +1,165 @@
+"""The in-process engine: add requests, `step()` them (schedule -> run -> update), or
+`generate()` a list of prompts to completion. Prefill and decode nodes drive the step API."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from .config import EngineConfig, default_max_model_len
+from .kv_cache_manager import KVCacheManager
+from .model_runner import ModelRunner
+from .model_source import resolve_model
+from .request import FinishReason, Request, RequestOutput
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    """A finished request, as `generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: FinishReason
+    num_cached_tokens: int
+    text: str | None = None
+    logits: list = field(default_factory=list)  # per step, only with keep_logits
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        config = (config or EngineConfig()).replace(**overrides)
+        self.config = config
+        self.source = resolve_model(config.model)
+        self.model_config = self.source.model_config()
+        self.tokenizer = self.source.tokenizer()
+        self.fingerprint = self.model_config.fingerprint(self.source.weights_id())
+        max_len = default_max_model_len(self.model_config, config.max_model_len)
+        self.runner = ModelRunner(self.source, self.model_config, config, max_len)
+        num_blocks = self.runner.num_blocks
+        # a request must always fit the whole cache, or preemption could never make room
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        if self.max_model_len < max_len:
+            log.warning("max_model_len lowered from %d to %d: the KV cache holds %d blocks of %d",
+                        max_len, self.max_model_len, num_blocks, config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, self.fingerprint,
+                                 config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, self.model_config.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        log.info("engine ready: %s, %d KV blocks of %d tokens, max_model_len %d, fingerprint %s",
+                 config.model, num_blocks, config.block_size, self.max_model_len, self.fingerprint)
+
+    # ---- step API -------------------------------------------------------------------------
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, cache_salt: str | None = None) -> str:
+        """Validates and queues a request; raises ValueError naming the bad field."""
+        params = params or SamplingParams()
+        params.validate(self.model_config.vocab_size)
+        self.validate_prompt(prompt_token_ids)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        request = Request(request_id, list(prompt_token_ids), params, cache_salt)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids: the prompt is empty")
+        bad = next((t for t in prompt_token_ids
+                    if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: {bad!r} is not a token id of this model "
+                             f"(vocabulary of {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt_token_ids: the prompt has {len(prompt_token_ids)} tokens, "
+                             f"max_model_len is {self.max_model_len} (prompt + at least 1 new token)")
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stops a request and frees its blocks; False if it is unknown or finished."""
+        request = self.scheduler.abort(request_id)
+        self.requests.pop(request_id, None)
+        self.runner.sampler.forget(request_id)
+        return request is not None
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step: schedule -> run -> update. Returns what each request produced."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.scheduled:
+            return []
+        block_tables = [self.kv.block_ids(s.request.request_id) for s in scheduled.scheduled]
+        sampled, logits = self.runner.run(scheduled, block_tables)
+        outputs = self.scheduler.update(scheduled, sampled, logits)
+        for output in outputs:
+            if output.finished:
+                self.requests.pop(output.request_id, None)
+                self.runner.sampler.forget(output.request_id)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- offline API ----------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]] | list[str],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 cache_salt: str | None = None) -> list[Completion]:
+        """Runs prompts (token id lists, or strings to tokenize) to completion, in order."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(self._as_token_ids(p), sp, cache_salt=cache_salt)
+               for p, sp in zip(prompts, params_list)]
+        results = {i: Completion(i, self.requests[i].prompt_token_ids, [], FinishReason.ABORT, 0)
+                   for i in ids}
+        while self.has_unfinished():
+            for output in self.step():
+                result = results.get(output.request_id)
+                if result is None:
+                    continue
+                result.token_ids += output.new_token_ids
+                result.num_cached_tokens = output.num_cached_tokens
+                if output.logits is not None:
+                    result.logits.append(output.logits)
+                if output.finished:
+                    result.finish_reason = output.finish_reason
+        if self.tokenizer is not None:
+            for result in results.values():
+                result.text = self.tokenizer.decode(result.token_ids)
+        return [results[i] for i in ids]
+
+    def chat(self, conversations: list[list[dict]], params=None) -> list[Completion]:
+        """`generate` for conversations, each rendered with the model's chat template."""
+        self._need_tokenizer()
+        return self.generate([self.tokenizer.encode_chat(c) for c in conversations], params)
+
+    def _as_token_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            self._need_tokenizer()
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def _need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.config.model!r} has no tokenizer: pass token ids")
+
+    def stats(self) -> dict:
+        return {
+            "num_kv_blocks": self.kv.pool.num_blocks,
+            "num_free_blocks": self.kv.num_free_blocks,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_prompt_tokens_computed": self.scheduler.num_prompt_tokens_computed,
+            "num_cached_tokens": self.scheduler.num_cached_tokens,
+        }
+
+
+__all__ = ["Engine", "Completion", "SamplingParams", "EngineConfig"]

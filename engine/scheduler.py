@@ -1,0 +1,161 @@
+"""Continuous batching with chunked prefill under a token budget, preemption by recompute.
+
+Each step gives every request a number of new tokens to compute (vLLM v1's unified view: a
+decode is a request with one new token, a prefill chunk one with many). Running requests go
+first, in arrival order; when blocks run out the last-arrived running request is preempted:
+its blocks are freed and it goes back to the front of the waiting queue, to be recomputed
+(its tokens so far are kept, and its freed blocks are likely still in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache_manager import KVCacheManager
+from .request import FinishReason, Request, RequestOutput, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the request's last known token, so its logits are sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, eos_token_ids: tuple[int, ...] = ()):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_prompt_tokens_computed = 0  # prompt tokens prefilled (not taken from cache)
+        self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache
+        self.num_preempted = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.num_preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()  # the last-arrived, never one scheduled already
+                self._preempt(victim)
+                out.num_preempted += 1
+                self.num_preempted += 1
+                if victim is request:
+                    return budget
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            hits = self.kv.get_computed_blocks(request)
+            num_cached = len(hits) * self.kv.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.popleft()
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+                self.num_cached_tokens += num_cached
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int],
+               logits: dict | None = None) -> list[RequestOutput]:
+        """Advances each scheduled request past its computed tokens, appends its sampled
+        token, caches its newly full blocks, and finishes (and frees) what is done."""
+        outputs = []
+        for s in out.scheduled:
+            request = s.request
+            self.num_prompt_tokens_computed += max(
+                0, min(request.num_prompt_tokens - request.num_computed_tokens, s.num_new_tokens))
+            request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_blocks(request)
+            if request.request_id not in sampled:
+                continue
+            token_id = sampled[request.request_id]
+            request.output_token_ids.append(token_id)
+            reason = self._finish_reason(request, token_id)
+            if reason is not None:
+                self._finish(request, reason)
+            outputs.append(RequestOutput(
+                request.request_id, [token_id], reason is not None, reason,
+                request.num_prompt_tokens, request.num_cached_tokens,
+                logits.get(request.request_id) if logits else None))
+        return outputs
+
+    def _finish_reason(self, request: Request, token_id: int) -> FinishReason | None:
+        params = request.params
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return FinishReason.STOP
+        if params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens:
+            return FinishReason.LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.running.remove(request)
+        self.kv.free(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Removes a request wherever it is and frees its blocks; None if unknown."""
+        for queue in (self.running, self.waiting):
+            for request in queue:
+                if request.request_id == request_id:
+                    queue.remove(request)
+                    self.kv.free(request)
+                    request.status = RequestStatus.FINISHED
+                    request.finish_reason = FinishReason.ABORT
+                    return request
+        return None

@@ -1,0 +1,1 @@
+"""Triton kernels, one file each, each with its pure-torch reference (see the kernels issue)."""

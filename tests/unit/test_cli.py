@@ -1,0 +1,33 @@
+"""The `pdserve` command as a user runs it: a real subprocess against the in-process engine."""
+
+import subprocess
+import sys
+
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+
+PDSERVE = [sys.executable, "-m", "pdserve.cli"]
+
+
+def test_generate_streams_the_engines_greedy_answer():
+    question = "What is the capital of France?"
+    run = subprocess.run(PDSERVE + ["generate", "--max-tokens", "12", question],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    engine = Engine(model="smollm2-135m")
+    (expected,) = engine.chat([[{"role": "user", "content": question}]],
+                              SamplingParams(temperature=0, max_tokens=12))
+    assert run.stdout.strip() == expected.text.strip()
+    assert "Paris" in run.stdout
+
+
+def test_flags_and_environment_errors_are_clear():
+    bad_model = subprocess.run(PDSERVE + ["generate", "--model", "dummy:nope", "hi"],
+                               capture_output=True, text=True, timeout=120)
+    assert bad_model.returncode == 2 and "dummy takes a preset" in bad_model.stderr
+    bad_env = subprocess.run(PDSERVE + ["up"], capture_output=True, text=True, timeout=120,
+                             env={"PDSERVE_BLOCK_SIZE": "abc", "PATH": ""})
+    assert bad_env.returncode == 2 and "PDSERVE_BLOCK_SIZE" in bad_env.stderr
+    zero = subprocess.run(PDSERVE + ["generate", "--block-size", "0", "hi"],
+                          capture_output=True, text=True, timeout=120)
+    assert zero.returncode == 2 and "block_size must be >= 1" in zero.stderr
