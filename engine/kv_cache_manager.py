@@ -89,11 +89,12 @@ class KVCacheManager:
         table = self.block_tables[request.request_id]
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
         start = self.num_cached_blocks.get(request.request_id, 0)
-        tokens = request.all_token_ids
+        if start >= num_full:
+            return
         for i in range(start, num_full):
             self.pool.cache(table[i], request.block_hashes[i],
-                            tokens[i * self.block_size:(i + 1) * self.block_size])
-        self.num_cached_blocks[request.request_id] = max(start, num_full)
+                            request.token_ids(i * self.block_size, (i + 1) * self.block_size))
+        self.num_cached_blocks[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
         """Releases the request's blocks, last block first (see BlockPool.free)."""

@@ -65,7 +65,7 @@ class ModelRunner:
         for s, table in zip(out.scheduled, block_tables):
             request = s.request
             start, end = request.num_computed_tokens, request.num_computed_tokens + s.num_new_tokens
-            input_ids += request.all_token_ids[start:end]
+            input_ids += request.token_ids(start, end)
             positions += range(start, end)
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             query_lens.append(s.num_new_tokens)
