@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import AttentionMetadata
 from .config import ModelConfig
-from .layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from .layers import RMSNorm, RotaryEmbedding, apply_rope, silu_and_mul
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # each [num_blocks, block_size, num_kv_heads, head_dim]
 
@@ -25,22 +25,21 @@ _FUSED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
-        self.rotary = rotary
         self.scale = cfg.head_dim ** -0.5
         self.shard_sizes = (cfg.q_size, cfg.kv_size, cfg.kv_size)
 
-    def forward(self, positions, hidden, kv_cache: KVCache, meta: AttentionMetadata, backend):
+    def forward(self, rope, hidden, kv_cache: KVCache, meta: AttentionMetadata, backend):
         cfg = self.cfg
         q, k, v = self.qkv_proj(hidden).split(self.shard_sizes, dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rope(q, k, *rope)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(-1, cfg.q_size))
 
@@ -57,20 +56,20 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary)
+        self.self_attn = LlamaAttention(cfg)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, kv_cache, meta, backend):
+    def forward(self, rope, hidden, residual, kv_cache, meta, backend):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta, backend)
+        hidden = self.self_attn(rope, hidden, kv_cache, meta, backend)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -79,14 +78,15 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta, backend):
         hidden, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary.cos_sin(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, backend)
+            hidden, residual = layer(rope, hidden, residual, kv_cache, meta, backend)
         hidden, _ = self.norm(hidden, residual)
         return hidden  # [num_tokens, hidden_size]
 
