@@ -22,6 +22,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int32, padded with 0
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
 
     @property
     def num_seqs(self) -> int:
@@ -104,12 +106,32 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
 
 
+class TritonAttentionBackend:
+    """The Triton kernels: store_kv, then paged decode attention when every sequence has one
+    new token, else varlen prefill attention over the paged cache (which also serves the
+    one-token sequences of a mixed batch)."""
+
+    name = "triton"
+
+    def __init__(self):
+        from kernels.paged_decode_attention import paged_decode_attention
+        from kernels.prefill_attention import prefill_attention
+        from kernels.store_kv import store_kv
+        self._store_kv, self._decode, self._prefill = store_kv, paged_decode_attention, prefill_attention
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        self._store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.max_query_len == 1:
+            return self._decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len)
+        return self._prefill(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, scale,
+                             meta.max_query_len)
+
+
 def get_attention_backend(name: str, device: torch.device):
     if name == "auto":
-        name = "torch"  # becomes triton on CUDA once the kernels issue lands its back-end
+        name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
         return TorchAttentionBackend()
     if name == "triton":
-        raise ValueError("the triton attention back-end is not built yet (see the kernels issue); "
-                         "use attention_backend='torch'")
+        return TritonAttentionBackend()
     raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {name!r}")

@@ -126,7 +126,7 @@ class EngineConfig:
     model: str = "smollm2-135m"
     device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    attention_backend: str = "auto"  # auto: torch (triton on CUDA once it exists)
+    attention_backend: str = "auto"  # auto: torch on CPU, triton on CUDA
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0

@@ -83,7 +83,8 @@ class ModelRunner:
             cu_seqlens_q=torch.tensor(cu_seqlens_q, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens))
         return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
                 torch.tensor(positions, dtype=torch.int64, device=dev), meta, sample_rows)
 

@@ -56,13 +56,14 @@ def iter_weights(source: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, t
 def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
     """Random weights of the real shape, the same for a given seed on every node and device
     (each tensor has its own generator seeded from its name), so that a prefill node and a
-    decode node with the same `dummy:` model agree."""
+    decode node with the same `dummy:` model agree. Embeddings get std 1 (matrices 0.02), so
+    that logits are peaked like a trained model's and greedy comparisons are meaningful."""
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
         gen = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        param.normal_(0.0, 0.02, generator=gen)
+        param.normal_(0.0, 1.0 if "embed_tokens" in name else 0.02, generator=gen)
 
 
 def _safetensors_files(source: ModelSource) -> list:
