@@ -61,7 +61,7 @@ def test_prefill_attention(group, head_dim, page):
 @pytest.mark.parametrize("group,head_dim,page", [(4, 128, 16), (8, 64, 32), (1, 128, 16)])
 def test_paged_decode_attention_gpu(group, head_dim, page):
     seq_lens = [1, page, page + 1, 1000, 4097, 8000] + [(37 * i) % 3000 + 1 for i in range(26)]
-    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-3)):
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float16, 1e-2), (torch.float32, 1e-3)):
         b = make_paged_batch(seq_lens, [1] * len(seq_lens), 8 * group, 8, head_dim, page, dtype, "cuda")
         out = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale, max(seq_lens))
         ref = paged_decode_attention_ref(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale)
@@ -74,7 +74,7 @@ def test_prefill_attention_gpu(group, head_dim, page):
     cached = [0, 1, 2048, 0, 517]
     query_lens = [2048, 1, 1000, 17, 1500]
     seq_lens = [c + n for c, n in zip(cached, query_lens)]
-    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-3)):
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float16, 1e-2), (torch.float32, 1e-3)):
         b = make_paged_batch(seq_lens, query_lens, 8 * group, 8, head_dim, page, dtype, "cuda")
         out = prefill_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens,
                                 b.scale, max(query_lens))
