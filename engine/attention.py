@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache: batch metadata and the torch (reference) back-end.
+"""Attention over the paged KV cache: batch metadata, the torch (reference) back-end and the
+Triton back-end (kernels/).
 
 The cache of one layer is a pair of tensors `[num_blocks, block_size, num_kv_heads, head_dim]`.
 Token t of a sequence lives in slot `block_table[t // block_size] * block_size + t % block_size`.
