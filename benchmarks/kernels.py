@@ -6,7 +6,7 @@
   store_kv           bytes moved / time, as a fraction of the copy
 
 Every kernel is checked against its reference before it is timed. Usage:
-    python benchmarks/kernels.py [--quick]
+    python benchmarks/kernels.py [--sweep]
 """
 
 from __future__ import annotations

@@ -46,7 +46,6 @@ class _TorchPlan:
     def build(cls, meta: AttentionMetadata, block_size: int, group: int, dtype: torch.dtype) -> "_TorchPlan":
         device = meta.slot_mapping.device
         seqs = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
-        starts = meta.cu_seqlens_q.tolist()
         plan = cls(None, None, None, [])
         if seqs:
             idx = torch.tensor(seqs, device=device)
@@ -55,6 +54,9 @@ class _TorchPlan:
             plan.decode_blocks = meta.block_tables[idx, :width].long().reshape(-1)
             valid = torch.arange(width * block_size, device=device)[None, :] < meta.seq_lens[idx][:, None]
             plan.decode_mask = _additive(valid, dtype)[:, None, None, :]
+        starts = [0]
+        for q_len in meta.query_lens_cpu:  # host copy of cu_seqlens_q, without a device sync
+            starts.append(starts[-1] + q_len)
         for i, q_len in enumerate(meta.query_lens_cpu):
             if q_len > 1:
                 seq_len = meta.seq_lens_cpu[i]
@@ -121,7 +123,9 @@ def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
 
 
 def store_kv_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Writes each token's K/V row into its slot; slots < 0 are skipped."""
+    """Writes each token's K/V row into its slot; slots < 0 are skipped. The same function as
+    kernels/store_kv.py's reference, kept here because importing that file needs Triton,
+    which the CPU engine does not."""
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
