@@ -1,0 +1,108 @@
+"""The KV wire format: a fixed 72-byte binary header, then `num_bytes` raw bytes.
+
+    magic "PDKV" | u16 version | u8 type | u8 dtype | 16 bytes transfer id | u32 layer |
+    u8 ndim | 3 pad | 6 x u32 shape | u64 num_bytes | u32 payload CRC32C | u32 header CRC32C
+
+All little-endian. A KV frame's payload is one layer of a transfer: K and V of every block of
+the prompt, `[2, num_blocks, block_size, num_kv_heads, head_dim]`. The DONE frame ends a
+transfer; its payload is `u32 first_token_id | u32 num_layers | u32 CRC32C of the KV frames'
+checksums in layer order`. ABORT (no payload) says the sender gave up. Nothing here is ever
+unpickled: the receiver checks the header against its ticket, then reads plain numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import crc32c as _crc32c
+
+MAGIC = b"PDKV"
+VERSION = 1
+MAX_NDIM = 6
+HEADER = struct.Struct("<4sHBB16sIB3x6IQII")
+HEADER_SIZE = HEADER.size  # 72
+DONE = struct.Struct("<III")
+DTYPE_CODES = {"float32": 1, "bfloat16": 2, "float16": 3}
+DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
+DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class FrameType(enum.IntEnum):
+    KV = 1
+    DONE = 2
+    ABORT = 3
+
+
+class FrameError(ValueError):
+    """A header that is not a valid pdserve KV frame (or does not match its ticket)."""
+
+
+def checksum(data, value: int = 0) -> int:
+    """CRC32C (hardware accelerated, releases the GIL on large buffers)."""
+    return _crc32c.crc32c(data, value)
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    type: FrameType
+    transfer_id: bytes  # 16 bytes
+    layer: int = 0
+    dtype: str | None = None
+    shape: tuple[int, ...] = ()
+    num_bytes: int = 0
+    payload_checksum: int = 0
+
+    def pack(self) -> bytes:
+        if len(self.shape) > MAX_NDIM:
+            raise FrameError(f"shape {self.shape} has more than {MAX_NDIM} dimensions")
+        dims = tuple(self.shape) + (0,) * (MAX_NDIM - len(self.shape))
+        dtype = DTYPE_CODES[self.dtype] if self.dtype else 0
+        body = HEADER.pack(MAGIC, VERSION, self.type, dtype, self.transfer_id, self.layer,
+                           len(self.shape), *dims, self.num_bytes, self.payload_checksum, 0)
+        return body[:-4] + struct.pack("<I", checksum(body[:-4]))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "FrameHeader":
+        """Parses and checks a header; raises FrameError on anything malformed."""
+        if len(data) != HEADER_SIZE:
+            raise FrameError(f"header of {len(data)} bytes, expected {HEADER_SIZE}")
+        (magic, version, type_, dtype, transfer_id, layer, ndim, *rest) = HEADER.unpack(data)
+        dims, (num_bytes, payload_checksum, header_checksum) = rest[:MAX_NDIM], rest[MAX_NDIM:]
+        if magic != MAGIC:
+            raise FrameError(f"bad magic {magic!r}")
+        if checksum(data[:-4]) != header_checksum:
+            raise FrameError("header checksum mismatch")
+        if version != VERSION:
+            raise FrameError(f"unsupported frame version {version}")
+        if type_ not in FrameType._value2member_map_:
+            raise FrameError(f"unknown frame type {type_}")
+        if ndim > MAX_NDIM or (dtype and dtype not in DTYPE_NAMES):
+            raise FrameError(f"bad ndim {ndim} or dtype code {dtype}")
+        return cls(FrameType(type_), transfer_id, layer, DTYPE_NAMES.get(dtype),
+                   tuple(dims[:ndim]), num_bytes, payload_checksum)
+
+
+def kv_frame(transfer_id: bytes, layer: int, dtype: str, shape: tuple[int, ...], payload) -> bytes:
+    """The header of a KV frame for `payload` (a bytes-like object of the whole layer)."""
+    nbytes = memoryview(payload).nbytes
+    return FrameHeader(FrameType.KV, transfer_id, layer, dtype, tuple(shape), nbytes,
+                       checksum(payload)).pack()
+
+
+def done_frame(transfer_id: bytes, first_token_id: int, num_layers: int, summary: int) -> bytes:
+    """A whole DONE frame (header and its 12-byte payload)."""
+    payload = DONE.pack(first_token_id, num_layers, summary)
+    header = FrameHeader(FrameType.DONE, transfer_id, num_bytes=len(payload),
+                         payload_checksum=checksum(payload)).pack()
+    return header + payload
+
+
+def abort_frame(transfer_id: bytes) -> bytes:
+    return FrameHeader(FrameType.ABORT, transfer_id).pack()
+
+
+def summary_checksum(layer_checksums: list[int]) -> int:
+    """What the DONE frame carries: a CRC32C over the KV frames' checksums in layer order."""
+    return checksum(struct.pack(f"<{len(layer_checksums)}I", *layer_checksums))

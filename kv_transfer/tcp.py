@@ -1,0 +1,370 @@
+"""The `tcp` connector: frames (kv_transfer/frame.py) over plain TCP, one connection per
+(prefill node, decode node) pair, a sender thread per destination and a receiver thread per
+connection. Payloads go straight from a host staging buffer into the socket and from the
+socket into a reused buffer, then into the reserved blocks with one index_copy per layer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .connector import KVReceiver, KVSender, KVTicket, TransferError, TransferResult
+from .frame import (DONE, HEADER_SIZE, FrameError, FrameHeader, FrameType, abort_frame, checksum,
+                    done_frame, kv_frame, summary_checksum)
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+SOCKET_BUFFER = 4 << 20
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"kv endpoint must be host:port, got {endpoint!r}")
+    return host.strip("[]"), int(port)
+
+
+# ---- sender ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Outgoing:
+    ticket: KVTicket
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    layer_checksums: dict[int, int] = field(default_factory=dict)
+    num_bytes: int = 0
+    error: BaseException | None = None
+
+
+class TcpKVSender(KVSender):
+    """`corrupt_transfers` is a test hook: the first N transfers get one flipped payload byte
+    after the checksum is computed, so the receiver must catch them."""
+
+    def __init__(self, connect_timeout: float = 5.0, corrupt_transfers: int = 0):
+        self.connect_timeout = connect_timeout
+        self.num_corrupt_left = corrupt_transfers
+        self._channels: dict[str, _Channel] = {}
+        self._outgoing: dict[str, _Outgoing] = {}
+        self._lock = threading.Lock()
+        self.num_bytes_sent = 0
+
+    def send_layer(self, ticket: KVTicket, layer: int, kv: torch.Tensor) -> None:
+        assert tuple(kv.shape) == ticket.layer_shape, (tuple(kv.shape), ticket.layer_shape)
+        assert DTYPE_NAMES[kv.dtype] == ticket.dtype, (kv.dtype, ticket.dtype)
+        staged, ready = _stage(kv)
+        self._channel(ticket).put(("kv", self._state(ticket), layer, staged, ready))
+
+    def finish(self, ticket: KVTicket, first_token_id: int) -> concurrent.futures.Future:
+        out = self._state(ticket)
+        self._channel(ticket).put(("done", out, first_token_id))
+        return out.future
+
+    def abort(self, ticket: KVTicket) -> None:
+        with self._lock:
+            out = self._outgoing.get(ticket.transfer_id)
+        if out is not None:
+            out.error = out.error or TransferError("aborted by the sender")
+            self._channel(ticket).put(("abort", out))
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.stop()
+
+    def _state(self, ticket: KVTicket) -> _Outgoing:
+        with self._lock:
+            return self._outgoing.setdefault(ticket.transfer_id, _Outgoing(ticket))
+
+    def _channel(self, ticket: KVTicket) -> "_Channel":
+        with self._lock:
+            channel = self._channels.get(ticket.kv_endpoint)
+            if channel is None:
+                channel = self._channels[ticket.kv_endpoint] = _Channel(self, ticket.kv_endpoint)
+            return channel
+
+    def _take_corruption(self) -> bool:
+        with self._lock:
+            if self.num_corrupt_left > 0:
+                self.num_corrupt_left -= 1
+                return True
+            return False
+
+    def _done(self, out: _Outgoing) -> None:
+        with self._lock:
+            self._outgoing.pop(out.ticket.transfer_id, None)
+            self.num_bytes_sent += out.num_bytes
+
+
+def _stage(kv: torch.Tensor):
+    """A host copy of `kv`, taken in stream order; `ready()` blocks until it is complete."""
+    if kv.device.type != "cuda":
+        return kv.contiguous(), lambda: None
+    staged = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
+    staged.copy_(kv, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return staged, event.synchronize
+
+
+class _Channel:
+    """One destination: a queue of frames and the thread that writes them in order."""
+
+    def __init__(self, sender: TcpKVSender, endpoint: str):
+        self.sender = sender
+        self.endpoint = endpoint
+        self.sock: socket.socket | None = None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"kv-send-{endpoint}", daemon=True)
+        self.thread.start()
+
+    def put(self, item) -> None:
+        self.queue.put(item)
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            kind, out = item[0], item[1]
+            try:
+                if kind == "kv" and out.error is None:
+                    self._send_layer(out, *item[2:])
+                elif kind == "done":
+                    self._send_done(out, item[2])
+                elif kind == "abort":
+                    self._write(abort_frame(out.ticket.transfer_key))
+                    self._settle(out)
+            except (OSError, ValueError) as e:
+                log.warning("kv transfer %s to %s: %s", out.ticket.transfer_id, self.endpoint, e)
+                self._disconnect()
+                out.error = out.error or ConnectionError(f"kv connection to {self.endpoint}: {e}")
+                if kind in ("done", "abort"):
+                    self._settle(out)
+        self._disconnect()
+
+    def _send_layer(self, out: _Outgoing, layer: int, staged: torch.Tensor, ready) -> None:
+        ready()
+        payload = staged.view(-1).view(torch.uint8).numpy()
+        header = kv_frame(out.ticket.transfer_key, layer, out.ticket.dtype, tuple(staged.shape), payload)
+        out.layer_checksums[layer] = FrameHeader.unpack(header).payload_checksum
+        if layer == 0 and self.sender._take_corruption():
+            payload = payload.copy()
+            payload[len(payload) // 2] ^= 0xFF
+            log.warning("test hook: corrupting kv transfer %s", out.ticket.transfer_id)
+        self._write(header, payload)
+        out.num_bytes += HEADER_SIZE + payload.nbytes
+
+    def _send_done(self, out: _Outgoing, first_token_id: int) -> None:
+        if out.error is None:
+            checksums = [out.layer_checksums.get(i, 0) for i in range(out.ticket.num_layers)]
+            frame = done_frame(out.ticket.transfer_key, first_token_id, len(out.layer_checksums),
+                               summary_checksum(checksums))
+            self._write(frame)
+            out.num_bytes += len(frame)
+        self._settle(out)
+
+    def _settle(self, out: _Outgoing) -> None:
+        self.sender._done(out)
+        if out.future.done():
+            return
+        if out.error is None:
+            out.future.set_result(out.num_bytes)
+        else:
+            out.future.set_exception(out.error)
+
+    def _write(self, *parts) -> None:
+        if self.sock is None:
+            host, port = split_endpoint(self.endpoint)
+            self.sock = socket.create_connection((host, port), timeout=self.sender.connect_timeout)
+            self.sock.settimeout(60.0)
+            _tune(self.sock)
+        for part in parts:
+            self.sock.sendall(part)
+
+    def _disconnect(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+# ---- receiver -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Incoming:
+    ticket: KVTicket
+    on_done: Callable[[TransferResult], None]
+    block_ids: torch.Tensor  # on the cache's device
+    layer_checksums: dict[int, int] = field(default_factory=dict)
+    num_bytes: int = 0
+
+
+class TcpKVReceiver(KVReceiver):
+    """Listens on `host:port` (port 0: any free one) and writes frames into `kv_caches`, a
+    list of (k_cache, v_cache) per layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], host: str = "127.0.0.1",
+                 port: int = 0, advertise_host: str | None = None):
+        self.kv_caches = kv_caches
+        self.device = kv_caches[0][0].device
+        # a frame for an unknown transfer is discarded only up to one whole layer of the cache
+        self.max_frame_bytes = 2 * kv_caches[0][0].nbytes
+        self._server = socket.create_server((host, port))
+        self.port = self._server.getsockname()[1]
+        self.endpoint = f"{advertise_host or host}:{self.port}"
+        self._tickets: dict[bytes, _Incoming] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.num_bytes_received = 0
+        self.num_failed = 0
+        self.num_bad_connections = 0
+        threading.Thread(target=self._accept, name="kv-accept", daemon=True).start()
+
+    def expect(self, ticket: KVTicket, on_done: Callable[[TransferResult], None]) -> None:
+        ids = torch.tensor(ticket.block_ids, dtype=torch.int64, device=self.device)
+        with self._lock:
+            self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, ids)
+
+    def forget(self, transfer_id: str) -> None:
+        with self._lock:
+            self._tickets.pop(bytes.fromhex(transfer_id), None)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept thread (close alone does not)
+        except OSError:
+            pass
+        self._server.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, addr = self._server.accept()
+            except OSError:
+                return
+            _tune(conn)
+            threading.Thread(target=self._serve, args=(conn, addr), name=f"kv-recv-{addr[1]}",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket, addr) -> None:
+        buffer = bytearray(0)
+        with conn:
+            try:
+                while True:
+                    head = _recv_exact(conn, memoryview(bytearray(HEADER_SIZE)))
+                    if head is None:
+                        return  # clean close between frames
+                    header = FrameHeader.unpack(bytes(head))
+                    if len(buffer) < header.num_bytes <= self.max_frame_bytes:
+                        buffer = bytearray(header.num_bytes)
+                    self._on_frame(conn, header, buffer)
+            except (FrameError, ConnectionError, OSError) as e:
+                self.num_bad_connections += 1
+                log.warning("kv receiver: closing connection from %s: %s", addr, e)
+
+    def _on_frame(self, conn: socket.socket, header: FrameHeader, buffer: bytearray) -> None:
+        with self._lock:
+            incoming = self._tickets.get(header.transfer_id)
+        if incoming is None:  # cancelled or expired: read past it
+            if header.num_bytes > self.max_frame_bytes:
+                raise FrameError(f"frame of {header.num_bytes} bytes for an unknown transfer")
+            _recv_exact(conn, memoryview(buffer)[:header.num_bytes], eof_ok=False)
+            return
+        try:
+            self._check(incoming, header)
+        except FrameError as e:
+            self._fail(incoming, str(e))
+            raise  # a frame that does not match its ticket: the stream cannot be trusted
+        payload = memoryview(buffer)[:header.num_bytes]
+        _recv_exact(conn, payload, eof_ok=False)
+        incoming.num_bytes += HEADER_SIZE + header.num_bytes
+        if checksum(payload) != header.payload_checksum:
+            self._fail(incoming, f"checksum mismatch in {header.type.name} frame (layer {header.layer})")
+        elif header.type is FrameType.KV:
+            self._write_layer(incoming, header, buffer)
+        elif header.type is FrameType.DONE:
+            self._finish(incoming, payload)
+        else:
+            self._fail(incoming, "the sender aborted the transfer")
+
+    def _check(self, incoming: _Incoming, header: FrameHeader) -> None:
+        ticket = incoming.ticket
+        if header.type is FrameType.KV:
+            if not 0 <= header.layer < ticket.num_layers or header.layer in incoming.layer_checksums:
+                raise FrameError(f"unexpected layer {header.layer}")
+            if header.dtype != ticket.dtype or header.shape != ticket.layer_shape:
+                raise FrameError(f"frame {header.dtype} {header.shape} does not match the ticket's "
+                                 f"{ticket.dtype} {ticket.layer_shape}")
+            if header.num_bytes != ticket.layer_bytes:
+                raise FrameError(f"frame of {header.num_bytes} bytes, the ticket expects {ticket.layer_bytes}")
+        elif header.type is FrameType.DONE and header.num_bytes != DONE.size:
+            raise FrameError(f"DONE frame of {header.num_bytes} bytes")
+        elif header.type is FrameType.ABORT and header.num_bytes:
+            raise FrameError("ABORT frame with a payload")
+
+    def _write_layer(self, incoming: _Incoming, header: FrameHeader, buffer: bytearray) -> None:
+        ticket = incoming.ticket
+        count = header.num_bytes // torch.empty((), dtype=TORCH_DTYPES[ticket.dtype]).element_size()
+        kv = torch.frombuffer(buffer, dtype=TORCH_DTYPES[ticket.dtype], count=count).view(ticket.layer_shape)
+        k_cache, v_cache = self.kv_caches[header.layer]
+        k_cache.index_copy_(0, incoming.block_ids, kv[0].to(self.device))
+        v_cache.index_copy_(0, incoming.block_ids, kv[1].to(self.device))
+        incoming.layer_checksums[header.layer] = header.payload_checksum
+
+    def _finish(self, incoming: _Incoming, payload: memoryview) -> None:
+        first_token_id, num_layers, summary = DONE.unpack(payload)
+        ticket = incoming.ticket
+        checksums = [incoming.layer_checksums.get(i, 0) for i in range(ticket.num_layers)]
+        if num_layers != ticket.num_layers or len(incoming.layer_checksums) != ticket.num_layers:
+            return self._fail(incoming, f"{len(incoming.layer_checksums)} of {ticket.num_layers} layers arrived")
+        if summary != summary_checksum(checksums):
+            return self._fail(incoming, "checksum summary mismatch")
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self._settle(incoming, TransferResult(ticket.transfer_id, True, first_token_id,
+                                              num_bytes=incoming.num_bytes))
+
+    def _fail(self, incoming: _Incoming, reason: str) -> None:
+        self.num_failed += 1
+        log.warning("kv transfer %s failed: %s", incoming.ticket.transfer_id, reason)
+        self._settle(incoming, TransferResult(incoming.ticket.transfer_id, False, error=reason,
+                                              num_bytes=incoming.num_bytes))
+
+    def _settle(self, incoming: _Incoming, result: TransferResult) -> None:
+        with self._lock:
+            if self._tickets.pop(incoming.ticket.transfer_key, None) is None:
+                return  # forgotten meanwhile: nobody waits for it
+            self.num_bytes_received += incoming.num_bytes
+        incoming.on_done(result)
+
+
+def _recv_exact(conn: socket.socket, view: memoryview, eof_ok: bool = True):
+    """Fills `view` from the socket. None on a clean EOF before the first byte (if eof_ok)."""
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            if got == 0 and eof_ok:
+                return None
+            raise ConnectionError(f"connection closed after {got} of {len(view)} bytes")
+        got += n
+    return view

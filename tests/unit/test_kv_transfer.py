@@ -1,0 +1,180 @@
+"""The TCP connector on loopback: bytes arrive exactly in the reserved blocks, corruption and
+malformed frames fail only their transfer, and random bytes do not hurt the receiver."""
+
+import os
+import socket
+import threading
+import uuid
+
+import pytest
+import torch
+
+from kv_transfer.connector import KVTicket
+from kv_transfer.frame import FrameError, FrameHeader, FrameType, HEADER_SIZE, kv_frame
+from kv_transfer.tcp import TcpKVReceiver, TcpKVSender
+
+NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 32, 4, 2, 8
+
+
+class Waiter:
+    def __init__(self):
+        self.event, self.result = threading.Event(), None
+
+    def __call__(self, result):
+        assert self.result is None, "on_done called twice"
+        self.result = result
+        self.event.set()
+
+    def wait(self):
+        assert self.event.wait(10), "transfer never completed"
+        return self.result
+
+
+def make_caches(dtype=torch.float32):
+    shape = (NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(NUM_LAYERS)]
+
+
+def make_ticket(receiver, block_ids, dtype="float32"):
+    return KVTicket(uuid.uuid4().hex, receiver.endpoint, tuple(block_ids), BLOCK_SIZE, NUM_LAYERS,
+                    KV_HEADS, HEAD_DIM, dtype, 0.0, "fp")
+
+
+def push(sender, ticket, layers, first_token=7):
+    for i, kv in enumerate(layers):
+        sender.send_layer(ticket, i, kv.clone())
+    return sender.finish(ticket, first_token)
+
+
+def random_layers(ticket, dtype=torch.float32):
+    return [torch.randn(ticket.layer_shape).to(dtype) for _ in range(ticket.num_layers)]
+
+
+@pytest.fixture
+def pair():
+    caches = make_caches()
+    receiver, sender = TcpKVReceiver(caches), TcpKVSender()
+    yield caches, receiver, sender
+    sender.close()
+    receiver.close()
+
+
+def closed_by_peer(sock) -> bool:
+    """The receiver closed the connection (a reset when our bytes were still unread)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def assert_landed(caches, ticket, layers):
+    ids = torch.tensor(ticket.block_ids)
+    for (k, v), kv in zip(caches, layers):
+        assert torch.equal(k[ids], kv[0]) and torch.equal(v[ids], kv[1])
+
+
+def test_frame_header_round_trip_and_rejects():
+    header = FrameHeader(FrameType.KV, os.urandom(16), 5, "bfloat16", (2, 3, 16, 4, 64), 1234, 99)
+    packed = header.pack()
+    assert len(packed) == HEADER_SIZE and FrameHeader.unpack(packed) == header
+    for i in (0, 10, 40, HEADER_SIZE - 1):  # any flipped byte is caught
+        bad = bytearray(packed)
+        bad[i] ^= 1
+        with pytest.raises(FrameError):
+            FrameHeader.unpack(bytes(bad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transfers_land_in_reserved_blocks(dtype):
+    caches = make_caches(dtype)
+    receiver, sender = TcpKVReceiver(caches), TcpKVSender()
+    try:
+        name = str(dtype).removeprefix("torch.")
+        tickets = [make_ticket(receiver, ids, name) for ids in ([3, 9, 4], [0], list(range(10, 30)))]
+        layers = [random_layers(t, dtype) for t in tickets]
+        waiters = [Waiter() for _ in tickets]
+        for t, w in zip(tickets, waiters):
+            receiver.expect(t, w)
+        futures = [push(sender, t, ls, first_token=i) for i, (t, ls) in enumerate(zip(tickets, layers))]
+        for i, (t, ls, w, f) in enumerate(zip(tickets, layers, waiters, futures)):
+            result = w.wait()
+            assert result.ok and result.first_token_id == i, result
+            assert f.result(10) == result.num_bytes == NUM_LAYERS * (HEADER_SIZE + t.layer_bytes) + HEADER_SIZE + 12
+            assert_landed(caches, t, ls)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_corrupted_payload_fails_only_that_transfer(pair):
+    caches, receiver, _ = pair
+    sender = TcpKVSender(corrupt_transfers=1)
+    bad, good = make_ticket(receiver, [1, 2]), make_ticket(receiver, [5, 6])
+    w_bad, w_good = Waiter(), Waiter()
+    receiver.expect(bad, w_bad)
+    receiver.expect(good, w_good)
+    push(sender, bad, random_layers(bad)).result(10)  # the sender cannot know
+    layers = random_layers(good)
+    push(sender, good, layers).result(10)
+    assert not w_bad.wait().ok and "checksum" in w_bad.result.error
+    assert w_good.wait().ok
+    assert_landed(caches, good, layers)
+    sender.close()
+
+
+def test_mismatched_header_closes_connection_and_fails_transfer(pair):
+    _, receiver, sender = pair
+    ticket = make_ticket(receiver, [1, 2])
+    waiter = Waiter()
+    receiver.expect(ticket, waiter)
+    wrong = torch.zeros(2, 3, BLOCK_SIZE, KV_HEADS, HEAD_DIM)  # three blocks, the ticket has two
+    payload = wrong.numpy().tobytes()
+    with socket.create_connection(("127.0.0.1", receiver.port)) as s:
+        s.sendall(kv_frame(ticket.transfer_key, 0, "float32", tuple(wrong.shape), payload) + payload)
+        assert closed_by_peer(s)
+    assert not waiter.wait().ok and "does not match" in waiter.result.error
+    # the receiver still serves other transfers
+    ticket2, waiter2 = make_ticket(receiver, [7]), Waiter()
+    receiver.expect(ticket2, waiter2)
+    push(sender, ticket2, random_layers(ticket2))
+    assert waiter2.wait().ok
+
+
+def test_random_bytes_and_unknown_transfers_are_harmless(pair):
+    caches, receiver, sender = pair
+    for size in (10, HEADER_SIZE, 5000):
+        with socket.create_connection(("127.0.0.1", receiver.port)) as s:
+            s.sendall(os.urandom(size))
+            s.shutdown(socket.SHUT_WR)
+            assert closed_by_peer(s)
+    # a well-formed frame for a transfer nobody expects is read past, the next one lands
+    stray = make_ticket(receiver, [0, 1])
+    push(sender, stray, random_layers(stray)).result(10)
+    ticket, waiter = make_ticket(receiver, [4, 8]), Waiter()
+    receiver.expect(ticket, waiter)
+    layers = random_layers(ticket)
+    push(sender, ticket, layers)
+    assert waiter.wait().ok
+    assert_landed(caches, ticket, layers)
+    assert receiver.num_bad_connections >= 3
+
+
+def test_missing_layer_fails_at_done(pair):
+    _, receiver, sender = pair
+    ticket, waiter = make_ticket(receiver, [3]), Waiter()
+    receiver.expect(ticket, waiter)
+    sender.send_layer(ticket, 0, random_layers(ticket)[0])
+    sender.finish(ticket, 1).result(10)
+    assert not waiter.wait().ok and "1 of 3 layers" in waiter.result.error
+
+
+def test_unreachable_receiver_fails_the_future():
+    caches = make_caches()
+    receiver = TcpKVReceiver(caches)
+    ticket = make_ticket(receiver, [1])
+    receiver.close()
+    sender = TcpKVSender(connect_timeout=1)
+    future = push(sender, ticket, random_layers(ticket))
+    with pytest.raises(ConnectionError):
+        future.result(10)
+    sender.close()
