@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import EngineConfig, default_max_model_len
@@ -13,7 +14,7 @@ from .model_runner import ModelRunner
 from .model_source import resolve_model
 from .request import FinishReason, Request, RequestOutput
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +60,40 @@ class Engine:
     # ---- step API -------------------------------------------------------------------------
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, cache_salt: str | None = None) -> str:
-        """Validates and queues a request; raises ValueError naming the bad field."""
+                    request_id: str | None = None, cache_salt: str | None = None,
+                    prefill_only: bool = False) -> str:
+        """Validates and queues a request; raises ValueError naming the bad field.
+        `prefill_only` (prefill nodes): the request ends once its first token is sampled."""
+        request = self._new_request(prompt_token_ids, params, request_id, cache_salt, prefill_only)
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+        return request.request_id
+
+    def reserve(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                request_id: str | None = None, cache_salt: str | None = None) -> list[int] | None:
+        """Decode nodes: validates a request whose prompt KV another node computes and
+        allocates its blocks. Returns their ids, or None when the cache has no room."""
+        request = self._new_request(prompt_token_ids, params, request_id, cache_salt)
+        if not self.scheduler.reserve(request):
+            return None
+        self.requests[request.request_id] = request
+        return self.kv.block_ids(request.request_id)
+
+    def admit(self, request_id: str, first_token_id: int) -> RequestOutput | None:
+        """Decode nodes: the reserved request's KV has arrived; it joins the running batch."""
+        output = self.scheduler.admit(request_id, first_token_id)
+        if output is not None and output.finished:
+            self._forget(request_id)
+        return output
+
+    def _new_request(self, prompt_token_ids, params, request_id, cache_salt, prefill_only=False) -> Request:
         params = params or SamplingParams()
         params.validate(self.model_config.vocab_size)
         self.validate_prompt(prompt_token_ids)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = Request(request_id, list(prompt_token_ids), params, cache_salt)
-        self.requests[request_id] = request
-        self.scheduler.add(request)
-        return request_id
+        return Request(request_id, list(prompt_token_ids), params, cache_salt, prefill_only)
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         vocab = self.model_config.vocab_size
@@ -88,22 +111,26 @@ class Engine:
     def abort_request(self, request_id: str) -> bool:
         """Stops a request and frees its blocks; False if it is unknown or finished."""
         request = self.scheduler.abort(request_id)
-        self.requests.pop(request_id, None)
-        self.runner.sampler.forget(request_id)
+        self._forget(request_id)
         return request is not None
 
-    def step(self) -> list[RequestOutput]:
-        """One engine step: schedule -> run -> update. Returns what each request produced."""
+    def _forget(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+        self.runner.sampler.forget(request_id)
+
+    def step(self, on_layer: Callable[[int, SchedulerOutput], None] | None = None) -> list[RequestOutput]:
+        """One engine step: schedule -> run -> update. Returns what each request produced.
+        `on_layer(i, scheduled)` runs after layer i of the step (prefill nodes push KV there)."""
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
         block_tables = [self.kv.block_ids(s.request.request_id) for s in scheduled.scheduled]
-        sampled, logits = self.runner.run(scheduled, block_tables)
+        hook = None if on_layer is None else (lambda i: on_layer(i, scheduled))
+        sampled, logits = self.runner.run(scheduled, block_tables, hook)
         outputs = self.scheduler.update(scheduled, sampled, logits)
         for output in outputs:
             if output.finished:
-                self.requests.pop(output.request_id, None)
-                self.runner.sampler.forget(output.request_id)
+                self._forget(output.request_id)
         return outputs
 
     def has_unfinished(self) -> bool:
@@ -157,6 +184,7 @@ class Engine:
             "num_free_blocks": self.kv.num_free_blocks,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            "num_reserved": len(self.scheduler.reserved),
             "num_prompt_tokens_computed": self.scheduler.num_prompt_tokens_computed,
             "num_cached_tokens": self.scheduler.num_cached_tokens,
         }

@@ -82,11 +82,13 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta, backend):
+    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta, backend, layer_hook=None):
         hidden, residual = self.embed_tokens(input_ids), None
         rope = self.rotary.cos_sin(positions, hidden.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             hidden, residual = layer(rope, hidden, residual, kv_cache, meta, backend)
+            if layer_hook is not None:
+                layer_hook(i)  # layer i's K/V of this step are in the cache (the prefill node sends them)
         hidden, _ = self.norm(hidden, residual)
         return hidden  # [num_tokens, hidden_size]
 
@@ -99,8 +101,8 @@ class LlamaForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids, positions, kv_caches, meta, backend) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta, backend)
+    def forward(self, input_ids, positions, kv_caches, meta, backend, layer_hook=None) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta, backend, layer_hook)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight

@@ -46,16 +46,18 @@ class ModelRunner:
         return max(1, int(memory_gb * 2**30) // self.block_bytes())
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput, block_tables: list[list[int]]):
-        """Returns ({request_id: sampled token id}, {request_id: logits} or None)."""
+    def run(self, out: SchedulerOutput, block_tables: list[list[int]], layer_hook=None):
+        """Returns ({request_id: sampled token id}, {request_id: logits} or None).
+        `layer_hook(i)` runs right after layer i (its K/V for this step are then in the cache)."""
         input_ids, positions, meta, sample_rows = self._prepare(out, block_tables)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend, layer_hook)
         if not sample_rows:
             return {}, None
         rows, requests = zip(*sample_rows)
         logits = self.model.compute_logits(hidden[list(rows)]).float()
         ids = [r.request_id for r in requests]
-        tokens = self.sampler(logits, ids, [r.params for r in requests]).tolist()
+        tokens = self.sampler(logits, ids, [r.params for r in requests],
+                              [len(r.output_token_ids) for r in requests]).tolist()
         kept = dict(zip(ids, logits.cpu())) if self.keep_logits else None
         return dict(zip(ids, tokens)), kept
 

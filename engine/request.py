@@ -27,6 +27,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_salt: str | None = None
+    prefill_only: bool = False  # a prefill node's request: done once its first token is sampled
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
@@ -64,7 +65,8 @@ class Request:
 
 @dataclass
 class RequestOutput:
-    """What one engine step produced for one request."""
+    """What one engine step produced for one request. `finished` with no `finish_reason`: a
+    prefill-only request handed over to a decode node after its first token."""
 
     request_id: str
     new_token_ids: list[int]

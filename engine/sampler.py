@@ -1,7 +1,10 @@
 """Batched sampling: greedy, temperature, top-k, top-p, min-p, with per-request seeds.
 
 A seeded request draws from its own generator, created at its first sample, so its tokens
-depend only on its seed and its own history, never on what it was batched with.
+depend only on its seed and its own history, never on what it was batched with. A request
+that arrives with tokens already sampled elsewhere (a decode node continuing after the
+prefill node's first token) advances its new generator past those draws, so a seeded
+request gives the same tokens disaggregated as in one engine.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, request_ids: list[str],
-                 params: list[SamplingParams]) -> torch.Tensor:
-        """logits [num_rows, vocab_size] -> sampled token ids [num_rows]."""
+    def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
+                 num_sampled: list[int] | None = None) -> torch.Tensor:
+        """logits [num_rows, vocab_size] -> sampled token ids [num_rows]. `num_sampled[i]`: how
+        many tokens row i's request has sampled before (0 if not given)."""
         out = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
@@ -31,16 +35,19 @@ class Sampler:
         probs = filtered_probs(logits[rows].float(), row_params)
         noise = torch.empty_like(probs)
         for j, (i, p) in enumerate(zip(rows, row_params)):
-            noise[j].exponential_(generator=self._generator(request_ids[i], p))
+            skip = num_sampled[i] if num_sampled else 0
+            noise[j].exponential_(generator=self._generator(request_ids[i], p, skip, vocab=noise.shape[1]))
         out[rows] = (probs / noise).argmax(dim=-1)  # the exponential race: a draw from probs
         return out
 
-    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
+    def _generator(self, request_id: str, params: SamplingParams, skip: int, vocab: int) -> torch.Generator:
         if params.seed is None:
             return self.default_generator
         gen = self.generators.get(request_id)
         if gen is None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed % 2**64)
+            for _ in range(skip):  # the draws of the tokens sampled before (one row each)
+                torch.empty(vocab, device=self.device).exponential_(generator=gen)
             self.generators[request_id] = gen
         return gen
 

@@ -47,6 +47,7 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.reserved: dict[str, Request] = {}  # decode node: request_id -> request awaiting its KV
         self.num_prompt_tokens_computed = 0  # prompt tokens prefilled (not taken from cache)
         self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache
         self.num_preempted = 0
@@ -122,10 +123,11 @@ class Scheduler:
             token_id = sampled[request.request_id]
             request.output_token_ids.append(token_id)
             reason = self._finish_reason(request, token_id)
-            if reason is not None:
+            handed_over = reason is None and request.prefill_only
+            if reason is not None or handed_over:
                 self._finish(request, reason)
             outputs.append(RequestOutput(
-                request.request_id, [token_id], reason is not None, reason,
+                request.request_id, [token_id], reason is not None or handed_over, reason,
                 request.num_prompt_tokens, request.num_cached_tokens,
                 logits.get(request.request_id) if logits else None))
         return outputs
@@ -142,14 +144,44 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
-    def _finish(self, request: Request, reason: FinishReason) -> None:
+    def _finish(self, request: Request, reason: FinishReason | None) -> None:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self.running.remove(request)
         self.kv.free(request)
 
+    def reserve(self, request: Request) -> bool:
+        """A decode node's reservation: allocates blocks for a prompt whose KV another node
+        computes. False, changing nothing, when the pool cannot hold the prompt."""
+        if not self.kv.allocate_slots(request, request.num_prompt_tokens):
+            return False
+        self.reserved[request.request_id] = request
+        return True
+
+    def admit(self, request_id: str, first_token_id: int) -> RequestOutput | None:
+        """A reserved request's KV has arrived: it joins the running batch with the first token
+        the prefill node sampled (an output already streamed, so not repeated here). None if
+        the reservation is gone; a finished output if that first token already ends it."""
+        request = self.reserved.pop(request_id, None)
+        if request is None:
+            return None
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.output_token_ids.append(first_token_id)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        reason = self._finish_reason(request, first_token_id)
+        if reason is not None:
+            self._finish(request, reason)
+        return RequestOutput(request_id, [], reason is not None, reason, request.num_prompt_tokens)
+
     def abort(self, request_id: str) -> Request | None:
-        """Removes a request wherever it is and frees its blocks; None if unknown."""
+        """Removes a request wherever it is (running, waiting or reserved) and frees its
+        blocks; None if unknown."""
+        reserved = self.reserved.pop(request_id, None)
+        if reserved is not None:
+            self.kv.free(reserved)
+            reserved.status, reserved.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
+            return reserved
         for queue in (self.running, self.waiting):
             for request in queue:
                 if request.request_id == request_id:
