@@ -1,14 +1,19 @@
 """The `pdserve` command.
 
-    pdserve up         start pdserve locally; until the services land (the serving issue),
-                       this loads the in-process engine and answers a sample chat
-    pdserve generate   answer one prompt with the in-process engine, streaming the text
+    pdserve up         a local cluster (router, prefill and decode nodes) on loopback
+    pdserve prefill    a prefill node
+    pdserve decode     a decode node
+    pdserve router     the router, over given prefill and decode nodes
+    pdserve generate   answer one prompt, through a router (--router) or in this process
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import logging
+import signal
 import sys
 import time
 
@@ -16,6 +21,7 @@ from engine.config import EngineConfig
 from pdserve.config_args import add_config_args, config_from_args
 
 SAMPLE_CHAT = "Give me three short tips for writing clear code."
+DEFAULT_ROUTER = "127.0.0.1:50051"
 
 HELP = {
     "model": "a Hugging Face directory, a .gguf file, smollm2-135m, or dummy:<preset|config.json>",
@@ -24,34 +30,147 @@ HELP = {
     "block_size": "tokens per KV block",
     "num_kv_blocks": "KV blocks to allocate (none: from --kv-cache-memory-gb)",
     "max_num_batched_tokens": "token budget of one engine step (chunked prefill)",
+    "port": "gRPC port (0: any free port)",
+    "metrics_port": "Prometheus /metrics port (0: any free port)",
+    "ready_file": "write the bound ports here as JSON once serving (for launchers)",
+    "kv_host": "interface the KV receiver binds to",
+    "kv_advertise_host": "host prefill nodes dial for KV (default: --kv-host)",
+    "reservation_timeout_s": "free reserved blocks whose KV has not arrived after this long",
+    "prefill_nodes": "comma-separated host:port of prefill nodes",
+    "decode_nodes": "comma-separated host:port of decode nodes",
+    "policy": "routing policy: round_robin or load",
+    "kv_test_corrupt_transfers": "test hook: corrupt the first N KV transfers",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    from decode_node.node import DecodeNodeConfig
+    from prefill_node.node import PrefillNodeConfig
+    from router.node import RouterConfig
+
     parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with disaggregated "
                                      "prefill and decode")
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="run pdserve locally (for now: the in-process engine on a sample chat)")
-    gen = sub.add_parser("generate", help="answer one prompt with the in-process engine")
-    gen.add_argument("prompt", help="the user message (or raw text with --raw)")
-    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    for p in (up, gen):
+    up = sub.add_parser("up", help="run a local cluster on loopback (Ctrl-C stops it)")
+    up.add_argument("--num-prefill", type=int, default=1, help="prefill nodes (default 1)")
+    up.add_argument("--num-decode", type=int, default=1, help="decode nodes (default 1)")
+    up.add_argument("--port", type=int, default=50051, help="the router's gRPC port (default 50051)")
+    up.add_argument("--policy", default="load", help="routing policy (default load)")
+    up.add_argument("--no-sample", action="store_true", help="do not answer a sample chat once up")
+    add_config_args(up, EngineConfig, HELP, exclude=("keep_logits",))
+    roles = {"prefill": (PrefillNodeConfig, "a prefill node"), "decode": (DecodeNodeConfig, "a decode node")}
+    for name, (cls, text) in roles.items():
+        p = sub.add_parser(name, help=f"run {text}")
         add_config_args(p, EngineConfig, HELP, exclude=("keep_logits",))
-        p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
-        p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
-        p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+        add_config_args(p, cls, HELP)
+    router = sub.add_parser("router", help="run the router")
+    add_config_args(router, RouterConfig, HELP)
+    gen = sub.add_parser("generate", help="answer one prompt (through --router, or in this process)")
+    gen.add_argument("prompt", help="the user message (or raw text with --raw)")
+    gen.add_argument("--router", default=None, help=f"router address, e.g. {DEFAULT_ROUTER} "
+                     "(default: run the engine in this process)")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    add_config_args(gen, EngineConfig, HELP, exclude=("keep_logits",))
+    for p in (up, router, gen, *(sub.choices[n] for n in roles)):
+        p.add_argument("--log-level", default="WARNING" if p in (up, gen) else "INFO",
+                       help="logging level")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = config_from_args(EngineConfig, args)
-        prompt = SAMPLE_CHAT if args.command == "up" else args.prompt
-        return run_prompt(config, prompt, raw=getattr(args, "raw", False),
-                          max_tokens=args.max_tokens, temperature=args.temperature)
+        if args.command == "up":
+            return run_up(args)
+        if args.command == "generate":
+            return run_generate(args)
+        if args.command == "router":
+            from router.node import serve
+            asyncio.run(serve(config_from_args(RouterConfig, args)))
+        else:
+            module = __import__(f"{args.command}_node.node", fromlist=["serve"])
+            asyncio.run(module.serve(config_from_args(EngineConfig, args),
+                                     config_from_args(roles[args.command][0], args)))
+        return 0
     except ValueError as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def engine_flags(config: EngineConfig) -> list[str]:
+    """The EngineConfig as flags for a node process."""
+    flags = []
+    for f in dataclasses.fields(config):
+        if f.name != "keep_logits":
+            value = getattr(config, f.name)
+            flags += [f"--{f.name.replace('_', '-')}", "none" if value is None else str(value).lower()
+                      if isinstance(value, bool) else str(value)]
+    return flags
+
+
+def run_up(args) -> int:
+    from pdserve.cluster import Cluster, ClusterError
+
+    config = config_from_args(EngineConfig, args)
+    cluster = Cluster(config.model, args.num_prefill, args.num_decode, args.port,
+                      node_args=engine_flags(config), router_args=["--policy", args.policy])
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        cluster.start(progress=lambda m: print(f"pdserve: {m}", file=sys.stderr))
+        address = cluster.router_address
+        print(f"\npdserve is up: router at {address} (gRPC, pdserve.v1.RouterService/Generate)\n"
+              f"  try:  .venv/bin/pdserve generate --router {address} \"What is the capital of France?\"\n"
+              f"  or:   grpcurl -plaintext -d '{{\"messages\": {{\"messages\": [{{\"role\": \"user\", "
+              f"\"content\": \"Hi!\"}}]}}, \"sampling\": {{\"temperature\": 0, \"max_tokens\": 64}}}}' "
+              f"{address} pdserve.v1.RouterService/Generate\n"
+              f"  logs: {cluster.log_dir}    stop: Ctrl-C\n", file=sys.stderr)
+        if not args.no_sample:
+            stream_answer(address, SAMPLE_CHAT, raw=False, max_tokens=96, temperature=0.0)
+        while all(p.popen.poll() is None for p in cluster.processes):
+            time.sleep(0.5)
+        dead = next(p for p in cluster.processes if p.popen.poll() is not None)
+        print(f"pdserve: {dead.name} exited ({dead.popen.returncode}):\n{dead.log_tail()}", file=sys.stderr)
+        return 1
+    except ClusterError as e:
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\npdserve: stopping ...", file=sys.stderr)
+        return 0
+    finally:
+        cluster.stop()
+
+
+def run_generate(args) -> int:
+    if args.router:
+        return stream_answer(args.router, args.prompt, args.raw, args.max_tokens, args.temperature)
+    return run_prompt(config_from_args(EngineConfig, args), args.prompt, args.raw, args.max_tokens,
+                      args.temperature)
+
+
+def stream_answer(address: str, prompt: str, raw: bool, max_tokens: int, temperature: float) -> int:
+    """Streams one answer from a router, printing the text as it comes."""
+    import grpc
+
+    from engine.sampling_params import SamplingParams
+    from pdserve.client import generate_request, stream
+
+    request = generate_request(prompt, SamplingParams(temperature=temperature, max_tokens=max_tokens),
+                               chat=not raw)
+    print(f"> {prompt}\n", file=sys.stderr)
+    try:
+        for response in stream(address, request, timeout=600):
+            sys.stdout.write(response.text)
+            sys.stdout.flush()
+            if response.finish_reason:
+                u, t = response.usage, response.timings
+                print(f"\n\n[{u.completion_tokens} tokens, first after {t.time_to_first_token_seconds * 1e3:.0f} ms, "
+                      f"{u.completion_tokens / max(t.total_seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
+    except grpc.RpcError as e:
+        print(f"\npdserve: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_prompt(config: EngineConfig, prompt: str, raw: bool, max_tokens: int, temperature: float) -> int:

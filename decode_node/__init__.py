@@ -1,0 +1,1 @@
+"""The decode node: receives prompt KV into reserved blocks and decodes with continuous batching."""

@@ -1,0 +1,58 @@
+"""`pdserve decode`: loads the engine, opens the KV receiver, serves DecodeService."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from protos import pdserve_pb2_grpc as pb_grpc
+from service import metrics
+from service.server import Server, service_name
+
+from .service import DecodeServicer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeNodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 50071
+    metrics_port: int = 9402
+    kv_host: str = "127.0.0.1"  # the interface the KV receiver binds to
+    kv_port: int = 50081
+    kv_advertise_host: str | None = None  # what prefill nodes dial (default: kv_host)
+    reservation_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    ready_file: str | None = None
+
+
+async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
+    from engine.engine import Engine
+    from engine.engine_loop import EngineLoop
+    from kv_transfer.tcp import TcpKVReceiver
+
+    server = Server(service_name("DecodeService"), config.host, config.port, config.metrics_port,
+                    config.drain_timeout_s)
+    servicer = DecodeServicer(config.reservation_timeout_s)
+    pb_grpc.add_DecodeServiceServicer_to_server(servicer, server.grpc)
+    await server.start()  # health answers NOT_SERVING while the model loads
+    engine = await asyncio.to_thread(Engine, engine_config)
+    receiver = TcpKVReceiver(engine.runner.kv_caches, config.kv_host, config.kv_port,
+                             config.kv_advertise_host)
+    loop = EngineLoop(engine, after_step=metrics.update_engine_gauges)
+    servicer.attach(loop, receiver)
+    loop.start()
+    metrics.update_engine_gauges(engine.stats())
+    await server.set_serving(True)
+    server.write_ready_file(config.ready_file, kv_port=receiver.port, role="decode")
+    log.info("decode node ready: grpc %s:%d, kv %s", config.host, server.port, receiver.endpoint)
+
+    async def drain():
+        servicer.draining = True
+
+    await server.wait_and_drain(drain)
+    receiver.close()
+    await loop.close()

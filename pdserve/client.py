@@ -1,0 +1,31 @@
+"""A small gRPC client of the router, for `pdserve generate --router` and the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from protos import pdserve_pb2 as pb
+from protos import pdserve_pb2_grpc as pb_grpc
+from service.convert import sampling_to_proto
+
+
+def generate_request(prompt, params: SamplingParams | None = None, chat: bool = False,
+                     request_id: str = "", cache_salt: str = "") -> pb.GenerateRequest:
+    """`prompt`: a string (raw text, or one user message with chat=True), or token ids."""
+    msg = pb.GenerateRequest(request_id=request_id, cache_salt=cache_salt,
+                             sampling=sampling_to_proto(params or SamplingParams()))
+    if isinstance(prompt, str) and chat:
+        msg.messages.messages.add(role="user", content=prompt)
+    elif isinstance(prompt, str):
+        msg.text = prompt
+    else:
+        msg.token_ids.ids.extend(prompt)
+    return msg
+
+
+def stream(address: str, request: pb.GenerateRequest, timeout: float | None = None) -> Iterator[pb.GenerateResponse]:
+    with grpc.insecure_channel(address) as channel:
+        yield from pb_grpc.RouterServiceStub(channel).Generate(request, timeout=timeout)

@@ -1,0 +1,142 @@
+"""A local cluster of real processes on loopback: prefill and decode nodes, then the router.
+
+`pdserve up` and the integration tests both use it. Every process binds port 0 (the router
+may be given a fixed one) and reports its ports in a ready file once it is serving, so
+nothing races for ports. Logs go to one file per process under `log_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Process:
+    name: str  # prefill-0, decode-1, router
+    popen: subprocess.Popen
+    ready_file: Path
+    log_file: Path
+    info: dict = field(default_factory=dict)  # from the ready file: port, metrics_port, kv_port, pid
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.info['port']}"
+
+    def log_tail(self, num_lines: int = 20) -> str:
+        lines = self.log_file.read_text(errors="replace").splitlines() if self.log_file.exists() else []
+        return "\n".join(lines[-num_lines:])
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+class Cluster:
+    """`node_args` go to every node (engine flags), `prefill_args`/`decode_args`/`router_args`
+    to those roles; `prefill_args` may be a list of lists, one per prefill node."""
+
+    def __init__(self, model: str, num_prefill: int = 1, num_decode: int = 1, router_port: int = 0,
+                 node_args: list[str] = (), prefill_args=(), decode_args=(), router_args=(),
+                 log_dir: str | None = None, log_level: str = "INFO"):
+        if num_prefill < 1 or num_decode < 1:
+            raise ValueError("a cluster needs at least one prefill and one decode node")
+        self.model, self.num_prefill, self.num_decode = model, num_prefill, num_decode
+        self.router_port = router_port
+        self.node_args, self.router_args = list(node_args), list(router_args)
+        self.prefill_args = _per_node(prefill_args, num_prefill)
+        self.decode_args = _per_node(decode_args, num_decode)
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pdserve-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_level = log_level
+        self.prefill: list[Process] = []
+        self.decode: list[Process] = []
+        self.router: Process | None = None
+
+    @property
+    def processes(self) -> list[Process]:
+        return self.prefill + self.decode + ([self.router] if self.router else [])
+
+    @property
+    def router_address(self) -> str:
+        return self.router.address
+
+    def start(self, timeout: float = 300.0, progress=lambda message: None) -> "Cluster":
+        try:
+            self.prefill = [self._spawn(f"prefill-{i}", "prefill", ["--model", self.model,
+                                        *self.node_args, *self.prefill_args[i]]) for i in range(self.num_prefill)]
+            self.decode = [self._spawn(f"decode-{i}", "decode", ["--model", self.model, "--kv-port", "0",
+                                       *self.node_args, *self.decode_args[i]]) for i in range(self.num_decode)]
+            progress(f"loading {self.model} on {self.num_prefill} prefill and {self.num_decode} decode "
+                     f"node(s); logs in {self.log_dir}")
+            self._wait_ready(self.prefill + self.decode, timeout, progress)
+            self.router = self._spawn("router", "router", [
+                "--model", self.model, "--port", str(self.router_port),
+                "--prefill-nodes", ",".join(p.address for p in self.prefill),
+                "--decode-nodes", ",".join(p.address for p in self.decode), *self.router_args])
+            self._wait_ready([self.router], timeout, progress)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str, role: str, args: list[str]) -> Process:
+        ready = self.log_dir / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)
+        log = self.log_dir / f"{name}.log"
+        cmd = [sys.executable, "-m", "pdserve.cli", role, "--host", "127.0.0.1", "--port", "0",
+               "--metrics-port", "0", "--ready-file", str(ready), "--log-level", self.log_level, *args]
+        with open(log, "w") as out:
+            popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=os.environ.copy(), start_new_session=True)
+        return Process(name, popen, ready, log)
+
+    def _wait_ready(self, processes: list[Process], timeout: float, progress) -> None:
+        start, pending = time.monotonic(), list(processes)
+        while pending:
+            for p in list(pending):
+                if p.ready_file.exists():
+                    p.info = json.loads(p.ready_file.read_text())
+                    pending.remove(p)
+                    progress(f"{p.name} ready on {p.address} ({time.monotonic() - start:.1f}s)")
+                elif p.popen.poll() is not None:
+                    raise ClusterError(f"{p.name} exited with code {p.popen.returncode}:\n{p.log_tail()}")
+            if pending and time.monotonic() - start > timeout:
+                names = ", ".join(p.name for p in pending)
+                raise ClusterError(f"{names} not ready after {timeout:.0f}s:\n{pending[0].log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (a graceful drain), then SIGKILL whatever is left after `timeout`."""
+        for p in reversed(self.processes):
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.processes:
+            try:
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+
+    def __enter__(self) -> "Cluster":
+        return self.start() if not self.processes else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _per_node(args, count: int) -> list[list[str]]:
+    args = list(args)
+    if args and isinstance(args[0], (list, tuple)):
+        if len(args) != count:
+            raise ValueError(f"{len(args)} argument lists for {count} nodes")
+        return [list(a) for a in args]
+    return [args] * count

@@ -1,0 +1,54 @@
+"""`pdserve prefill`: loads the engine, opens the KV sender, serves PrefillService."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from protos import pdserve_pb2_grpc as pb_grpc
+from service import metrics
+from service.server import Server, service_name
+
+from .service import PrefillServicer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillNodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 50061
+    metrics_port: int = 9401
+    kv_connect_timeout_s: float = 5.0
+    drain_timeout_s: float = 30.0
+    ready_file: str | None = None
+    kv_test_corrupt_transfers: int = 0  # test hook: corrupt the first N transfers' payloads
+
+
+async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
+    from engine.engine import Engine
+    from engine.engine_loop import EngineLoop
+    from kv_transfer.tcp import TcpKVSender
+
+    server = Server(service_name("PrefillService"), config.host, config.port, config.metrics_port,
+                    config.drain_timeout_s)
+    servicer = PrefillServicer()
+    pb_grpc.add_PrefillServiceServicer_to_server(servicer, server.grpc)
+    await server.start()  # health answers NOT_SERVING while the model loads
+    engine = await asyncio.to_thread(Engine, engine_config)
+    sender = TcpKVSender(config.kv_connect_timeout_s, config.kv_test_corrupt_transfers)
+    servicer.attach(EngineLoop(engine, servicer.step, metrics.update_engine_gauges), sender)
+    servicer.loop.start()
+    metrics.update_engine_gauges(engine.stats())
+    await server.set_serving(True)
+    server.write_ready_file(config.ready_file, role="prefill")
+    log.info("prefill node ready: grpc %s:%d", config.host, server.port)
+
+    async def drain():
+        servicer.draining = True
+
+    await server.wait_and_drain(drain)
+    sender.close()
+    await servicer.loop.close()

@@ -1,0 +1,144 @@
+"""PrefillService: schedule the prompt (batched, chunked, prefix-cached), push its KV into the
+ticket's blocks layer by layer, sample the first token, answer once the KV is on the wire.
+
+The KV leaves from the engine thread: after each layer of the step that completes a prompt,
+`_push_layer` gathers that layer's K/V of the prompt's blocks (a copy, so the blocks may be
+freed and reused after the step) and queues it on the connector. Who frees the prefill
+node's blocks: the scheduler, when the prompt's first token is sampled (they stay in the
+prefix cache), or `abort_request` when the call fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+import uuid
+
+import grpc
+import torch
+
+from engine.engine_loop import EngineLoop
+from engine.request import RequestOutput
+from engine.scheduler import SchedulerOutput
+from kv_transfer.connector import KVSender, KVTicket
+from protos import pdserve_pb2 as pb
+from protos import pdserve_pb2_grpc as pb_grpc
+from service import metrics
+from service.convert import FINISH_TO_PROTO, sampling_from_proto, stats_to_proto, ticket_from_proto
+from service.server import abort
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer(pb_grpc.PrefillServiceServicer):
+    """Registered before the model loads (so health answers at once); `attach` makes it work."""
+
+    def __init__(self):
+        self.loop: EngineLoop | None = None
+        self.draining = False
+        self.tickets: dict[str, KVTicket] = {}  # request_id -> where its KV goes
+        self.transfers: dict[str, concurrent.futures.Future] = {}  # request_id -> DONE sent
+
+    def attach(self, loop: EngineLoop, sender: KVSender) -> None:
+        self.loop, self.engine, self.sender = loop, loop.engine, sender
+
+    # ---- engine thread ------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self.engine.step(on_layer=self._push_layer)
+        for out in outputs:
+            ticket = self.tickets.pop(out.request_id, None)
+            if ticket is not None and out.new_token_ids:
+                self.transfers[out.request_id] = self.sender.finish(ticket, out.new_token_ids[0])
+        return outputs
+
+    def _push_layer(self, layer: int, scheduled: SchedulerOutput) -> None:
+        k_cache, v_cache = self.engine.runner.kv_caches[layer]
+        for s in scheduled.scheduled:
+            ticket = self.tickets.get(s.request.request_id)
+            if ticket is None or not s.samples:  # not the prompt's last chunk
+                continue
+            ids = torch.tensor(self.engine.kv.block_ids(s.request.request_id)[:len(ticket.block_ids)],
+                               device=k_cache.device)
+            self.sender.send_layer(ticket, layer, torch.stack((k_cache[ids], v_cache[ids])))
+
+    # ---- gRPC ---------------------------------------------------------------------------
+
+    async def Prefill(self, request: pb.PrefillRequest, context):
+        if self.draining or self.loop is None:
+            await abort(context, grpc.StatusCode.UNAVAILABLE,
+                        "prefill node is " + ("draining" if self.draining else "loading"))
+        request_id = request.request_id or f"pre-{uuid.uuid4().hex[:12]}"
+        prompt = list(request.prompt_token_ids)
+        ticket = ticket_from_proto(request.ticket)
+        problem = self._ticket_problem(ticket, len(prompt))
+        if problem:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"ticket: {problem}")
+        queue = self.loop.open_stream(request_id)
+        self.tickets[request_id] = ticket
+        start, done = time.monotonic(), False
+        try:
+            try:
+                params = sampling_from_proto(request.sampling)
+                await self.loop.call(self.engine.add_request, prompt, params, request_id,
+                                     request.cache_salt or None, prefill_only=True)
+            except ValueError as e:
+                await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            output = await queue.get()
+            if output is None:
+                await abort(context, grpc.StatusCode.INTERNAL, f"{request_id}: engine step failed")
+            prefill_s = time.monotonic() - start
+            num_bytes = await self._transfer_done(request_id, ticket, context)
+            done = True
+            metrics.requests_total.labels("prefill", "ok").inc()
+            metrics.prefix_cache_hits.inc(output.num_cached_tokens)
+            metrics.kv_transfer_bytes.labels("sent").inc(num_bytes)
+            return pb.PrefillResponse(first_token_id=output.new_token_ids[0],
+                                      finish_reason=FINISH_TO_PROTO[output.finish_reason],
+                                      num_cached_tokens=output.num_cached_tokens,
+                                      prefill_seconds=prefill_s,
+                                      kv_transfer_seconds=time.monotonic() - start - prefill_s,
+                                      kv_bytes=num_bytes)
+        finally:
+            self.loop.close_stream(request_id)
+            self.tickets.pop(request_id, None)
+            if not done:  # failed or cancelled: free the blocks, stop the transfer
+                self.loop.call_soon(self.engine.abort_request, request_id)
+                self.sender.abort(ticket)
+                self.transfers.pop(request_id, None)
+
+    async def _transfer_done(self, request_id: str, ticket: KVTicket, context) -> int:
+        try:
+            return await asyncio.wrap_future(self.transfers.pop(request_id))
+        except (OSError, RuntimeError) as e:
+            metrics.kv_transfer_failures.inc()
+            await abort(context, grpc.StatusCode.UNAVAILABLE,
+                        f"{request_id}: kv transfer to {ticket.kv_endpoint} failed: {e}")
+
+    def _ticket_problem(self, ticket: KVTicket, num_prompt_tokens: int) -> str | None:
+        cfg, engine = self.engine.model_config, self.engine
+        mine = (engine.fingerprint, engine.config.block_size, cfg.num_layers, cfg.num_kv_heads,
+                cfg.head_dim, str(engine.runner.dtype).removeprefix("torch."))
+        theirs = (ticket.model_fingerprint, ticket.block_size, ticket.num_layers, ticket.num_kv_heads,
+                  ticket.head_dim, ticket.dtype)
+        if mine != theirs:
+            return f"the decode node's KV layout {theirs} does not match this node's {mine}"
+        if ticket.connector != "tcp":
+            return f"connector {ticket.connector!r} is not supported here (tcp)"
+        if len(ticket.block_ids) != -(-num_prompt_tokens // ticket.block_size):
+            return f"{len(ticket.block_ids)} blocks reserved for a prompt of {num_prompt_tokens} tokens"
+        if ticket.deadline < time.time():
+            return "the reservation has expired"
+        return None
+
+    async def GetStats(self, request, context):
+        if self.loop is None:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "prefill node is loading")
+        stats = await self.loop.call(self.engine.stats)
+        return stats_to_proto("prefill", self.engine.fingerprint, stats,
+                              max_model_len=self.engine.max_model_len,
+                              block_size=self.engine.config.block_size,
+                              vocab_size=self.engine.model_config.vocab_size, draining=self.draining,
+                              num_prefix_cache_hit_tokens=stats["num_cached_tokens"])

@@ -1,0 +1,1 @@
+"""The router: the client-facing gRPC service, node choice, retries."""
