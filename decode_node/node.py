@@ -37,6 +37,7 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
     server = Server(service_name("DecodeService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
     servicer = DecodeServicer(config.reservation_timeout_s)
+    servicer.server = server
     pb_grpc.add_DecodeServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(Engine, engine_config)
@@ -50,9 +51,6 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
     server.write_ready_file(config.ready_file, kv_port=receiver.port, role="decode")
     log.info("decode node ready: grpc %s:%d, kv %s", config.host, server.port, receiver.endpoint)
 
-    async def drain():
-        servicer.draining = True
-
-    await server.wait_and_drain(drain)
+    await server.wait_and_drain(servicer.num_active)
     receiver.close()
     await loop.close()

@@ -31,8 +31,16 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
     def __init__(self, reservation_timeout_s: float):
         self.reservation_timeout_s = reservation_timeout_s
         self.loop: EngineLoop | None = None
-        self.draining = False
+        self.server = None  # set by the node: `server.draining` refuses new work
+        self.active: set[str] = set()  # request ids with a Decode call open
         self.num_transfer_failures = 0
+
+    @property
+    def draining(self) -> bool:
+        return self.server is not None and self.server.draining
+
+    def num_active(self) -> int:
+        return len(self.active)
 
     def attach(self, loop: EngineLoop, receiver: KVReceiver) -> None:
         self.loop, self.engine, self.receiver = loop, loop.engine, receiver
@@ -44,6 +52,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
         request_id = request.request_id or f"dec-{uuid.uuid4().hex[:12]}"
         queue = self.loop.open_stream(request_id)
         ticket, finished = None, False
+        self.active.add(request_id)
         try:
             ticket = await self._reserve(request, request_id, context)
             transfer = asyncio.get_running_loop().create_future()
@@ -67,6 +76,7 @@ class DecodeServicer(pb_grpc.DecodeServiceServicer):
                 yield _chunk([t for o in outputs for t in o.new_token_ids], outputs[-1].finish_reason)
             metrics.requests_total.labels("decode", "ok").inc()
         finally:
+            self.active.discard(request_id)
             self.loop.close_stream(request_id)
             if not finished:  # cancelled, failed or expired: give the blocks back
                 if ticket is not None:

@@ -35,6 +35,7 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     server = Server(service_name("PrefillService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
     servicer = PrefillServicer()
+    servicer.server = server
     pb_grpc.add_PrefillServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(Engine, engine_config)
@@ -46,9 +47,6 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     server.write_ready_file(config.ready_file, role="prefill")
     log.info("prefill node ready: grpc %s:%d", config.host, server.port)
 
-    async def drain():
-        servicer.draining = True
-
-    await server.wait_and_drain(drain)
+    await server.wait_and_drain(servicer.num_active)
     sender.close()
     await servicer.loop.close()

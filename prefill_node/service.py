@@ -37,9 +37,17 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
 
     def __init__(self):
         self.loop: EngineLoop | None = None
-        self.draining = False
+        self.server = None  # set by the node: `server.draining` refuses new work
+        self.active: set[str] = set()  # request ids with a Prefill call open
         self.tickets: dict[str, KVTicket] = {}  # request_id -> where its KV goes
         self.transfers: dict[str, concurrent.futures.Future] = {}  # request_id -> DONE sent
+
+    @property
+    def draining(self) -> bool:
+        return self.server is not None and self.server.draining
+
+    def num_active(self) -> int:
+        return len(self.active)
 
     def attach(self, loop: EngineLoop, sender: KVSender) -> None:
         self.loop, self.engine, self.sender = loop, loop.engine, sender
@@ -77,6 +85,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
         if problem:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"ticket: {problem}")
         queue = self.loop.open_stream(request_id)
+        self.active.add(request_id)
         self.tickets[request_id] = ticket
         start, done = time.monotonic(), False
         try:
@@ -102,6 +111,7 @@ class PrefillServicer(pb_grpc.PrefillServiceServicer):
                                       kv_transfer_seconds=time.monotonic() - start - prefill_s,
                                       kv_bytes=num_bytes)
         finally:
+            self.active.discard(request_id)
             self.loop.close_stream(request_id)
             self.tickets.pop(request_id, None)
             if not done:  # failed or cancelled: free the blocks, stop the transfer

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -72,15 +72,18 @@ class Server:
                        "metrics_port": self.metrics_port, **info}, f)
         os.replace(tmp, path)
 
-    async def wait_and_drain(self, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Returns after SIGTERM/SIGINT and a graceful stop."""
+    async def wait_and_drain(self, active: Callable[[], int] = lambda: 0) -> None:
+        """Returns after SIGTERM/SIGINT and a graceful stop: health turns NOT_SERVING (and
+        still answers), the service refuses new work, and its `active()` requests get up to
+        `drain_timeout_s` to finish before the server stops."""
         await self._stop.wait()
-        log.info("%s: draining (up to %.0fs)", self.service_name, self.drain_timeout_s)
+        log.info("%s: draining %d requests (up to %.0fs)", self.service_name, active(), self.drain_timeout_s)
         self.draining = True
         await self.set_serving(False)
-        if on_drain is not None:
-            await on_drain()
-        await self.grpc.stop(self.drain_timeout_s)
+        deadline = asyncio.get_running_loop().time() + self.drain_timeout_s
+        while active() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.grpc.stop(1.0)
         log.info("%s: stopped", self.service_name)
 
     def request_stop(self) -> None:

@@ -1,0 +1,60 @@
+"""Helpers for the tests that run real clusters: stream, stats, waiting."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.sampling_params import SamplingParams
+from pdserve.client import generate_request, stream
+from protos import pdserve_pb2 as pb
+from protos import pdserve_pb2_grpc as pb_grpc
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def generate(address: str, prompt, params: SamplingParams = GREEDY, **kw):
+    """(all token ids, the last response, the number of messages) of one streamed request."""
+    tokens, last, count = [], None, 0
+    for response in stream(address, generate_request(prompt, params, **kw), timeout=120):
+        tokens += response.token_ids
+        last, count = response, count + 1
+    return tokens, last, count
+
+
+def node_stats(process) -> pb.NodeStats:
+    role = process.info["role"]
+    with grpc.insecure_channel(process.address) as channel:
+        stub = (pb_grpc.PrefillServiceStub if role == "prefill" else pb_grpc.DecodeServiceStub)(channel)
+        return stub.GetStats(pb.StatsRequest(), timeout=5)
+
+
+def health(address: str) -> str:
+    """SERVING, NOT_SERVING, or UNREACHABLE."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError:
+        return "UNREACHABLE"
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def all_blocks_free(cluster) -> bool:
+    for p in cluster.prefill + cluster.decode:
+        if p.popen.poll() is not None:
+            continue
+        s = node_stats(p)
+        if s.num_free_blocks != s.num_kv_blocks or s.num_running or s.num_reserved or s.num_waiting:
+            return False
+    return True

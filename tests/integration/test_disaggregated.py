@@ -1,0 +1,146 @@
+"""The disaggregated path with real processes on loopback: a router, two prefill and two
+decode nodes serving `dummy:tiny`. The oracle is the in-process Engine on the same prompts."""
+
+import concurrent.futures
+import os
+import random
+import socket
+import urllib.request
+
+import grpc
+import pytest
+
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+from pdserve.cluster import Cluster
+from protos import pdserve_pb2 as pb
+from protos import pdserve_pb2_grpc as pb_grpc
+
+from .serving import GREEDY, all_blocks_free, generate, health, node_stats, wait_for
+
+NODE_ARGS = ["--num-kv-blocks", "160", "--max-num-batched-tokens", "256"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with Cluster("dummy:tiny", num_prefill=2, num_decode=2, node_args=NODE_ARGS,
+                 router_args=["--policy", "load"]) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Engine(model="dummy:tiny", num_kv_blocks=512, max_model_len=2048)
+
+
+def prompts(seed: int, lengths):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
+
+
+def test_streamed_tokens_equal_the_engine(cluster, reference):
+    cases = prompts(0, [1, 16, 17, 300, 45])  # one token; a block edge; many blocks (19)
+    params = [GREEDY] * 4 + [SamplingParams(temperature=0.8, top_k=50, seed=3, max_tokens=12, ignore_eos=True)]
+    expected = [c.token_ids for c in reference.generate(cases, params)]
+    for prompt, p, want in zip(cases, params, expected):
+        tokens, last, count = generate(cluster.router_address, prompt, p)
+        assert tokens == want
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert last.usage.prompt_tokens == len(prompt) and last.usage.completion_tokens == 12
+        assert count >= 2 and last.timings.num_attempts == 1
+    assert wait_for(lambda: all_blocks_free(cluster))
+
+
+def test_32_concurrent_streams_all_complete_correctly(cluster, reference):
+    rng = random.Random(5)
+    cases = prompts(1, [rng.randrange(1, 120) for _ in range(32)])
+    params = [SamplingParams(temperature=0, max_tokens=rng.randrange(1, 24), ignore_eos=True) for _ in cases]
+    expected = [c.token_ids for c in reference.generate(cases, params)]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda a: generate(cluster.router_address, *a), zip(cases, params)))
+    for (tokens, last, _), want, p in zip(results, expected, params):
+        assert tokens == want  # nothing lost, nothing duplicated, nothing out of order
+        assert last.usage.completion_tokens == p.max_tokens
+    assert wait_for(lambda: all_blocks_free(cluster))
+
+
+def test_cancelling_a_stream_frees_every_block(cluster):
+    with grpc.insecure_channel(cluster.router_address) as channel:
+        from pdserve.client import generate_request
+        call = pb_grpc.RouterServiceStub(channel).Generate(generate_request(
+            prompts(2, [200])[0], SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)))
+        received = [next(call) for _ in range(3)]
+        assert all(r.token_ids for r in received)
+        assert not all_blocks_free(cluster)  # the request holds blocks on its decode node
+        call.cancel()
+    assert wait_for(lambda: all_blocks_free(cluster))
+
+
+@pytest.mark.parametrize("prompt,params,field", [
+    ([5, 6], SamplingParams(temperature=-1), "temperature"),
+    ([5, 6], SamplingParams(top_p=0), "top_p"),
+    ([5, 6], SamplingParams(max_tokens=-3), "max_tokens"),
+    ([5, 100000], GREEDY, "prompt.token_ids"),
+    ([], GREEDY, "prompt"),
+    ("some text", GREEDY, "prompt.text"),  # dummy:tiny has no tokenizer
+    (list(range(3, 400)) * 6, GREEDY, "prompt"),  # longer than max_model_len
+])
+def test_bad_input_is_invalid_argument_naming_the_field(cluster, prompt, params, field):
+    with pytest.raises(grpc.RpcError) as info:
+        generate(cluster.router_address, prompt, params)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in info.value.details()
+
+
+def test_a_full_decode_node_answers_resource_exhausted(cluster):
+    decode = cluster.decode[0]
+    prompt = prompts(3, [600])[0]  # 38 of 160 blocks
+    with grpc.insecure_channel(decode.address) as channel:
+        stub = pb_grpc.DecodeServiceStub(channel)
+        calls, code = [], None
+        for i in range(6):
+            call = stub.Decode(pb.DecodeRequest(request_id=f"hold-{i}", prompt_token_ids=prompt))
+            try:
+                assert next(call).HasField("ticket")
+                calls.append(call)
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details()
+                break
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "free" in details
+        assert node_stats(decode).num_reserved == len(calls) == 4
+        for call in calls:
+            call.cancel()
+    assert wait_for(lambda: all_blocks_free(cluster))
+
+
+def test_random_bytes_on_the_kv_port_do_not_hurt_the_decode_node(cluster, reference):
+    for decode in cluster.decode:
+        for size in (3, 72, 4096):
+            with socket.create_connection(("127.0.0.1", decode.info["kv_port"])) as s:
+                s.sendall(os.urandom(size))
+    prompt = prompts(4, [40])[0]
+    (want,) = reference.generate([prompt], GREEDY)
+    for _ in range(2):  # both decode nodes (the load policy alternates idle ones)
+        assert generate(cluster.router_address, prompt)[0] == want.token_ids
+    assert all(p.popen.poll() is None for p in cluster.decode)
+
+
+def test_health_reflection_and_metrics(cluster):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    for p in cluster.processes:
+        assert health(p.address) == "SERVING"
+    with grpc.insecure_channel(cluster.router_address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"pdserve.v1.RouterService", "grpc.health.v1.Health"} <= names
+    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.router.info['metrics_port']}/metrics").read().decode()
+    count = next(line for line in text.splitlines() if line.startswith("pdserve_time_to_first_token_seconds_count"))
+    assert float(count.split()[-1]) > 0
+    received = 0.0
+    for d in cluster.decode:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{d.info['metrics_port']}/metrics").read().decode()
+        received += sum(float(line.split()[-1]) for line in text.splitlines()
+                        if line.startswith('pdserve_kv_transfer_bytes_total{direction="received"}'))
+    assert received > 0

@@ -1,0 +1,83 @@
+"""Failures on real processes: a corrupted KV transfer, a decode node killed mid-stream, a
+decode node drained by SIGTERM. Every request still returns the engine's exact tokens."""
+
+import concurrent.futures
+import random
+import signal
+
+import pytest
+
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+from pdserve.cluster import Cluster
+
+from .serving import GREEDY, all_blocks_free, generate, health, node_stats, wait_for
+
+LONG = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # the prefill node corrupts its first transfer; three decode nodes to lose two of
+    with Cluster("dummy:tiny", num_prefill=1, num_decode=3,
+                 node_args=["--num-kv-blocks", "160", "--drain-timeout-s", "60"],
+                 prefill_args=["--kv-test-corrupt-transfers", "1"],
+                 router_args=["--policy", "round_robin", "--health-interval-s", "0.2"]) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Engine(model="dummy:tiny", num_kv_blocks=512, max_model_len=2048)
+
+
+def prompt(seed: int, n: int):
+    rng = random.Random(seed)
+    return [rng.randrange(3, 512) for _ in range(n)]
+
+
+def test_corrupted_transfer_is_caught_and_the_request_resumed(cluster, reference):
+    p = prompt(0, 70)
+    tokens, last, _ = generate(cluster.router_address, p)
+    assert tokens == reference.generate([p], GREEDY)[0].token_ids
+    assert last.timings.num_attempts == 2
+    assert sum(node_stats(d).num_kv_transfer_failures for d in cluster.decode) == 1
+    tokens, last, _ = generate(cluster.router_address, p)  # the hook fired once only
+    assert last.timings.num_attempts == 1
+    assert wait_for(lambda: all_blocks_free(cluster))
+
+
+def running_decode(cluster):
+    return next((d for d in cluster.decode if d.popen.poll() is None and node_stats(d).num_running), None)
+
+
+def test_decode_node_killed_mid_stream_resumes_without_gap_or_duplicate(cluster, reference):
+    p = prompt(1, 50)
+    want = reference.generate([p], LONG)[0].token_ids
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(generate, cluster.router_address, p, LONG)
+        victim = wait_for(lambda: running_decode(cluster), timeout=30, interval=0.01)
+        assert victim is not None
+        victim.popen.send_signal(signal.SIGKILL)
+        tokens, last, _ = future.result(timeout=120)
+    assert tokens == want
+    assert last.timings.num_attempts == 2 and last.usage.completion_tokens == 300
+
+
+def test_draining_decode_node_finishes_its_stream_and_gets_no_new_work(cluster, reference):
+    p = prompt(2, 30)
+    want = reference.generate([p], LONG)[0].token_ids
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(generate, cluster.router_address, p, LONG)
+        drained = wait_for(lambda: running_decode(cluster), timeout=30, interval=0.01)
+        drained.popen.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: health(drained.address) == "NOT_SERVING", timeout=5, interval=0.02)
+        tokens, last, _ = future.result(timeout=120)
+    assert tokens == want and last.timings.num_attempts == 1  # drained gracefully, not resumed
+    assert drained.popen.wait(30) == 0
+    (survivor,) = [d for d in cluster.decode if d.popen.poll() is None]
+    short = [prompt(10 + i, 20) for i in range(4)]
+    expected = [c.token_ids for c in reference.generate(short, GREEDY)]
+    assert [generate(cluster.router_address, s)[0] for s in short] == expected
+    assert node_stats(survivor).num_free_blocks == node_stats(survivor).num_kv_blocks
+    assert health(cluster.router_address) == "SERVING"

@@ -1,0 +1,80 @@
+"""`pdserve up` as a user runs it: SmolLM2-135M on two prefill and two decode nodes. Answers
+through the router equal the in-process engine's; `pdserve generate --router` gets a
+sensible answer; Ctrl-C stops every process."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+
+from .serving import generate
+
+CHATS = ["Name three primary colors.", "What is 2 + 2?", "Write one sentence about the sea."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def up():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--model", "smollm2-135m",
+                             "--num-prefill", "2", "--num-decode", "2", "--port", str(port), "--no-sample"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "stop: Ctrl-C" in line:
+            break
+    output = "".join(lines)
+    assert "pdserve is up" in output, output
+    log_dir = Path(re.search(r"logs: (\S+)", output).group(1))
+    yield f"127.0.0.1:{port}", proc, log_dir
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_chats_through_the_cluster_equal_the_engine(up):
+    address, _, _ = up
+    engine = Engine(model="smollm2-135m")
+    params = SamplingParams(temperature=0, max_tokens=24)
+    expected = engine.chat([[{"role": "user", "content": c}] for c in CHATS], params)
+    for chat, want in zip(CHATS, expected):
+        tokens, last, _ = generate(address, chat, params, chat=True)
+        assert tokens == want.token_ids, (chat, want.text)
+
+
+def test_generate_command_gets_a_sensible_answer(up):
+    address, _, _ = up
+    result = subprocess.run([sys.executable, "-m", "pdserve.cli", "generate", "--router", address,
+                             "What is the capital of France? Answer in one word."],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_ctrl_c_stops_every_process(up):
+    _, proc, log_dir = up
+    pids = [json.loads(f.read_text())["pid"] for f in log_dir.glob("*.ready.json")]
+    assert len(pids) == 5  # router, two prefill, two decode
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
