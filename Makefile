@@ -28,6 +28,7 @@ up: setup
 
 bench: setup
 	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/disagg.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -19,11 +19,13 @@ from protos import pdserve_pb2_grpc as pb_grpc
 from .serving import GREEDY, all_blocks_free, generate, health, node_stats, wait_for
 
 NODE_ARGS = ["--num-kv-blocks", "160", "--max-num-batched-tokens", "256"]
+RESERVATION_TIMEOUT_S = 2.0  # far above a loopback transfer, short enough to test expiry
 
 
 @pytest.fixture(scope="module")
 def cluster():
     with Cluster("dummy:tiny", num_prefill=2, num_decode=2, node_args=NODE_ARGS,
+                 decode_args=["--reservation-timeout-s", str(RESERVATION_TIMEOUT_S)],
                  router_args=["--policy", "load"]) as c:
         yield c
 
@@ -110,6 +112,20 @@ def test_a_full_decode_node_answers_resource_exhausted(cluster):
         assert node_stats(decode).num_reserved == len(calls) == 4
         for call in calls:
             call.cancel()
+    assert wait_for(lambda: all_blocks_free(cluster))
+
+
+def test_a_reservation_without_kv_expires_at_its_deadline(cluster):
+    decode = cluster.decode[1]
+    with grpc.insecure_channel(decode.address) as channel:
+        call = pb_grpc.DecodeServiceStub(channel).Decode(
+            pb.DecodeRequest(request_id="never-sent", prompt_token_ids=prompts(6, [100])[0]))
+        ticket = next(call).ticket
+        assert len(ticket.block_ids) == 7 and node_stats(decode).num_reserved == 1
+        with pytest.raises(grpc.RpcError) as info:
+            next(call)  # nobody pushes the KV
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert node_stats(decode).num_reserved == 0
     assert wait_for(lambda: all_blocks_free(cluster))
 
 

@@ -1,0 +1,195 @@
+"""The cost of disaggregation, measured in one run on the same prompts:
+
+  1. end to end: 1 and 16 concurrent requests through a local cluster (router, one prefill
+     and one decode node, real processes on loopback) against the in-process Engine.
+     TTFT, mean inter-token latency (ITL), output tokens/s, and the overhead per output
+     token = mean per-request (latency - first-token latency) / (tokens - 1), disaggregated
+     minus in-process.
+  2. KV transfer: the TCP connector (frames, CRC32C on both sides, writes into the cache)
+     against a plain socket sending the same bytes in the same layer-sized chunks.
+
+Usage: python benchmarks/disagg.py [--model smollm2-135m] [--max-tokens 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.engine import Engine  # noqa: E402
+from engine.model_source import resolve_model  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+from kv_transfer.connector import KVTicket  # noqa: E402
+from kv_transfer.tcp import TcpKVReceiver, TcpKVSender  # noqa: E402
+from pdserve.client import generate_request, stream  # noqa: E402
+from pdserve.cluster import Cluster  # noqa: E402
+
+
+def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(rng.randrange(64, 257))] for _ in range(n)]
+
+
+def summarize(records, wall: float) -> dict:
+    """records: per request (ttft, [arrival times of each token after the first], num tokens)."""
+    ttft = [r[0] for r in records]
+    itl = [r[1] for r in records if r[1] is not None]
+    tokens = sum(r[2] for r in records)
+    return {"ttft_ms": 1e3 * statistics.mean(ttft), "itl_ms": 1e3 * statistics.mean(itl),
+            "tok_s": tokens / wall}
+
+
+def run_engine(engine: Engine, prompts, params) -> dict:
+    engine.kv.pool.reset_prefix_cache()
+    start = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in prompts]
+    first, last, count = {}, {}, dict.fromkeys(ids, 0)
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for o in outputs:
+            first.setdefault(o.request_id, now)
+            last[o.request_id] = now
+            count[o.request_id] += len(o.new_token_ids)
+    wall = time.perf_counter() - start
+    return summarize([(first[i] - start, (last[i] - first[i]) / max(1, count[i] - 1), count[i])
+                      for i in ids], wall)
+
+
+def run_cluster(address: str, prompts, params) -> dict:
+    def one(prompt):
+        start = time.perf_counter()
+        first = last = None
+        count = 0
+        for response in stream(address, generate_request(prompt, params), timeout=600):
+            now = time.perf_counter()
+            first = first or now
+            last, count = now, count + len(response.token_ids)
+        return start, first - start, (last - first) / max(1, count - 1), count
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(one, prompts))
+    wall = time.perf_counter() - start
+    return summarize([r[1:] for r in results], wall)
+
+
+def end_to_end(model: str, max_tokens: int, repeat: int) -> list[dict]:
+    engine = Engine(model=model)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    rows = []
+    with Cluster(model, 1, 1, log_level="WARNING").start(progress=lambda m: print(m, file=sys.stderr)) as cluster:
+        for concurrency in (1, 16):
+            prompts = make_prompts(concurrency, vocab, seed=concurrency)
+            run_cluster(cluster.router_address, prompts[:1], SamplingParams(max_tokens=4))  # warm up
+            best_e = best_c = None
+            for _ in range(repeat):  # alternate sides, keep the best of each
+                e = run_engine(engine, prompts, params)
+                c = run_cluster(cluster.router_address, prompts, params)
+                best_e = e if best_e is None or e["tok_s"] > best_e["tok_s"] else best_e
+                best_c = c if best_c is None or c["tok_s"] > best_c["tok_s"] else best_c
+            rows.append({"concurrency": concurrency, "engine": best_e, "disagg": best_c,
+                         "overhead_ms_per_token": best_c["itl_ms"] - best_e["itl_ms"]})
+    return rows
+
+
+def kv_transfer(num_tokens: int, num_layers: int, kv_heads: int, head_dim: int, repeat: int) -> dict:
+    block_size = 16
+    num_blocks = -(-num_tokens // block_size)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(num_layers)]
+    layers = [torch.randn(2, *shape) for _ in range(num_layers)]
+    receiver, sender = TcpKVReceiver(caches), TcpKVSender()
+    total = sum(t.numel() * t.element_size() for t in layers)
+
+    def connector_once() -> float:
+        ticket = KVTicket(uuid.uuid4().hex, receiver.endpoint, tuple(range(num_blocks)), block_size,
+                          num_layers, kv_heads, head_dim, "float32", 0.0, "bench")
+        done = threading.Event()
+        receiver.expect(ticket, lambda result: done.set() if result.ok else None)
+        start = time.perf_counter()
+        for i, kv in enumerate(layers):
+            sender.send_layer(ticket, i, kv)
+        sender.finish(ticket, 0)
+        assert done.wait(60), "transfer failed"
+        return time.perf_counter() - start
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    payloads = [kv.numpy().view("uint8").reshape(-1) for kv in layers]
+
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True).start()
+    client = socket.create_connection(("127.0.0.1", port))
+    while not accepted:
+        time.sleep(0.01)
+    counter = {"n": 0}
+
+    def plain_once() -> float:
+        # the receiver counts bytes; the sender waits until all of them arrived
+        expected = counter["n"] + total
+        start = time.perf_counter()
+        for p in payloads:
+            client.sendall(p)
+        while counter["n"] < expected:
+            time.sleep(0)
+        return time.perf_counter() - start
+
+    def count_receiver(conn):
+        buffer = memoryview(bytearray(1 << 22))
+        while (n := conn.recv_into(buffer)) > 0:
+            counter["n"] += n
+
+    threading.Thread(target=count_receiver, args=(accepted[0],), daemon=True).start()
+    connector_once(), plain_once()  # warm up (connections, buffers)
+    best_tcp = best_plain = float("inf")
+    for _ in range(repeat):
+        best_tcp = min(best_tcp, connector_once())
+        best_plain = min(best_plain, plain_once())
+    sender.close(), receiver.close(), client.close()
+    gb = total / 1e9
+    return {"bytes": total, "connector_gb_s": gb / best_tcp, "socket_gb_s": gb / best_plain,
+            "ratio": best_plain / best_tcp}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--kv-tokens", type=int, default=2048)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rows = end_to_end(args.model, args.max_tokens, args.repeat)
+    mc = resolve_model(args.model).model_config()
+    kv = kv_transfer(args.kv_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, repeat=5)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"end_to_end": rows, "kv_transfer": kv}, indent=2))
+    print(f"\n{args.model}, CPU, {args.max_tokens} new tokens per request, prompts of 64-256 tokens")
+    print(f"{'conc':>4} | {'side':<8} | {'TTFT ms':>8} | {'ITL ms':>7} | {'tok/s':>7}")
+    for row in rows:
+        for side in ("engine", "disagg"):
+            r = row[side]
+            print(f"{row['concurrency']:>4} | {side:<8} | {r['ttft_ms']:8.1f} | {r['itl_ms']:7.2f} | {r['tok_s']:7.1f}")
+        print(f"{'':>4} | overhead per output token (ITL disagg - engine): {row['overhead_ms_per_token']:+.2f} ms")
+    print(f"\nKV transfer of {kv['bytes'] / 1e6:.0f} MB ({args.kv_tokens} tokens x {mc.num_layers} layers, fp32): "
+          f"connector {kv['connector_gb_s']:.2f} GB/s, plain socket {kv['socket_gb_s']:.2f} GB/s, "
+          f"ratio {kv['ratio']:.2f}x (target >= 0.6)")
+
+
+if __name__ == "__main__":
+    main()
