@@ -213,6 +213,7 @@ class _Incoming:
     ticket: KVTicket
     on_done: Callable[[TransferResult], None]
     block_ids: torch.Tensor  # on the cache's device
+    runs: list[tuple[int, int]]  # the block ids as [start, end) runs of consecutive ids
     layer_checksums: dict[int, int] = field(default_factory=dict)
     num_bytes: int = 0
 
@@ -222,9 +223,11 @@ class TcpKVReceiver(KVReceiver):
     list of (k_cache, v_cache) per layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], host: str = "127.0.0.1",
-                 port: int = 0, advertise_host: str | None = None):
+                 port: int = 0, advertise_host: str | None = None, in_place: bool | None = None):
         self.kv_caches = kv_caches
         self.device = kv_caches[0][0].device
+        # host caches take payloads straight from the socket; device caches via a host buffer
+        self.in_place = self.device.type == "cpu" if in_place is None else in_place
         # a frame for an unknown transfer is discarded only up to one whole layer of the cache
         self.max_frame_bytes = 2 * kv_caches[0][0].nbytes
         self._server = socket.create_server((host, port))
@@ -241,7 +244,7 @@ class TcpKVReceiver(KVReceiver):
     def expect(self, ticket: KVTicket, on_done: Callable[[TransferResult], None]) -> None:
         ids = torch.tensor(ticket.block_ids, dtype=torch.int64, device=self.device)
         with self._lock:
-            self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, ids)
+            self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, ids, _runs(ticket.block_ids))
 
     def forget(self, transfer_id: str) -> None:
         with self._lock:
@@ -294,6 +297,8 @@ class TcpKVReceiver(KVReceiver):
         except FrameError as e:
             self._fail(incoming, str(e))
             raise  # a frame that does not match its ticket: the stream cannot be trusted
+        if header.type is FrameType.KV and self.in_place:
+            return self._recv_layer_in_place(conn, incoming, header)
         payload = memoryview(buffer)[:header.num_bytes]
         _recv_exact(conn, payload, eof_ok=False)
         incoming.num_bytes += HEADER_SIZE + header.num_bytes
@@ -320,6 +325,23 @@ class TcpKVReceiver(KVReceiver):
             raise FrameError(f"DONE frame of {header.num_bytes} bytes")
         elif header.type is FrameType.ABORT and header.num_bytes:
             raise FrameError("ABORT frame with a payload")
+
+    def _recv_layer_in_place(self, conn: socket.socket, incoming: _Incoming, header: FrameHeader) -> None:
+        """Host caches: the payload goes from the socket straight into the reserved blocks, one
+        recv per run of consecutive block ids (K's runs, then V's, the payload's order),
+        checksummed as it lands. A bad checksum leaves garbage only in blocks that this
+        failed transfer owns, and the decode node frees them."""
+        value = 0
+        for cache in self.kv_caches[header.layer]:
+            rows = cache.view(cache.shape[0], -1).view(torch.uint8).numpy()  # [num_blocks, block bytes]
+            for start, end in incoming.runs:
+                view = memoryview(rows[start:end]).cast("B")
+                _recv_exact(conn, view, eof_ok=False)
+                value = checksum(view, value)
+        incoming.num_bytes += HEADER_SIZE + header.num_bytes
+        if value != header.payload_checksum:
+            return self._fail(incoming, f"checksum mismatch in KV frame (layer {header.layer})")
+        incoming.layer_checksums[header.layer] = header.payload_checksum
 
     def _write_layer(self, incoming: _Incoming, header: FrameHeader, buffer: bytearray) -> None:
         ticket = incoming.ticket
@@ -355,6 +377,17 @@ class TcpKVReceiver(KVReceiver):
                 return  # forgotten meanwhile: nobody waits for it
             self.num_bytes_received += incoming.num_bytes
         incoming.on_done(result)
+
+
+def _runs(block_ids) -> list[tuple[int, int]]:
+    """[3, 4, 5, 9, 10] -> [(3, 6), (9, 11)]."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
 
 
 def _recv_exact(conn: socket.socket, view: memoryview, eof_ok: bool = True):

@@ -81,10 +81,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         progress = await self._parse(request, context)
         detok = IncrementalDetokenizer(self.tokenizer, progress.prompt) if self.tokenizer else None
         failures: list[str] = []
-        excluded: set[NodeClient] = set()
+        excluded: set[NodeClient] = set()  # failed this request: avoided while others exist
+        full_nodes: set[NodeClient] = set()  # decode nodes without room: never retried
         full = False  # the last failure was a full decode node: try the others, uncounted
         while progress.num_attempts < self.max_attempts or full:
-            pair = self._pick(len(progress.prompt) + len(progress.sent), excluded)
+            pair = self._pick(len(progress.prompt) + len(progress.sent), excluded, full_nodes)
             if pair is None:
                 break
             progress.num_attempts += 1
@@ -102,6 +103,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 failures.append(str(e))
                 excluded |= e.nodes
                 full = e.full
+                if full:
+                    full_nodes |= e.nodes
                 metrics.retries_total.labels("full" if full else "failure").inc()
                 log.warning("%s: attempt %d failed: %s", request_id, progress.num_attempts, e)
         metrics.requests_total.labels("router", "failed").inc()
@@ -110,14 +113,13 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         await abort(context, code, f"{request_id}: not served after {progress.num_attempts} "
                                    f"attempt(s): {detail}")
 
-    def _pick(self, num_tokens: int, excluded: set) -> tuple[NodeClient, NodeClient] | None:
+    def _pick(self, num_tokens: int, excluded: set, full_nodes: set) -> tuple[NodeClient, NodeClient] | None:
         """A (prefill, decode) pair, avoiding nodes that failed this request where others exist;
         decode nodes that were full are never retried."""
         picked = []
         for role in ("prefill", "decode"):
-            healthy = self.pool.healthy(role)
-            fresh = [n for n in healthy if n not in excluded]
-            nodes = fresh or ([] if role == "decode" else healthy)
+            healthy = [n for n in self.pool.healthy(role) if n not in full_nodes]
+            nodes = [n for n in healthy if n not in excluded] or healthy
             if not nodes:
                 return None
             picked.append(self.policy.pick(role, nodes, num_tokens))

@@ -85,9 +85,10 @@ def test_frame_header_round_trip_and_rejects():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_transfers_land_in_reserved_blocks(dtype):
+@pytest.mark.parametrize("in_place", [True, False])  # False: the path of CUDA caches
+def test_transfers_land_in_reserved_blocks(dtype, in_place):
     caches = make_caches(dtype)
-    receiver, sender = TcpKVReceiver(caches), TcpKVSender()
+    receiver, sender = TcpKVReceiver(caches, in_place=in_place), TcpKVSender()
     try:
         name = str(dtype).removeprefix("torch.")
         tickets = [make_ticket(receiver, ids, name) for ids in ([3, 9, 4], [0], list(range(10, 30)))]
