@@ -1,0 +1,181 @@
+"""The `tcp` connector's sender side: one queue and one thread per destination, writing
+each transfer's frames in order (see tcp.py for the receiver and the shared helpers)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .connector import KVSender, KVTicket, TransferError
+from .frame import HEADER_SIZE, FrameHeader, abort_frame, done_frame, kv_frame, summary_checksum
+from .tcp import DTYPE_NAMES, split_endpoint, tune_socket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Outgoing:
+    ticket: KVTicket
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    layer_checksums: dict[int, int] = field(default_factory=dict)
+    num_bytes: int = 0
+    error: BaseException | None = None
+
+
+class TcpKVSender(KVSender):
+    """`corrupt_transfers` is a test hook: the first N transfers get one flipped payload byte
+    after the checksum is computed, so the receiver must catch them."""
+
+    def __init__(self, connect_timeout: float = 5.0, corrupt_transfers: int = 0):
+        self.connect_timeout = connect_timeout
+        self.num_corrupt_left = corrupt_transfers
+        self._channels: dict[str, _Channel] = {}
+        self._outgoing: dict[str, _Outgoing] = {}
+        self._lock = threading.Lock()
+        self.num_bytes_sent = 0
+
+    def send_layer(self, ticket: KVTicket, layer: int, kv: torch.Tensor) -> None:
+        assert tuple(kv.shape) == ticket.layer_shape, (tuple(kv.shape), ticket.layer_shape)
+        assert DTYPE_NAMES[kv.dtype] == ticket.dtype, (kv.dtype, ticket.dtype)
+        staged, ready = _stage(kv)
+        self._channel(ticket).put(("kv", self._state(ticket), layer, staged, ready))
+
+    def finish(self, ticket: KVTicket, first_token_id: int) -> concurrent.futures.Future:
+        out = self._state(ticket)
+        self._channel(ticket).put(("done", out, first_token_id))
+        return out.future
+
+    def abort(self, ticket: KVTicket) -> None:
+        with self._lock:
+            out = self._outgoing.get(ticket.transfer_id)
+        if out is not None:
+            out.error = out.error or TransferError("aborted by the sender")
+            self._channel(ticket).put(("abort", out))
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.stop()
+
+    def _state(self, ticket: KVTicket) -> _Outgoing:
+        with self._lock:
+            return self._outgoing.setdefault(ticket.transfer_id, _Outgoing(ticket))
+
+    def _channel(self, ticket: KVTicket) -> "_Channel":
+        with self._lock:
+            channel = self._channels.get(ticket.kv_endpoint)
+            if channel is None:
+                channel = self._channels[ticket.kv_endpoint] = _Channel(self, ticket.kv_endpoint)
+            return channel
+
+    def _take_corruption(self) -> bool:
+        with self._lock:
+            if self.num_corrupt_left > 0:
+                self.num_corrupt_left -= 1
+                return True
+            return False
+
+    def _done(self, out: _Outgoing) -> None:
+        with self._lock:
+            self._outgoing.pop(out.ticket.transfer_id, None)
+            self.num_bytes_sent += out.num_bytes
+
+
+def _stage(kv: torch.Tensor):
+    """A host copy of `kv`, taken in stream order; `ready()` blocks until it is complete."""
+    if kv.device.type != "cuda":
+        return kv.contiguous(), lambda: None
+    staged = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
+    staged.copy_(kv, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return staged, event.synchronize
+
+
+class _Channel:
+    """One destination: a queue of frames and the thread that writes them in order."""
+
+    def __init__(self, sender: TcpKVSender, endpoint: str):
+        self.sender = sender
+        self.endpoint = endpoint
+        self.sock: socket.socket | None = None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"kv-send-{endpoint}", daemon=True)
+        self.thread.start()
+
+    def put(self, item) -> None:
+        self.queue.put(item)
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            kind, out = item[0], item[1]
+            try:
+                if kind == "kv" and out.error is None:
+                    self._send_layer(out, *item[2:])
+                elif kind == "done":
+                    self._send_done(out, item[2])
+                elif kind == "abort":
+                    self._write(abort_frame(out.ticket.transfer_key))
+                    self._settle(out)
+            except (OSError, ValueError) as e:
+                log.warning("kv transfer %s to %s: %s", out.ticket.transfer_id, self.endpoint, e)
+                self._disconnect()
+                out.error = out.error or ConnectionError(f"kv connection to {self.endpoint}: {e}")
+                if kind in ("done", "abort"):
+                    self._settle(out)
+        self._disconnect()
+
+    def _send_layer(self, out: _Outgoing, layer: int, staged: torch.Tensor, ready) -> None:
+        ready()
+        payload = staged.view(-1).view(torch.uint8).numpy()
+        header = kv_frame(out.ticket.transfer_key, layer, out.ticket.dtype, tuple(staged.shape), payload)
+        out.layer_checksums[layer] = FrameHeader.unpack(header).payload_checksum
+        if layer == 0 and self.sender._take_corruption():
+            payload = payload.copy()
+            payload[len(payload) // 2] ^= 0xFF
+            log.warning("test hook: corrupting kv transfer %s", out.ticket.transfer_id)
+        self._write(header, payload)
+        out.num_bytes += HEADER_SIZE + payload.nbytes
+
+    def _send_done(self, out: _Outgoing, first_token_id: int) -> None:
+        if out.error is None:
+            checksums = [out.layer_checksums.get(i, 0) for i in range(out.ticket.num_layers)]
+            frame = done_frame(out.ticket.transfer_key, first_token_id, len(out.layer_checksums),
+                               summary_checksum(checksums))
+            self._write(frame)
+            out.num_bytes += len(frame)
+        self._settle(out)
+
+    def _settle(self, out: _Outgoing) -> None:
+        self.sender._done(out)
+        if out.future.done():
+            return
+        if out.error is None:
+            out.future.set_result(out.num_bytes)
+        else:
+            out.future.set_exception(out.error)
+
+    def _write(self, *parts) -> None:
+        if self.sock is None:
+            host, port = split_endpoint(self.endpoint)
+            self.sock = socket.create_connection((host, port), timeout=self.sender.connect_timeout)
+            self.sock.settimeout(60.0)
+            tune_socket(self.sock)
+        for part in parts:
+            self.sock.sendall(part)
+
+    def _disconnect(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
