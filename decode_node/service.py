@@ -20,27 +20,19 @@ from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
 from service import metrics
 from service.convert import FINISH_TO_PROTO, sampling_from_proto, stats_to_proto, ticket_to_proto
-from service.server import abort
+from service.server import Drainable, abort
 
 log = logging.getLogger(__name__)
 
 
-class DecodeServicer(pb_grpc.DecodeServiceServicer):
+class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
     """Registered before the model loads (so health answers at once); `attach` makes it work."""
 
     def __init__(self, reservation_timeout_s: float):
+        super().__init__()
         self.reservation_timeout_s = reservation_timeout_s
         self.loop: EngineLoop | None = None
-        self.server = None  # set by the node: `server.draining` refuses new work
-        self.active: set[str] = set()  # request ids with a Decode call open
         self.num_transfer_failures = 0
-
-    @property
-    def draining(self) -> bool:
-        return self.server is not None and self.server.draining
-
-    def num_active(self) -> int:
-        return len(self.active)
 
     def attach(self, loop: EngineLoop, receiver: KVReceiver) -> None:
         self.loop, self.engine, self.receiver = loop, loop.engine, receiver

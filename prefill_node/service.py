@@ -27,27 +27,19 @@ from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
 from service import metrics
 from service.convert import FINISH_TO_PROTO, sampling_from_proto, stats_to_proto, ticket_from_proto
-from service.server import abort
+from service.server import Drainable, abort
 
 log = logging.getLogger(__name__)
 
 
-class PrefillServicer(pb_grpc.PrefillServiceServicer):
+class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
     """Registered before the model loads (so health answers at once); `attach` makes it work."""
 
     def __init__(self):
+        super().__init__()
         self.loop: EngineLoop | None = None
-        self.server = None  # set by the node: `server.draining` refuses new work
-        self.active: set[str] = set()  # request ids with a Prefill call open
         self.tickets: dict[str, KVTicket] = {}  # request_id -> where its KV goes
         self.transfers: dict[str, concurrent.futures.Future] = {}  # request_id -> DONE sent
-
-    @property
-    def draining(self) -> bool:
-        return self.server is not None and self.server.draining
-
-    def num_active(self) -> int:
-        return len(self.active)
 
     def attach(self, loop: EngineLoop, sender: KVSender) -> None:
         self.loop, self.engine, self.sender = loop, loop.engine, sender

@@ -90,6 +90,22 @@ class Server:
         self._stop.set()
 
 
+class Drainable:
+    """What a node servicer tells its Server: `active` request ids (the drain waits for them)
+    and whether the server is draining (new work is refused)."""
+
+    def __init__(self):
+        self.server: Server | None = None  # set by the node
+        self.active: set[str] = set()  # request ids with a call open
+
+    @property
+    def draining(self) -> bool:
+        return self.server is not None and self.server.draining
+
+    def num_active(self) -> int:
+        return len(self.active)
+
+
 def service_name(servicer_module_name: str) -> str:
     return pdserve_pb2.DESCRIPTOR.services_by_name[servicer_module_name].full_name
 
