@@ -1,10 +1,11 @@
 """The cost of disaggregation, measured in one run on the same prompts:
 
   1. end to end: 1 and 16 concurrent requests through a local cluster (router, one prefill
-     and one decode node, real processes on loopback) against the in-process Engine.
-     TTFT, mean inter-token latency (ITL), output tokens/s, and the overhead per output
-     token = mean per-request (latency - first-token latency) / (tokens - 1), disaggregated
-     minus in-process.
+     and one decode node, real processes on loopback; the client is one asyncio thread on one
+     channel) against the in-process Engine. TTFT, mean inter-token latency (ITL), output
+     tokens/s, and the overhead per output token = mean per-request (latency - first-token
+     latency) / (tokens - 1), disaggregated minus in-process. Also the CPU time each process
+     spent per output token (from /proc), which says where the overhead goes.
   2. KV transfer: the TCP connector (frames, CRC32C on both sides, writes into the cache)
      against a plain socket sending the same bytes in the same layer-sized chunks.
 
@@ -14,7 +15,8 @@ Usage: python benchmarks/disagg.py [--model smollm2-135m] [--max-tokens 64] [--j
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import asyncio
+import os
 import json
 import random
 import socket
@@ -25,6 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,8 +37,9 @@ from engine.model_source import resolve_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from kv_transfer.connector import KVTicket  # noqa: E402
 from kv_transfer.tcp import TcpKVReceiver, TcpKVSender  # noqa: E402
-from pdserve.client import generate_request, stream  # noqa: E402
+from pdserve.client import generate_request  # noqa: E402
 from pdserve.cluster import Cluster  # noqa: E402
+from protos import pdserve_pb2_grpc as pb_grpc  # noqa: E402
 
 
 def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -54,7 +58,7 @@ def summarize(records, wall: float) -> dict:
 
 def run_engine(engine: Engine, prompts, params) -> dict:
     engine.kv.pool.reset_prefix_cache()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     ids = [engine.add_request(p, params) for p in prompts]
     first, last, count = {}, {}, dict.fromkeys(ids, 0)
     while engine.has_unfinished():
@@ -65,26 +69,50 @@ def run_engine(engine: Engine, prompts, params) -> dict:
             last[o.request_id] = now
             count[o.request_id] += len(o.new_token_ids)
     wall = time.perf_counter() - start
-    return summarize([(first[i] - start, (last[i] - first[i]) / max(1, count[i] - 1), count[i])
-                      for i in ids], wall)
+    result = summarize([(first[i] - start, (last[i] - first[i]) / max(1, count[i] - 1), count[i])
+                        for i in ids], wall)
+    result["cpu_ms_per_token"] = {"engine": 1e3 * (time.process_time() - cpu_start) / sum(count.values())}
+    return result
 
 
 def run_cluster(address: str, prompts, params) -> dict:
-    def one(prompt):
-        start = time.perf_counter()
-        first = last = None
-        count = 0
-        for response in stream(address, generate_request(prompt, params), timeout=600):
-            now = time.perf_counter()
-            first = first or now
-            last, count = now, count + len(response.token_ids)
-        return start, first - start, (last - first) / max(1, count - 1), count
+    return asyncio.run(_run_cluster(address, prompts, params))
 
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        results = list(pool.map(one, prompts))
-    wall = time.perf_counter() - start
-    return summarize([r[1:] for r in results], wall)
+
+async def _run_cluster(address: str, prompts, params) -> dict:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+
+        async def one(prompt):
+            start = time.perf_counter()
+            first = last = None
+            count = 0
+            async for response in stub.Generate(generate_request(prompt, params), timeout=600):
+                now = time.perf_counter()
+                first = first or now
+                last, count = now, count + len(response.token_ids)
+            return first - start, (last - first) / max(1, count - 1), count
+
+        start = time.perf_counter()
+        records = await asyncio.gather(*(one(p) for p in prompts))
+        return summarize(records, time.perf_counter() - start)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_cluster_measured(cluster: Cluster, prompts, params) -> dict:
+    """run_cluster plus the CPU milliseconds each process spent per output token."""
+    pids = {p.name: p.info["pid"] for p in cluster.processes} | {"client": os.getpid()}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    result = run_cluster(cluster.router_address, prompts, params)
+    num_tokens = len(prompts) * params.max_tokens
+    result["cpu_ms_per_token"] = {name: 1e3 * (cpu_seconds(pid) - before[name]) / num_tokens
+                                  for name, pid in pids.items()}
+    return result
 
 
 def end_to_end(model: str, max_tokens: int, repeat: int) -> list[dict]:
@@ -99,7 +127,7 @@ def end_to_end(model: str, max_tokens: int, repeat: int) -> list[dict]:
             best_e = best_c = None
             for _ in range(repeat):  # alternate sides, keep the best of each
                 e = run_engine(engine, prompts, params)
-                c = run_cluster(cluster.router_address, prompts, params)
+                c = run_cluster_measured(cluster, prompts, params)
                 best_e = e if best_e is None or e["tok_s"] > best_e["tok_s"] else best_e
                 best_c = c if best_c is None or c["tok_s"] > best_c["tok_s"] else best_c
             rows.append({"concurrency": concurrency, "engine": best_e, "disagg": best_c,
@@ -186,6 +214,8 @@ def main() -> None:
             r = row[side]
             print(f"{row['concurrency']:>4} | {side:<8} | {r['ttft_ms']:8.1f} | {r['itl_ms']:7.2f} | {r['tok_s']:7.1f}")
         print(f"{'':>4} | overhead per output token (ITL disagg - engine): {row['overhead_ms_per_token']:+.2f} ms")
+        cpu = row["engine"]["cpu_ms_per_token"] | row["disagg"]["cpu_ms_per_token"]
+        print(f"{'':>4} | CPU ms per output token: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
     print(f"\nKV transfer of {kv['bytes'] / 1e6:.0f} MB ({args.kv_tokens} tokens x {mc.num_layers} layers, fp32): "
           f"connector {kv['connector_gb_s']:.2f} GB/s, plain socket {kv['socket_gb_s']:.2f} GB/s, "
           f"ratio {kv['ratio']:.2f}x (target >= 0.6)")
