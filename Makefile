@@ -29,6 +29,7 @@ up: setup
 bench: setup
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/disagg.py
+	$(BIN)/python benchmarks/prefix_routing.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

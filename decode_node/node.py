@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from engine.config import EngineConfig
 from protos import pdserve_pb2_grpc as pb_grpc
 from service import metrics
+from service.node_registration import RegistryConfig, register
 from service.server import Server, service_name
 
 from .service import DecodeServicer
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class DecodeNodeConfig:
+class DecodeNodeConfig(RegistryConfig):
     host: str = "127.0.0.1"
     port: int = 50071
     metrics_port: int = 9402
@@ -43,14 +44,25 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
     engine = await asyncio.to_thread(Engine, engine_config)
     receiver = TcpKVReceiver(engine.runner.kv_caches, config.kv_host, config.kv_port,
                              config.kv_advertise_host)
-    loop = EngineLoop(engine, after_step=metrics.update_engine_gauges)
+    registration = None
+
+    def after_step(stats: dict) -> None:
+        metrics.update_engine_gauges(stats)
+        if registration is not None:
+            registration.update_load(stats)
+
+    loop = EngineLoop(engine, after_step=after_step)
     servicer.attach(loop, receiver)
     loop.start()
-    metrics.update_engine_gauges(engine.stats())
+    registration = await register(config, "decode", config.host, server.port, engine.fingerprint)
+    after_step(engine.stats())
     await server.set_serving(True)
-    server.write_ready_file(config.ready_file, kv_port=receiver.port, role="decode")
+    server.write_ready_file(config.ready_file, kv_port=receiver.port, role="decode",
+                            node_id=registration.record.node_id if registration else None)
     log.info("decode node ready: grpc %s:%d, kv %s", config.host, server.port, receiver.endpoint)
 
     await server.wait_and_drain(servicer.num_active)
+    if registration is not None:
+        await registration.close()
     receiver.close()
     await loop.close()

@@ -23,11 +23,26 @@ class Block:
 
 @dataclass
 class CacheEvents:
-    """Hashes stored into and evicted from the prefix cache since the last drain (the prefill
-    node publishes these to Redis)."""
+    """The net change of the prefix cache since the last drain (the prefill node publishes it
+    to Redis): per hash, its last event wins, so a hash evicted and then stored again within
+    one drain reads as stored, and one stored then evicted as evicted."""
 
-    stored: list[bytes] = field(default_factory=list)
-    evicted: list[bytes] = field(default_factory=list)
+    changes: dict[bytes, bool] = field(default_factory=dict)  # block_hash -> stored (else evicted)
+
+    def record(self, block_hash: bytes, stored: bool) -> None:
+        self.changes.pop(block_hash, None)  # re-insert: keep the order of last events
+        self.changes[block_hash] = stored
+
+    @property
+    def stored(self) -> list[bytes]:
+        return [h for h, stored in self.changes.items() if stored]
+
+    @property
+    def evicted(self) -> list[bytes]:
+        return [h for h, stored in self.changes.items() if not stored]
+
+    def __bool__(self) -> bool:
+        return bool(self.changes)
 
 
 class BlockPool:
@@ -92,11 +107,16 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
         self.cached[block_hash] = block
-        self.events.stored.append(block_hash)
+        self.events.record(block_hash, stored=True)
 
     def drain_events(self) -> CacheEvents:
         events, self.events = self.events, CacheEvents()
         return events
+
+    def snapshot(self) -> list[bytes]:
+        """Every hash the cache holds now; drops the pending events (the snapshot has them)."""
+        self.events = CacheEvents()
+        return list(self.cached)
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached hash of free blocks (blocks in use keep theirs)."""
@@ -107,6 +127,6 @@ class BlockPool:
         if block.block_hash is None:
             return
         del self.cached[block.block_hash]
-        self.events.evicted.append(block.block_hash)
+        self.events.record(block.block_hash, stored=False)
         block.block_hash = None
         block.token_ids = ()

@@ -38,7 +38,13 @@ HELP = {
     "reservation_timeout_s": "free reserved blocks whose KV has not arrived after this long",
     "prefill_nodes": "comma-separated host:port of prefill nodes",
     "decode_nodes": "comma-separated host:port of decode nodes",
-    "policy": "routing policy: round_robin or load",
+    "policy": "routing policy: round_robin, load or prefix (needs --redis-url)",
+    "redis_url": "Redis for the prefix index and node registry, e.g. redis://host:6379/0",
+    "advertise_host": "host routers dial for this node's gRPC (default: --host)",
+    "node_id": "id in the Redis registry (default: <role>-<advertise host>:<port>)",
+    "heartbeat_interval_s": "seconds between heartbeats to Redis",
+    "heartbeat_ttl_s": "a node whose heartbeat is older than this is dropped",
+    "heartbeat_grace_s": "after Redis comes up, how long nodes may take to re-register",
     "kv_test_corrupt_transfers": "test hook: corrupt the first N KV transfers",
 }
 
@@ -55,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--num-prefill", type=int, default=1, help="prefill nodes (default 1)")
     up.add_argument("--num-decode", type=int, default=1, help="decode nodes (default 1)")
     up.add_argument("--port", type=int, default=50051, help="the router's gRPC port (default 50051)")
-    up.add_argument("--policy", default="load", help="routing policy (default load)")
+    up.add_argument("--policy", default="prefix", help="routing policy: round_robin, load or "
+                    "prefix (default prefix)")
+    up.add_argument("--redis-url", default=None, help="use this Redis for the prefix index and "
+                    "registry (default: start a local redis-server)")
+    up.add_argument("--no-redis", action="store_true", help="no Redis: the router gets the nodes "
+                    "as flags and routes by load")
     up.add_argument("--no-sample", action="store_true", help="do not answer a sample chat once up")
     add_config_args(up, EngineConfig, HELP, exclude=("keep_logits",))
     roles = {"prefill": (PrefillNodeConfig, "a prefill node"), "decode": (DecodeNodeConfig, "a decode node")}
@@ -113,8 +124,9 @@ def run_up(args) -> int:
     from pdserve.cluster import Cluster, ClusterError
 
     config = config_from_args(EngineConfig, args)
+    redis = None if args.no_redis else args.redis_url or "local"
     cluster = Cluster(config.model, args.num_prefill, args.num_decode, args.port,
-                      node_args=engine_flags(config), router_args=["--policy", args.policy])
+                      node_args=engine_flags(config), router_args=["--policy", args.policy], redis=redis)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
         cluster.start(progress=lambda m: print(f"pdserve: {m}", file=sys.stderr))
@@ -132,7 +144,7 @@ def run_up(args) -> int:
         dead = next(p for p in cluster.processes if p.popen.poll() is not None)
         print(f"pdserve: {dead.name} exited ({dead.popen.returncode}):\n{dead.log_tail()}", file=sys.stderr)
         return 1
-    except ClusterError as e:
+    except RuntimeError as e:  # ClusterError, or no redis-server to start
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

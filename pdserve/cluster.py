@@ -25,6 +25,8 @@ class Process:
     ready_file: Path
     log_file: Path
     info: dict = field(default_factory=dict)  # from the ready file: port, metrics_port, kv_port, pid
+    args: list[str] = field(default_factory=list)  # what it was started with (after the role)
+    role: str = ""
 
     @property
     def address(self) -> str:
@@ -41,11 +43,15 @@ class ClusterError(RuntimeError):
 
 class Cluster:
     """`node_args` go to every node (engine flags), `prefill_args`/`decode_args`/`router_args`
-    to those roles; `prefill_args` may be a list of lists, one per prefill node."""
+    to those roles; `prefill_args` may be a list of lists, one per prefill node.
+
+    `redis`: None, the router gets the nodes as flags and there is no prefix index; "local",
+    start a redis-server (stopped with the cluster); or a URL. With Redis, the nodes register
+    there and the router finds them there."""
 
     def __init__(self, model: str, num_prefill: int = 1, num_decode: int = 1, router_port: int = 0,
                  node_args: list[str] = (), prefill_args=(), decode_args=(), router_args=(),
-                 log_dir: str | None = None, log_level: str = "INFO"):
+                 log_dir: str | None = None, log_level: str = "INFO", redis: str | None = None):
         if num_prefill < 1 or num_decode < 1:
             raise ValueError("a cluster needs at least one prefill and one decode node")
         self.model, self.num_prefill, self.num_decode = model, num_prefill, num_decode
@@ -56,6 +62,8 @@ class Cluster:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pdserve-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_level = log_level
+        self.redis, self.redis_url = redis, None if redis == "local" else redis
+        self.local_redis = None
         self.prefill: list[Process] = []
         self.decode: list[Process] = []
         self.router: Process | None = None
@@ -70,17 +78,25 @@ class Cluster:
 
     def start(self, timeout: float = 300.0, progress=lambda message: None) -> "Cluster":
         try:
-            self.prefill = [self._spawn(f"prefill-{i}", "prefill", ["--model", self.model,
-                                        *self.node_args, *self.prefill_args[i]]) for i in range(self.num_prefill)]
-            self.decode = [self._spawn(f"decode-{i}", "decode", ["--model", self.model, "--kv-port", "0",
-                                       *self.node_args, *self.decode_args[i]]) for i in range(self.num_decode)]
+            if self.redis == "local":
+                from .redis_local import LocalRedis
+                self.local_redis = LocalRedis(str(self.log_dir / "redis")).start()
+                self.redis_url = self.local_redis.url
+                progress(f"redis-server ready at {self.redis_url}")
+            registry = ["--redis-url", self.redis_url] if self.redis_url else []
+            self.prefill = [self._spawn(f"prefill-{i}", "prefill", [
+                "--model", self.model, *registry, *self.node_args, *self.prefill_args[i]])
+                for i in range(self.num_prefill)]
+            self.decode = [self._spawn(f"decode-{i}", "decode", [
+                "--model", self.model, "--kv-port", "0", *registry, *self.node_args,
+                *self.decode_args[i]]) for i in range(self.num_decode)]
             progress(f"loading {self.model} on {self.num_prefill} prefill and {self.num_decode} decode "
                      f"node(s); logs in {self.log_dir}")
             self._wait_ready(self.prefill + self.decode, timeout, progress)
+            nodes = registry or ["--prefill-nodes", ",".join(p.address for p in self.prefill),
+                                 "--decode-nodes", ",".join(p.address for p in self.decode)]
             self.router = self._spawn("router", "router", [
-                "--model", self.model, "--port", str(self.router_port),
-                "--prefill-nodes", ",".join(p.address for p in self.prefill),
-                "--decode-nodes", ",".join(p.address for p in self.decode), *self.router_args])
+                "--model", self.model, "--port", str(self.router_port), *nodes, *self.router_args])
             self._wait_ready([self.router], timeout, progress)
         except BaseException:
             self.stop()
@@ -96,7 +112,20 @@ class Cluster:
         with open(log, "w") as out:
             popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=os.environ.copy(), start_new_session=True)
-        return Process(name, popen, ready, log)
+        return Process(name, popen, ready, log, args=list(args), role=role)
+
+    def restart(self, name: str, timeout: float = 120.0) -> Process:
+        """Kills a node (SIGKILL: no drain, no goodbye to Redis) and starts it again on the same
+        gRPC port, as a crashed node that a supervisor restarts."""
+        old = next(p for p in self.processes if p.name == name)
+        if old.popen.poll() is None:
+            old.popen.kill()
+            old.popen.wait()
+        new = self._spawn(name, old.role, [*old.args, "--port", str(old.info["port"])])
+        group = self.prefill if old in self.prefill else self.decode
+        group[group.index(old)] = new
+        self._wait_ready([new], timeout, lambda message: None)
+        return new
 
     def _wait_ready(self, processes: list[Process], timeout: float, progress) -> None:
         start, pending = time.monotonic(), list(processes)
@@ -125,6 +154,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.popen.kill()
                 p.popen.wait()
+        if self.local_redis is not None:
+            self.local_redis.stop()
 
     def __enter__(self) -> "Cluster":
         return self.start() if not self.processes else self

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from engine.config import EngineConfig
 from protos import pdserve_pb2_grpc as pb_grpc
 from service import metrics
+from service.node_registration import RegistryConfig, register
 from service.server import Server, service_name
 
 from .service import PrefillServicer
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PrefillNodeConfig:
+class PrefillNodeConfig(RegistryConfig):
     host: str = "127.0.0.1"
     port: int = 50061
     metrics_port: int = 9401
@@ -40,13 +41,25 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     await server.start()  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(Engine, engine_config)
     sender = TcpKVSender(config.kv_connect_timeout_s, config.kv_test_corrupt_transfers)
-    servicer.attach(EngineLoop(engine, servicer.step, metrics.update_engine_gauges), sender)
+    registration = None
+
+    def after_step(stats: dict) -> None:
+        metrics.update_engine_gauges(stats)
+        if registration is not None:
+            registration.update_load(stats)
+
+    servicer.attach(EngineLoop(engine, servicer.step, after_step), sender)
     servicer.loop.start()
-    metrics.update_engine_gauges(engine.stats())
+    registration = await register(config, "prefill", config.host, server.port, engine.fingerprint,
+                                  cache=engine.kv.pool, run_on_engine=servicer.loop.call)
+    after_step(engine.stats())
     await server.set_serving(True)
-    server.write_ready_file(config.ready_file, role="prefill")
+    server.write_ready_file(config.ready_file, role="prefill",
+                            node_id=registration.record.node_id if registration else None)
     log.info("prefill node ready: grpc %s:%d", config.host, server.port)
 
     await server.wait_and_drain(servicer.num_active)
+    if registration is not None:
+        await registration.close()
     sender.close()
     await servicer.loop.close()

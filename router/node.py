@@ -1,4 +1,5 @@
-"""`pdserve router`: serves RouterService over the prefill and decode nodes it is given."""
+"""`pdserve router`: serves RouterService over the prefill and decode nodes it is given or
+finds in the Redis registry."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from service.server import Server, service_name
 
 from .nodes import NodePool
 from .policy import make_policy
+from .prefix_index import PrefixIndex
 from .service import RouterServicer
 
 log = logging.getLogger(__name__)
@@ -22,23 +24,25 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9400
-    prefill_nodes: str = "127.0.0.1:50061"  # comma-separated host:port
-    decode_nodes: str = "127.0.0.1:50071"
-    policy: str = "load"  # round_robin | load
+    prefill_nodes: str = ""  # comma-separated host:port (static; Redis may add more)
+    decode_nodes: str = ""
+    redis_url: str | None = None  # the prefix index and node registry
+    policy: str = "prefix"  # round_robin | load | prefix
+    heartbeat_grace_s: float = 10.0  # after Redis comes up: time for nodes to re-register
     max_attempts: int = 3  # per request: the first try plus retries/resumes on other pairs
     health_interval_s: float = 0.5
     drain_timeout_s: float = 30.0
     ready_file: str | None = None
 
 
-def _addresses(text: str, flag: str) -> list[str]:
+def _addresses(text: str, flag: str, required: bool) -> list[str]:
     addresses = [a.strip() for a in text.split(",") if a.strip()]
     for a in addresses:
         host, _, port = a.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"{flag}: {a!r} is not host:port")
-    if not addresses:
-        raise ValueError(f"{flag}: give at least one host:port")
+    if required and not addresses:
+        raise ValueError(f"{flag}: give at least one host:port, or --redis-url to find nodes there")
     return addresses
 
 
@@ -49,19 +53,29 @@ async def serve(config: RouterConfig) -> None:
     if config.max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {config.max_attempts}")
     source = resolve_model(config.model)
-    tokenizer, vocab_size = source.tokenizer(), source.model_config().vocab_size
-    pool = NodePool(_addresses(config.prefill_nodes, "--prefill-nodes"),
-                    _addresses(config.decode_nodes, "--decode-nodes"), config.health_interval_s)
+    model_config = source.model_config()
+    tokenizer, vocab_size = source.tokenizer(), model_config.vocab_size
+    fingerprint = model_config.fingerprint(source.weights_id())
+    static = config.redis_url is None
+    index = PrefixIndex(config.redis_url, fingerprint) if config.redis_url else None
+    if policy.uses_index and index is None:
+        log.warning("policy %s without --redis-url: no prefix index, routing by load", policy.name)
+    pool = NodePool(_addresses(config.prefill_nodes, "--prefill-nodes", static),
+                    _addresses(config.decode_nodes, "--decode-nodes", static), config.health_interval_s,
+                    index, fingerprint, config.heartbeat_grace_s)
     server = Server(service_name("RouterService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
     pb_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts), server.grpc)
+        RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint),
+        server.grpc)
     await server.start()
     pool.start()
     watcher = asyncio.get_running_loop().create_task(_follow_nodes(server, pool, config.ready_file))
     await server.wait_and_drain()
     watcher.cancel()
     await pool.close()
+    if index is not None:
+        await index.close()
 
 
 async def _follow_nodes(server: Server, pool: NodePool, ready_file: str | None) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from engine.block_hash import block_hashes
 from engine.sampling_params import SamplingParams
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
@@ -70,11 +71,20 @@ class Progress:
         return msg
 
 
+@dataclass
+class Route:
+    prefill: NodeClient
+    decode: NodeClient
+    num_cached_tokens: int  # what the index says the prefill node holds of the prompt
+
+
 class RouterServicer(pb_grpc.RouterServiceServicer):
-    def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3):
+    def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3,
+                 index=None, model_fingerprint: str = ""):
         self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
         self.vocab_size = vocab_size
         self.max_attempts = max_attempts
+        self.index, self.model_fingerprint = index, model_fingerprint
 
     async def Generate(self, request: pb.GenerateRequest, context):
         request_id = request.request_id or f"gen-{uuid.uuid4().hex[:16]}"
@@ -85,13 +95,14 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         full_nodes: set[NodeClient] = set()  # decode nodes without room: never retried
         full = False  # the last failure was a full decode node: try the others, uncounted
         while progress.num_attempts < self.max_attempts or full:
-            pair = self._pick(len(progress.prompt) + len(progress.sent), excluded, full_nodes)
-            if pair is None:
+            route = await self._route(progress.prompt + progress.sent, request.cache_salt, excluded,
+                                      full_nodes)
+            if route is None:
                 break
             progress.num_attempts += 1
             try:
                 async with contextlib.aclosing(
-                        self._attempt(request_id, request.cache_salt, progress, *pair)) as chunks:
+                        self._attempt(request_id, request.cache_salt, progress, route)) as chunks:
                     async for token_ids, reason in chunks:
                         yield self._response(request_id, progress, detok, token_ids, reason)
                         if reason is not None:
@@ -113,21 +124,41 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         await abort(context, code, f"{request_id}: not served after {progress.num_attempts} "
                                    f"attempt(s): {detail}")
 
-    def _pick(self, num_tokens: int, excluded: set, full_nodes: set) -> tuple[NodeClient, NodeClient] | None:
+    async def _route(self, prompt: list[int], cache_salt: str, excluded: set,
+                     full_nodes: set) -> Route | None:
         """A (prefill, decode) pair, avoiding nodes that failed this request where others exist;
         decode nodes that were full are never retried."""
-        picked = []
+        candidates = []
         for role in ("prefill", "decode"):
             healthy = [n for n in self.pool.healthy(role) if n not in full_nodes]
-            nodes = [n for n in healthy if n not in excluded] or healthy
-            if not nodes:
-                return None
-            picked.append(self.policy.pick(role, nodes, num_tokens))
-        return picked[0], picked[1]
+            candidates.append([n for n in healthy if n not in excluded] or healthy)
+        prefill_nodes, decode_nodes = candidates
+        if not prefill_nodes or not decode_nodes:
+            return None
+        cached = await self._cached_tokens(prompt, cache_salt, prefill_nodes) if self.policy.uses_index else {}
+        prefill, reason = self.policy.pick_prefill(prefill_nodes, len(prompt), cached)
+        metrics.route_decisions.labels(self.policy.name, reason).inc()
+        return Route(prefill, self.policy.pick_decode(decode_nodes, len(prompt)),
+                     (cached or {}).get(prefill, 0))
 
-    async def _attempt(self, request_id: str, cache_salt: str, progress: Progress,
-                       prefill: NodeClient, decode: NodeClient):
+    async def _cached_tokens(self, prompt: list[int], cache_salt: str,
+                             nodes: list[NodeClient]) -> dict[NodeClient, int] | None:
+        """Prefill node -> prompt tokens the index says it holds; None when there is no index
+        or Redis does not answer."""
+        if self.index is None or nodes[0].stats is None:
+            return None
+        block_size = nodes[0].stats.block_size
+        # a prompt's last token is always computed, so only blocks before it can be reused
+        hashes = block_hashes(prompt[:-1], block_size, self.model_fingerprint, cache_salt or None)
+        runs = await self.index.lookup(hashes)
+        if runs is None:
+            return None
+        by_id = self.pool.by_node_id()
+        return {by_id[i]: n * block_size for i, n in runs.items() if by_id.get(i) in nodes}
+
+    async def _attempt(self, request_id: str, cache_salt: str, progress: Progress, route: Route):
         """Yields (token ids, finish reason or None) chunks; raises Retry on node trouble."""
+        prefill, decode = route.prefill, route.decode
         prompt = progress.prompt + progress.sent
         attempt_id = f"{request_id}.{progress.num_attempts}"
         params = progress.remaining_params()
@@ -140,8 +171,9 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 raise Retry(f"decode node {decode.address} sent no ticket", {decode})
             response = await self._prefill(prefill, pb.PrefillRequest(
                 request_id=attempt_id, prompt_token_ids=prompt, sampling=params,
-                cache_salt=cache_salt, ticket=first.ticket), len(prompt))
+                cache_salt=cache_salt, ticket=first.ticket), len(prompt) - route.num_cached_tokens)
             progress.prefill = progress.prefill or response
+            metrics.routed_cached_tokens.inc(response.num_cached_tokens)
             reason = FINISH_FROM_PROTO[response.finish_reason]
             yield [response.first_token_id], reason
             if reason is not None:

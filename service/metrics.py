@@ -21,6 +21,15 @@ prefix_cache_hits = prom.Counter("pdserve_prefix_cache_hits_total",
                                  "Prompt tokens taken from the prefix cache")
 kv_transfer_bytes = prom.Counter("pdserve_kv_transfer_bytes_total", "KV bytes moved", ["direction"])
 kv_transfer_failures = prom.Counter("pdserve_kv_transfer_failures_total", "Failed KV transfers")
+route_decisions = prom.Counter("pdserve_route_decisions_total",
+                               "Router: prefill node choices by policy and reason", ["policy", "reason"])
+routed_cached_tokens = prom.Counter("pdserve_router_prefix_cache_hit_tokens_total",
+                                    "Router: prompt tokens the chosen prefill node took from its cache")
+index_lookup_seconds = prom.Histogram("pdserve_index_lookup_seconds",
+                                      "Router: one prefix-index lookup in Redis",
+                                      buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                               0.025, 0.05, 0.1, 0.5))
+redis_up = prom.Gauge("pdserve_redis_up", "1 while Redis answers (router: prefix routing on)")
 nodes_healthy = prom.Gauge("pdserve_nodes_healthy", "Router: nodes serving", ["role"])
 
 

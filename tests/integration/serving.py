@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -58,3 +60,14 @@ def all_blocks_free(cluster) -> bool:
         if s.num_free_blocks != s.num_kv_blocks or s.num_running or s.num_reserved or s.num_waiting:
             return False
     return True
+
+
+def metric(process, name: str, **labels) -> float:
+    """The sum of a Prometheus metric's samples (those with `labels`) on a process's /metrics."""
+    url = f"http://127.0.0.1:{process.info['metrics_port']}/metrics"
+    total = 0.0
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        match = re.match(rf"{name}(\{{.*\}})? (\S+)$", line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            total += float(match.group(2))
+    return total

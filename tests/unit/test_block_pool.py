@@ -15,10 +15,27 @@ def test_allocate_free_refcounts_and_lru_eviction():
     taken = pool.allocate(3)  # the two never-used blocks, then b (least recently freed)
     assert b in taken and a not in taken
     assert pool.lookup(b"h-b", [3, 4]) is None and pool.lookup(b"h-a", [1, 2]) is a
-    events = pool.drain_events()
-    assert events.stored == [b"h-a", b"h-b"] and events.evicted == [b"h-b"]
+    events = pool.drain_events()  # net change: b was stored, then evicted
+    assert events.stored == [b"h-a"] and events.evicted == [b"h-b"]
     with pytest.raises(RuntimeError):
         pool.free([b, b])  # the second drop would go negative
+
+
+def test_cache_events_are_the_net_change_and_a_snapshot_replaces_them():
+    pool = BlockPool(2)
+    a, b = pool.allocate(2)
+    pool.cache(a, b"h-a", [1])
+    pool.cache(b, b"h-b", [2])
+    pool.free([a, b])
+    (c,) = pool.allocate(1)  # evicts h-a, the least recently freed
+    pool.cache(c, b"h-a", [1])  # stored again before the drain: the last event wins
+    events = pool.drain_events()
+    assert events.stored == [b"h-b", b"h-a"] and events.evicted == [] and not pool.drain_events()
+    (d,) = pool.allocate(1)  # evicts h-b
+    assert pool.drain_events().evicted == [b"h-b"]
+    pool.cache(d, b"h-d", [4])
+    assert sorted(pool.snapshot()) == [b"h-a", b"h-d"]
+    assert not pool.drain_events()  # the snapshot holds what was pending
 
 
 def test_touch_takes_a_hit_out_of_the_free_queue():
