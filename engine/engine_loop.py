@@ -4,6 +4,9 @@ Every engine call (add, abort, reserve, admit, stats, step) runs on the same sin
 thread, in submission order, so the engine never sees two threads and a call made while a
 step runs simply lands before the next step. The loop task steps while there is work and
 hands each RequestOutput to the asyncio queue of its request.
+
+`stats` is the engine's stats as of the end of the last call or step, read on the engine
+thread: health and stats RPCs answer from it at once, however long a step takes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class EngineLoop:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.num_steps = 0
+        self.stats: dict = engine.stats()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
@@ -38,13 +42,13 @@ class EngineLoop:
         """Runs `fn` on the engine thread between steps and wakes the loop."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+            return await loop.run_in_executor(self._executor, lambda: self._with_stats(fn, *args, **kwargs))
         finally:
             self._wakeup.set()
 
     def call_soon(self, fn: Callable, *args) -> None:
         """`call` without waiting for the result (safe in a `finally` of a cancelled handler)."""
-        self._executor.submit(fn, *args)
+        self._executor.submit(self._with_stats, fn, *args)
         self._wakeup.set()
 
     def open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput]:
@@ -78,7 +82,16 @@ class EngineLoop:
                 self._after_step(stats)
 
     def _step_and_stats(self):
-        return self._step(), self.engine.stats()
+        outputs = self._step()
+        self.stats = self.engine.stats()
+        return outputs, self.stats
+
+    def _with_stats(self, fn: Callable, *args, **kwargs):
+        """On the engine thread: `fn`, then refresh `stats`."""
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.stats = self.engine.stats()
 
     def _abort_all(self) -> list[str]:
         return [r for r in list(self.engine.requests) if self.engine.abort_request(r)]

@@ -138,7 +138,7 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
     async def GetStats(self, request, context):
         if self.loop is None:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "prefill node is loading")
-        stats = await self.loop.call(self.engine.stats)
+        stats = self.loop.stats  # as of the last step or call: never waits for a step
         return stats_to_proto("prefill", self.engine.fingerprint, stats,
                               max_model_len=self.engine.max_model_len,
                               block_size=self.engine.config.block_size,

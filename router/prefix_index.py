@@ -1,9 +1,10 @@
 """The router's reads of Redis: which prefill nodes hold a prompt's leading blocks, and which
 nodes are registered and alive (torch-free).
 
-Nothing here fails a request: when Redis is unreachable a lookup returns None (the router
-routes by load alone), which is logged once and shown in `pdserve_redis_up`; the first call
-that gets through again turns prefix routing back on.
+Nothing here fails or slows a request: when Redis is unreachable a lookup returns None at
+once (the router routes by load alone), which is logged once and shown in
+`pdserve_redis_up`; the node poll (`discover`, every health interval) keeps trying and turns
+prefix routing back on when Redis answers.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class PrefixIndex:
         """node id -> how many of the prompt's leading blocks that node holds (nodes holding
         none are absent); None when Redis is unreachable. One pipelined round trip."""
         hashes = block_hashes[:MAX_LOOKUP_BLOCKS]
+        if self.up is False:  # no request waits on a dead Redis; `discover` notices its return
+            return None
         if not hashes:
             return {}
         start = time.perf_counter()

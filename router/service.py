@@ -27,6 +27,7 @@ from service.server import abort
 
 from .detokenizer import IncrementalDetokenizer
 from .nodes import NodeClient, NodePool
+from .prefix_index import MAX_LOOKUP_BLOCKS
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             return None
         block_size = nodes[0].stats.block_size
         # a prompt's last token is always computed, so only blocks before it can be reused
-        hashes = block_hashes(prompt[:-1], block_size, self.model_fingerprint, cache_salt or None)
+        leading = prompt[:min(len(prompt) - 1, MAX_LOOKUP_BLOCKS * block_size)]
+        hashes = block_hashes(leading, block_size, self.model_fingerprint, cache_salt or None)
         runs = await self.index.lookup(hashes)
         if runs is None:
             return None
