@@ -4,6 +4,7 @@
     pdserve prefill    a prefill node
     pdserve decode     a decode node
     pdserve router     the router, over given prefill and decode nodes
+    pdserve gateway    the OpenAI HTTP API over a router
     pdserve generate   answer one prompt, through a router (--router) or in this process
 """
 
@@ -46,12 +47,17 @@ HELP = {
     "heartbeat_ttl_s": "a node whose heartbeat is older than this is dropped",
     "heartbeat_grace_s": "after Redis comes up, how long nodes may take to re-register",
     "kv_test_corrupt_transfers": "test hook: corrupt the first N KV transfers",
+    "router": "the router's gRPC address",
+    "api_key": "require this key (Authorization: Bearer) on /v1/*",
+    "served_model_name": "the model name clients send (default: the router's --model)",
+    "request_timeout_s": "a request running longer than this is cancelled",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     from decode_node.node import DecodeNodeConfig
     from prefill_node.node import PrefillNodeConfig
+    from router.gateway import GatewayConfig
     from router.node import RouterConfig
 
     parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with disaggregated "
@@ -61,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--num-prefill", type=int, default=1, help="prefill nodes (default 1)")
     up.add_argument("--num-decode", type=int, default=1, help="decode nodes (default 1)")
     up.add_argument("--port", type=int, default=50051, help="the router's gRPC port (default 50051)")
+    up.add_argument("--http-port", type=int, default=8000, help="the OpenAI HTTP gateway's port "
+                    "(default 8000; -1: no gateway)")
+    up.add_argument("--api-key", default=None, help="require this key on the gateway's /v1/*")
     up.add_argument("--policy", default="prefix", help="routing policy: round_robin, load or "
                     "prefix (default prefix)")
     up.add_argument("--redis-url", default=None, help="use this Redis for the prefix index and "
@@ -76,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         add_config_args(p, cls, HELP)
     router = sub.add_parser("router", help="run the router")
     add_config_args(router, RouterConfig, HELP)
+    gateway = sub.add_parser("gateway", help="run the OpenAI HTTP API over a router")
+    add_config_args(gateway, GatewayConfig, HELP)
     gen = sub.add_parser("generate", help="answer one prompt (through --router, or in this process)")
     gen.add_argument("prompt", help="the user message (or raw text with --raw)")
     gen.add_argument("--router", default=None, help=f"router address, e.g. {DEFAULT_ROUTER} "
@@ -84,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     add_config_args(gen, EngineConfig, HELP, exclude=("keep_logits",))
-    for p in (up, router, gen, *(sub.choices[n] for n in roles)):
+    for p in (up, router, gateway, gen, *(sub.choices[n] for n in roles)):
         p.add_argument("--log-level", default="WARNING" if p in (up, gen) else "INFO",
                        help="logging level")
     args = parser.parse_args(argv)
@@ -97,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "router":
             from router.node import serve
             asyncio.run(serve(config_from_args(RouterConfig, args)))
+        elif args.command == "gateway":
+            from router.gateway import serve
+            asyncio.run(serve(config_from_args(GatewayConfig, args)))
         else:
             module = __import__(f"{args.command}_node.node", fromlist=["serve"])
             asyncio.run(module.serve(config_from_args(EngineConfig, args),
@@ -125,8 +139,11 @@ def run_up(args) -> int:
 
     config = config_from_args(EngineConfig, args)
     redis = None if args.no_redis else args.redis_url or "local"
+    gateway_args = ["--api-key", args.api_key] if args.api_key else []
     cluster = Cluster(config.model, args.num_prefill, args.num_decode, args.port,
-                      node_args=engine_flags(config), router_args=["--policy", args.policy], redis=redis)
+                      node_args=engine_flags(config), router_args=["--policy", args.policy], redis=redis,
+                      gateway_port=None if args.http_port < 0 else args.http_port,
+                      gateway_args=gateway_args)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
         cluster.start(progress=lambda m: print(f"pdserve: {m}", file=sys.stderr))
@@ -135,8 +152,14 @@ def run_up(args) -> int:
               f"  try:  .venv/bin/pdserve generate --router {address} \"What is the capital of France?\"\n"
               f"  or:   grpcurl -plaintext -d '{{\"messages\": {{\"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"Hi!\"}}]}}, \"sampling\": {{\"temperature\": 0, \"max_tokens\": 64}}}}' "
-              f"{address} pdserve.v1.RouterService/Generate\n"
-              f"  logs: {cluster.log_dir}    stop: Ctrl-C\n", file=sys.stderr)
+              f"{address} pdserve.v1.RouterService/Generate", file=sys.stderr)
+        if cluster.gateway is not None:
+            key = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+            print(f"  or:   curl {cluster.gateway_url}/chat/completions -H 'Content-Type: application/json'"
+                  f"{key} -d '{{\"model\": \"{cluster.gateway.info['model']}\", \"messages\": "
+                  f"[{{\"role\": \"user\", \"content\": \"Hi!\"}}], \"max_tokens\": 64}}'\n"
+                  f"  (the OpenAI API at {cluster.gateway_url})", file=sys.stderr)
+        print(f"  logs: {cluster.log_dir}    stop: Ctrl-C\n", file=sys.stderr)
         if not args.no_sample:
             stream_answer(address, SAMPLE_CHAT, raw=False, max_tokens=96, temperature=0.0)
         while all(p.popen.poll() is None for p in cluster.processes):

@@ -47,11 +47,13 @@ class Cluster:
 
     `redis`: None, the router gets the nodes as flags and there is no prefix index; "local",
     start a redis-server (stopped with the cluster); or a URL. With Redis, the nodes register
-    there and the router finds them there."""
+    there and the router finds them there. `gateway_port` (0: any free port): also run the
+    OpenAI HTTP gateway over the router."""
 
     def __init__(self, model: str, num_prefill: int = 1, num_decode: int = 1, router_port: int = 0,
                  node_args: list[str] = (), prefill_args=(), decode_args=(), router_args=(),
-                 log_dir: str | None = None, log_level: str = "INFO", redis: str | None = None):
+                 log_dir: str | None = None, log_level: str = "INFO", redis: str | None = None,
+                 gateway_port: int | None = None, gateway_args=()):
         if num_prefill < 1 or num_decode < 1:
             raise ValueError("a cluster needs at least one prefill and one decode node")
         self.model, self.num_prefill, self.num_decode = model, num_prefill, num_decode
@@ -64,17 +66,23 @@ class Cluster:
         self.log_level = log_level
         self.redis, self.redis_url = redis, None if redis == "local" else redis
         self.local_redis = None
+        self.gateway_port, self.gateway_args = gateway_port, list(gateway_args)
+        self.gateway: Process | None = None
         self.prefill: list[Process] = []
         self.decode: list[Process] = []
         self.router: Process | None = None
 
     @property
     def processes(self) -> list[Process]:
-        return self.prefill + self.decode + ([self.router] if self.router else [])
+        return self.prefill + self.decode + [p for p in (self.router, self.gateway) if p]
 
     @property
     def router_address(self) -> str:
         return self.router.address
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway.address}/v1"
 
     def start(self, timeout: float = 300.0, progress=lambda message: None) -> "Cluster":
         try:
@@ -98,6 +106,10 @@ class Cluster:
             self.router = self._spawn("router", "router", [
                 "--model", self.model, "--port", str(self.router_port), *nodes, *self.router_args])
             self._wait_ready([self.router], timeout, progress)
+            if self.gateway_port is not None:
+                self.gateway = self._spawn("gateway", "gateway", [
+                    "--router", self.router_address, "--port", str(self.gateway_port), *self.gateway_args])
+                self._wait_ready([self.gateway], timeout, progress)
         except BaseException:
             self.stop()
             raise
@@ -107,8 +119,9 @@ class Cluster:
         ready = self.log_dir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log = self.log_dir / f"{name}.log"
+        metrics = [] if role == "gateway" else ["--metrics-port", "0"]  # it serves /metrics itself
         cmd = [sys.executable, "-m", "pdserve.cli", role, "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", "--ready-file", str(ready), "--log-level", self.log_level, *args]
+               *metrics, "--ready-file", str(ready), "--log-level", self.log_level, *args]
         with open(log, "w") as out:
             popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=os.environ.copy(), start_new_session=True)

@@ -112,6 +112,26 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RouterInfo(_message.Message):
+    __slots__ = ("model", "max_model_len", "vocab_size", "num_prefill_nodes", "num_decode_nodes", "has_tokenizer")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_NODES_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_NODES_FIELD_NUMBER: _ClassVar[int]
+    HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    max_model_len: int
+    vocab_size: int
+    num_prefill_nodes: int
+    num_decode_nodes: int
+    has_tokenizer: bool
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_prefill_nodes: _Optional[int] = ..., num_decode_nodes: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ...) -> None: ...
+
 class NodeStats(_message.Message):
     __slots__ = ("role", "model_fingerprint", "num_kv_blocks", "num_free_blocks", "num_running", "num_waiting", "num_reserved", "num_queued_prefill_tokens", "max_model_len", "block_size", "vocab_size", "draining", "num_prefix_cache_hit_tokens", "num_kv_transfer_failures")
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -145,20 +165,22 @@ class NodeStats(_message.Message):
     def __init__(self, role: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., draining: _Optional[bool] = ..., num_prefix_cache_hit_tokens: _Optional[int] = ..., num_kv_transfer_failures: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "messages", "sampling", "cache_salt")
+    __slots__ = ("request_id", "text", "token_ids", "messages", "sampling", "cache_salt", "stop")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
     messages: ChatMessages
     sampling: SamplingParams
     cache_salt: str
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finish_reason", "usage", "timings")

@@ -41,6 +41,11 @@ class RouterServiceStub:
                 request_serializer=protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GetInfo = channel.unary_unary(
+                '/pdserve.v1.RouterService/GetInfo',
+                request_serializer=protos_dot_pdserve__pb2.InfoRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve__pb2.RouterInfo.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -55,6 +60,13 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetInfo(self, request, context):
+        """What the router serves (for the HTTP gateway's /v1/models and /health).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +74,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protos_dot_pdserve__pb2.GenerateRequest.FromString,
                     response_serializer=protos_dot_pdserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInfo,
+                    request_deserializer=protos_dot_pdserve__pb2.InfoRequest.FromString,
+                    response_serializer=protos_dot_pdserve__pb2.RouterInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +110,33 @@ class RouterService:
             '/pdserve.v1.RouterService/Generate',
             protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
             protos_dot_pdserve__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.RouterService/GetInfo',
+            protos_dot_pdserve__pb2.InfoRequest.SerializeToString,
+            protos_dot_pdserve__pb2.RouterInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,7 +66,8 @@ async def serve(config: RouterConfig) -> None:
     server = Server(service_name("RouterService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
     pb_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint),
+        RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint,
+                       config.model),
         server.grpc)
     await server.start()
     pool.start()

@@ -20,6 +20,25 @@ log = logging.getLogger(__name__)
 
 MAX_LOOKUP_BLOCKS = 512  # leading blocks looked up per prompt (8k tokens of 16)
 
+# KEYS: the prompt's block keys in order. Returns [node id, run, node id, run, ...]: for each
+# node, how many leading blocks it holds. Runs inside Redis: one round trip, one reply, and it
+# stops reading at the first block no node of the run holds.
+LEADING_RUNS_LUA = """
+local holding, runs = nil, {}
+for i, key in ipairs(KEYS) do
+  local still, any = {}, false
+  for _, node in ipairs(redis.call('SMEMBERS', key)) do
+    if holding == nil or holding[node] then still[node] = true; any = true end
+  end
+  if not any then break end
+  holding = still
+  for node, _ in pairs(holding) do runs[node] = i end
+end
+local out = {}
+for node, n in pairs(runs) do out[#out + 1] = node; out[#out + 1] = n end
+return out
+"""
+
 
 @dataclass
 class LiveNode:
@@ -32,13 +51,14 @@ class PrefixIndex:
         self.redis_url = redis_url
         self.keys = IndexKeys(model_fingerprint)
         self.client = connect(redis_url)
+        self._leading_runs = self.client.register_script(LEADING_RUNS_LUA)
         self.up: bool | None = None  # None until the first call
         self.up_since = 0.0  # monotonic time Redis was last seen coming up (or restarting)
         self._run_id: str | None = None
 
     async def lookup(self, block_hashes: list[bytes]) -> dict[str, int] | None:
         """node id -> how many of the prompt's leading blocks that node holds (nodes holding
-        none are absent); None when Redis is unreachable. One pipelined round trip."""
+        none are absent); None when Redis is unreachable. One round trip (a Lua script)."""
         hashes = block_hashes[:MAX_LOOKUP_BLOCKS]
         if self.up is False:  # no request waits on a dead Redis; `discover` notices its return
             return None
@@ -46,16 +66,13 @@ class PrefixIndex:
             return {}
         start = time.perf_counter()
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for h in hashes:
-                    pipe.smembers(self.keys.block(h))
-                members = await pipe.execute()
+            reply = await self._leading_runs(keys=[self.keys.block(h) for h in hashes])
         except REDIS_ERRORS as e:
             self._set_up(False, e)
             return None
         self._set_up(True)
         metrics.index_lookup_seconds.observe(time.perf_counter() - start)
-        return leading_runs(members)
+        return {_text(node): int(n) for node, n in zip(reply[0::2], reply[1::2])}
 
     async def discover(self) -> tuple[list[LiveNode], set[str]] | None:
         """(the registered nodes whose heartbeat lives, the ids of those whose heartbeat ran out
@@ -104,21 +121,6 @@ class PrefixIndex:
 
     async def close(self) -> None:
         await self.client.aclose()
-
-
-def leading_runs(members: list[set]) -> dict[str, int]:
-    """members[i]: the node ids holding block i. Returns node id -> the length of the run of
-    leading blocks it holds (block 0 onwards, no gap)."""
-    runs: dict[str, int] = {}
-    holding: set[str] | None = None
-    for i, ids in enumerate(members):
-        ids = {_text(m) for m in ids}
-        holding = ids if holding is None else holding & ids
-        if not holding:
-            break
-        for node_id in holding:
-            runs[node_id] = i + 1
-    return runs
 
 
 def _text(value) -> str:

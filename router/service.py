@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from engine.block_hash import block_hashes
+from engine.request import FinishReason
 from engine.sampling_params import SamplingParams
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
@@ -27,7 +28,9 @@ from service.server import abort
 
 from .detokenizer import IncrementalDetokenizer
 from .nodes import NodeClient, NodePool
+from .pending_prefixes import PendingPrefixes
 from .prefix_index import MAX_LOOKUP_BLOCKS
+from .stop_strings import StopStringMatcher, validate_stop
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ class Progress:
 
     prompt: list[int]
     params: SamplingParams
+    stop: StopStringMatcher | None = None
     start: float = field(default_factory=time.monotonic)
     sent: list[int] = field(default_factory=list)
     first_at: float | None = None
@@ -81,11 +85,13 @@ class Route:
 
 class RouterServicer(pb_grpc.RouterServiceServicer):
     def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3,
-                 index=None, model_fingerprint: str = ""):
+                 index=None, model_fingerprint: str = "", model_name: str = ""):
         self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
+        self.model_name = model_name
         self.vocab_size = vocab_size
         self.max_attempts = max_attempts
         self.index, self.model_fingerprint = index, model_fingerprint
+        self.pending = PendingPrefixes()
 
     async def Generate(self, request: pb.GenerateRequest, context):
         request_id = request.request_id or f"gen-{uuid.uuid4().hex[:16]}"
@@ -105,10 +111,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 async with contextlib.aclosing(
                         self._attempt(request_id, request.cache_salt, progress, route)) as chunks:
                     async for token_ids, reason in chunks:
-                        yield self._response(request_id, progress, detok, token_ids, reason)
-                        if reason is not None:
+                        response = self._response(request_id, progress, detok, token_ids, reason)
+                        yield response
+                        if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                             metrics.requests_total.labels("router", "ok").inc()
-                            return
+                            return  # closing `chunks` cancels the decode call, freeing its blocks
             except ClientError as e:
                 await abort(context, e.code, e.details)
             except Retry as e:
@@ -136,27 +143,36 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         prefill_nodes, decode_nodes = candidates
         if not prefill_nodes or not decode_nodes:
             return None
-        cached = await self._cached_tokens(prompt, cache_salt, prefill_nodes) if self.policy.uses_index else {}
+        hashes = self._block_hashes(prompt, cache_salt, prefill_nodes[0]) if self.policy.uses_index else []
+        cached = await self._cached_tokens(hashes, prefill_nodes) if self.policy.uses_index else {}
         prefill, reason = self.policy.pick_prefill(prefill_nodes, len(prompt), cached)
         metrics.route_decisions.labels(self.policy.name, reason).inc()
+        if hashes:
+            self.pending.add(hashes, prefill)
         return Route(prefill, self.policy.pick_decode(decode_nodes, len(prompt)),
                      (cached or {}).get(prefill, 0))
 
-    async def _cached_tokens(self, prompt: list[int], cache_salt: str,
-                             nodes: list[NodeClient]) -> dict[NodeClient, int] | None:
-        """Prefill node -> prompt tokens the index says it holds; None when there is no index
-        or Redis does not answer."""
-        if self.index is None or nodes[0].stats is None:
-            return None
-        block_size = nodes[0].stats.block_size
-        # a prompt's last token is always computed, so only blocks before it can be reused
+    def _block_hashes(self, prompt: list[int], cache_salt: str, node: NodeClient) -> list[bytes]:
+        """The hashes of the prompt's blocks a prefill node could reuse (not the one holding the
+        last token, which is always computed), at most MAX_LOOKUP_BLOCKS."""
+        if self.index is None or node.stats is None:
+            return []
+        block_size = node.stats.block_size
         leading = prompt[:min(len(prompt) - 1, MAX_LOOKUP_BLOCKS * block_size)]
-        hashes = block_hashes(leading, block_size, self.model_fingerprint, cache_salt or None)
-        runs = await self.index.lookup(hashes)
+        return block_hashes(leading, block_size, self.model_fingerprint, cache_salt or None)
+
+    async def _cached_tokens(self, hashes: list[bytes], nodes: list[NodeClient]) -> dict[NodeClient, int] | None:
+        """Prefill node -> prompt tokens it holds, or will once the requests this router sent
+        it are computed; None (route by load) without an answering index."""
+        runs = await self.index.lookup(hashes) if self.index is not None else None
         if runs is None:
             return None
-        by_id = self.pool.by_node_id()
-        return {by_id[i]: n * block_size for i, n in runs.items() if by_id.get(i) in nodes}
+        by_id, block_size = self.pool.by_node_id(), nodes[0].stats.block_size
+        cached = {by_id[i]: n for i, n in runs.items() if by_id.get(i) in nodes}
+        for node, n in self.pending.runs(hashes).items():
+            if node in nodes:
+                cached[node] = max(cached.get(node, 0), n)
+        return {node: n * block_size for node, n in cached.items()}
 
     async def _attempt(self, request_id: str, cache_salt: str, progress: Progress, route: Route):
         """Yields (token ids, finish reason or None) chunks; raises Retry on node trouble."""
@@ -212,6 +228,9 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         progress.last_at = now
         progress.sent += token_ids
         text = detok.push(token_ids, final=reason is not None) if detok else ""
+        if progress.stop is not None:
+            text, stopped = progress.stop.push(text, final=reason is not None)
+            reason = FinishReason.STOP if stopped else reason
         response = pb.GenerateResponse(request_id=request_id, token_ids=token_ids, text=text,
                                        finish_reason=FINISH_TO_PROTO[reason])
         if reason is not None:
@@ -247,10 +266,21 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             if len(prompt) >= max_model_len:
                 raise ValueError(f"prompt: {len(prompt)} tokens, the model takes at most "
                                  f"{max_model_len - 1} (max_model_len {max_model_len})")
+            validate_stop(list(request.stop))
+            if request.stop and self.tokenizer is None:
+                raise ValueError("stop: this model has no tokenizer to match text; use stop_token_ids")
         except ValueError as e:
             metrics.requests_total.labels("router", "invalid").inc()
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return Progress(prompt, params)
+        return Progress(prompt, params, StopStringMatcher(list(request.stop)) if request.stop else None)
+
+    async def GetInfo(self, request: pb.InfoRequest, context) -> pb.RouterInfo:
+        limits = self.pool.model_limits()
+        return pb.RouterInfo(model=self.model_name, max_model_len=limits[0] if limits else 0,
+                             vocab_size=self.vocab_size,
+                             num_prefill_nodes=len(self.pool.healthy("prefill")),
+                             num_decode_nodes=len(self.pool.healthy("decode")),
+                             has_tokenizer=self.tokenizer is not None)
 
     async def _prompt_token_ids(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")

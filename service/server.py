@@ -64,13 +64,7 @@ class Server:
 
     def write_ready_file(self, path: str | None, **info) -> None:
         """Tells a launcher (`pdserve up`, tests) the bound ports once the service is loaded."""
-        if not path:
-            return
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"pid": os.getpid(), "host": self.host, "port": self.port,
-                       "metrics_port": self.metrics_port, **info}, f)
-        os.replace(tmp, path)
+        write_ready(path, host=self.host, port=self.port, metrics_port=self.metrics_port, **info)
 
     async def wait_and_drain(self, active: Callable[[], int] = lambda: 0) -> None:
         """Returns after SIGTERM/SIGINT and a graceful stop: health turns NOT_SERVING (and
@@ -104,6 +98,16 @@ class Drainable:
 
     def num_active(self) -> int:
         return len(self.active)
+
+
+def write_ready(path: str | None, **info) -> None:
+    """Writes `info` and the pid as JSON to `path` atomically (nothing without a path)."""
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": os.getpid(), **info}, f)
+    os.replace(tmp, path)
 
 
 def service_name(servicer_module_name: str) -> str:

@@ -1,6 +1,7 @@
-"""`pdserve up` as a user runs it: SmolLM2-135M on two prefill and two decode nodes. Answers
-through the router equal the in-process engine's; `pdserve generate --router` gets a
-sensible answer; Ctrl-C stops every process."""
+"""`pdserve up` as a user runs it: SmolLM2-135M on two prefill and two decode nodes, a local
+redis-server and the HTTP gateway. Answers through the router equal the in-process engine's;
+`pdserve generate --router` and the printed curl line get sensible answers; Ctrl-C stops
+every process."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,8 @@ def free_port() -> int:
 def up():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--model", "smollm2-135m",
-                             "--num-prefill", "2", "--num-decode", "2", "--port", str(port), "--no-sample"],
+                             "--num-prefill", "2", "--num-decode", "2", "--port", str(port), "--http-port", "0",
+                             "--no-sample"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, deadline = [], time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -45,13 +48,13 @@ def up():
     output = "".join(lines)
     assert "pdserve is up" in output, output
     log_dir = Path(re.search(r"logs: (\S+)", output).group(1))
-    yield f"127.0.0.1:{port}", proc, log_dir
+    yield f"127.0.0.1:{port}", proc, log_dir, output
     if proc.poll() is None:
         proc.kill()
 
 
 def test_chats_through_the_cluster_equal_the_engine(up):
-    address, _, _ = up
+    address = up[0]
     engine = Engine(model="smollm2-135m")
     params = SamplingParams(temperature=0, max_tokens=24)
     expected = engine.chat([[{"role": "user", "content": c}] for c in CHATS], params)
@@ -61,7 +64,7 @@ def test_chats_through_the_cluster_equal_the_engine(up):
 
 
 def test_generate_command_gets_a_sensible_answer(up):
-    address, _, _ = up
+    address = up[0]
     result = subprocess.run([sys.executable, "-m", "pdserve.cli", "generate", "--router", address,
                              "What is the capital of France? Answer in one word."],
                             capture_output=True, text=True, timeout=120)
@@ -69,12 +72,23 @@ def test_generate_command_gets_a_sensible_answer(up):
     assert "Paris" in result.stdout
 
 
+def test_the_printed_curl_line_gets_an_answer(up):
+    output = up[3]
+    url, body = re.search(r"curl (\S+) -H 'Content-Type: application/json' -d '(.+)'", output).groups()
+    body = {**json.loads(body), "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    assert "Paris" in answer["choices"][0]["message"]["content"]
+
+
 def test_ctrl_c_stops_every_process(up):
-    _, proc, log_dir = up
+    _, proc, log_dir, _ = up
     pids = [json.loads(f.read_text())["pid"] for f in log_dir.glob("*.ready.json")]
-    assert len(pids) == 5  # router, two prefill, two decode
+    assert len(pids) == 6  # router, gateway, two prefill, two decode
+    assert (log_dir / "redis" / "redis.sock").exists()
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    assert not (log_dir / "redis" / "redis.sock").exists()  # redis-server stopped too

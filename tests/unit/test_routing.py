@@ -1,17 +1,50 @@
-"""Routing decisions (pure): leading runs from index replies, the prefix policy's cost, ties,
-and the Redis record format."""
+"""Routing decisions: the index lookup (its Lua script on a real redis-server), prefixes in
+flight, the prefix policy's cost, ties, and the Redis record format."""
 
+import asyncio
+import time
+
+import redis
+
+from pdserve.redis_local import LocalRedis
 from protos import pdserve_pb2 as pb
 from router.nodes import NodeClient
+from router.pending_prefixes import PendingPrefixes
 from router.policy import LeastLoaded, PrefixAware, RoundRobin
-from router.prefix_index import leading_runs
+from router.prefix_index import PrefixIndex
 from service.redis_keys import IndexKeys, NodeRecord
 
 
-def test_leading_runs_stop_at_the_first_gap():
-    members = [{b"a", b"b"}, {b"a", b"b"}, {b"b"}, {b"a", b"b"}, set(), {b"a"}]
-    assert leading_runs(members) == {"a": 2, "b": 4}
-    assert leading_runs([set(), {b"a"}]) == {} and leading_runs([]) == {}
+def test_lookup_returns_each_nodes_run_of_leading_blocks(tmp_path):
+    holders = [{"a", "b"}, {"a", "b"}, {"b"}, {"a", "b"}, set(), {"a"}]
+    hashes = [bytes([i]) * 16 for i in range(len(holders))]
+    keys = IndexKeys("fp")
+    with LocalRedis(str(tmp_path)) as server:
+        raw = redis.Redis.from_url(server.url)
+        for h, nodes in zip(hashes, holders):
+            for node in nodes:
+                raw.sadd(keys.block(h), node)
+
+        async def lookups():
+            index = PrefixIndex(server.url, "fp")
+            try:
+                return [await index.lookup(hs) for hs in (hashes, hashes[4:], hashes[:1], [])]
+            finally:
+                await index.close()
+
+        assert asyncio.run(lookups()) == [{"a": 2, "b": 4}, {}, {"a": 1, "b": 1}, {}]
+    assert asyncio.run(lookups()) == [None] * 3 + [None]  # Redis gone: None, never an error
+
+
+def test_pending_prefixes_count_blocks_sent_until_they_expire():
+    pending = PendingPrefixes(ttl_s=0.2)
+    a, b = object(), object()
+    pending.add([b"1", b"2", b"3"], a)
+    pending.add([b"1", b"9"], b)
+    assert pending.runs([b"1", b"2", b"3", b"4"]) == {a: 3, b: 1}
+    assert pending.runs([b"2"]) == {a: 1} and pending.runs([b"7", b"1"]) == {}
+    time.sleep(0.25)
+    assert pending.runs([b"1", b"2"]) == {}
 
 
 def node(name: str, queued: int = 0, inflight_tokens: int = 0) -> NodeClient:

@@ -1,0 +1,194 @@
+"""The OpenAI API through real processes (gateway, router, one prefill and one decode node
+serving SmolLM2-135M), called with the official `openai` client. Oracle: the in-process
+Engine's greedy text on the same prompts."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+from pdserve.cluster import Cluster
+
+from .serving import all_blocks_free, wait_for
+
+MODEL, KEY = "smollm2-135m", "test-key"
+DECODE_BLOCKS = 48  # room for two 260-token prompts (17 blocks each) and their output, not three
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with Cluster(MODEL, 1, 1, gateway_port=0, gateway_args=["--api-key", KEY],
+                 decode_args=["--num-kv-blocks", str(DECODE_BLOCKS)]) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.gateway_url, api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(model=MODEL)
+
+
+def greedy(max_tokens):
+    return SamplingParams(temperature=0, max_tokens=max_tokens)
+
+
+def test_completions_streaming_or_not_equal_the_engine(client, engine):
+    prompt = "The three most useful things to pack for a hike are"
+    [want] = engine.generate([prompt], greedy(20))
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert done.choices[0].text == want.text
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert done.choices[0].finish_reason == "length" == [c for c in chunks if c.choices][-1].choices[0].finish_reason
+    assert done.usage.prompt_tokens == len(engine.tokenizer.encode(prompt)) and done.usage.completion_tokens == 20
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+def test_chat_streaming_or_not_equal_the_engine(client, engine):
+    messages = [{"role": "user", "content": "Name three primary colors."}]
+    [want] = engine.chat([messages], greedy(24))
+    done = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24,
+                                                 temperature=0, stream=True))
+    assert done.choices[0].message.content == want.text and done.choices[0].message.role == "assistant"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+
+
+def test_stop_strings_cut_the_text_exactly(client, engine):
+    prompt = "Here is a list of fruits: apples, bananas,"
+    [full] = engine.generate([prompt], greedy(32))
+    stop = full.text.split()[2]  # a word from the middle of the answer
+    expected = full.text[:full.text.index(stop)]
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0, stop=[stop])
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0,
+                                              stop=stop, stream=True))
+    assert done.choices[0].text == expected and done.choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].text for c in streamed) == expected
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_repeated_prefix_is_served_from_the_cache(client):
+    system = "You are a careful assistant. " * 20  # well over a few KV blocks
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Say hi."}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens > 100
+    assert second.usage.prompt_tokens_details.cached_tokens >= 96
+
+
+def test_errors_come_as_the_matching_openai_exceptions(cluster, client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL, prompt="x", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.completions.create(model=MODEL, prompt="x", n=2)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        client.completions.create(model="nope", prompt="x")
+    wrong = openai.OpenAI(base_url=cluster.gateway_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        wrong.completions.create(model=MODEL, prompt="x")
+    assert httpx.get(f"{cluster.gateway_url}/models").status_code == 401  # /v1/* needs the key
+    assert httpx.get(cluster.gateway_url.removesuffix("/v1") + "/health").status_code == 200
+
+
+def test_a_full_cluster_answers_429(cluster, client):
+    """Two streams hold the decode node's blocks; a third prompt does not fit."""
+    holding, started = [], threading.Barrier(3)
+
+    def hold(seed):
+        stream = client.completions.create(model=MODEL, prompt=[100 + seed] * 260, max_tokens=60,
+                                           temperature=0, stream=True)
+        chunks = iter(stream)
+        holding.append(next(chunks))
+        started.wait()
+        holding.extend(chunks)
+
+    threads = [threading.Thread(target=hold, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=120)
+    with pytest.raises(openai.RateLimitError, match="full"):
+        client.completions.create(model=MODEL, prompt=[300] * 260, max_tokens=1)
+    for t in threads:
+        t.join(120)
+    assert len(holding) >= 2 * 60
+
+
+def test_no_router_answers_503(tmp_path):
+    ready = tmp_path / "gateway.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "gateway", "--port", "0",
+                             "--router", "127.0.0.1:1", "--served-model-name", MODEL,
+                             "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(ready.exists, timeout=60)
+        port = json.loads(ready.read_text())["port"]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as failure:
+            client.completions.create(model=MODEL, prompt="x")
+        assert failure.value.status_code == 503
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 503
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_models_and_metrics(cluster, client):
+    [model] = client.models.list().data
+    assert model.id == MODEL and model.model_extra["max_model_len"] == DECODE_BLOCKS * 16
+    metrics = httpx.get(cluster.gateway_url.removesuffix("/v1") + "/metrics").text
+    assert 'pdserve_http_requests_total{path="/v1/completions",status="200"}' in metrics
+
+
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+          "stop", "n", "stream", "stop_token_ids", "ignore_eos", "user", "stream_options", "logprobs",
+          "max_completion_tokens", "an_unknown_field"]
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**80, 2**80), st.floats(), st.text(max_size=12),
+                 st.lists(st.integers(-5, 2**40), max_size=4), st.lists(st.text(max_size=3), max_size=3),
+                 st.dictionaries(st.text(max_size=4), st.integers(), max_size=2), st.just([]))
+BODIES = st.one_of(
+    st.dictionaries(st.sampled_from(FIELDS), JUNK, min_size=1, max_size=4).map(
+        lambda bad: json.dumps({"model": MODEL, "prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}],
+                                "max_tokens": 1, **bad}).encode()),
+    st.binary(max_size=64), st.just(b"[" * 5000), st.just(b'{"model": "' + MODEL.encode() + b'", "messages": []}'))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=BODIES, chat=st.booleans())
+def test_malformed_requests_never_get_a_5xx(cluster, body, chat):
+    url = f"{cluster.gateway_url}/{'chat/completions' if chat else 'completions'}"
+    try:  # a valid body that asks for many tokens may run long: the client gives up (and cancels)
+        reply = httpx.post(url, content=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=3)
+    except httpx.TimeoutException:
+        return
+    assert reply.status_code < 500, reply.text
+    if reply.status_code >= 400:
+        error = reply.json()["error"]
+        assert error["message"] and error["type"]
+
+
+def test_the_gateway_stays_up_and_a_client_that_leaves_frees_its_blocks(cluster, client):
+    with httpx.stream("POST", f"{cluster.gateway_url}/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 500,
+                            "stream": True}, timeout=60) as reply:
+        lines = reply.iter_lines()
+        assert next(lines).startswith("data: ")
+    # the client hung up after one chunk: the gateway cancels, both nodes free the blocks
+    assert wait_for(lambda: all_blocks_free(cluster), timeout=30)
+    time.sleep(0.5)
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2

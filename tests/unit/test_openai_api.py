@@ -1,0 +1,93 @@
+"""Stop strings across chunk edges, and the OpenAI request checks (pure functions)."""
+
+import random
+
+import pytest
+
+from protos import pdserve_pb2 as pb
+from router.openai_api import APIError, parse_request
+from router.stop_strings import StopStringMatcher
+
+
+def stream_through(matcher: StopStringMatcher, pieces: list[str]) -> tuple[str, bool]:
+    out = []
+    for i, piece in enumerate(pieces):
+        text, stopped = matcher.push(piece, final=i == len(pieces) - 1)
+        out.append(text)
+        if stopped:
+            return "".join(out), True
+    return "".join(out), False
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_stop_strings_cut_exactly_however_the_text_is_split(seed):
+    rng = random.Random(seed)
+    text = "".join(rng.choice("ab c\n") for _ in range(rng.randrange(0, 40)))
+    stops = ["".join(rng.choice("ab c\n") for _ in range(rng.randrange(1, 4))) for _ in range(rng.randrange(1, 3))]
+    cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randrange(1, 6))))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    expected = (text[:min(hits)], True) if hits else (text, False)  # oracle: the whole text at once
+    assert stream_through(StopStringMatcher(stops), pieces) == expected
+
+
+def test_text_that_cannot_start_a_stop_string_is_not_held():
+    matcher = StopStringMatcher(["END"])
+    assert matcher.push("hello E") == ("hello ", False)  # "E" might begin "END"
+    assert matcher.push("X") == ("EX", False)
+    assert matcher.push("EN") == ("", False)
+    assert matcher.push("D!") == ("", True)
+
+
+BASE = {"model": "m", "prompt": "hi", "max_tokens": 3}
+
+
+def parse(chat=False, **fields):
+    body = {**BASE, **fields}
+    if chat:
+        body.pop("prompt")
+        body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return parse_request({k: v for k, v in body.items() if v is not ...}, chat, "m")
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"temperature": "hot"}, "temperature"), ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10**30}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"), ({"n": 2}, "n"), ({"seed": 2**70}, "seed"),
+    ({"stop": 5}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"prompt": ...}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [1, -2]}, "prompt"), ({"logprobs": 2}, "logprobs"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ({"model": ...}, "model"), ({"presence_penalty": 0.5}, "presence_penalty"),
+])
+def test_bad_fields_are_400_naming_the_field(fields, param):
+    with pytest.raises(APIError) as error:
+        parse(**fields)
+    assert error.value.status == 400 and error.value.param == param and param in error.value.message
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([], "messages"), ("hi", "messages"), ([{"content": "x"}], "messages[0]"),
+    ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content"),
+])
+def test_bad_messages_are_400(messages, param):
+    with pytest.raises(APIError) as error:
+        parse(chat=True, messages=messages)
+    assert error.value.status == 400 and error.value.param == param
+
+
+def test_unknown_model_is_404_and_good_requests_map_to_the_router_api():
+    with pytest.raises(APIError) as error:
+        parse(model="other")
+    assert error.value.status == 404 and error.value.code == "model_not_found"
+    parsed = parse(prompt=[5, 6], temperature=0, top_k=3, seed=7, stop="x", ignore_eos=True, user="u",
+                   unknown_field=1, stream=True, stream_options={"include_usage": True})
+    g = parsed.generate
+    assert list(g.token_ids.ids) == [5, 6] and list(g.stop) == ["x"] and parsed.include_usage
+    assert (g.sampling.temperature, g.sampling.top_k, g.sampling.seed, g.sampling.max_tokens) == (0, 3, 7, 3)
+    assert not g.sampling.HasField("top_p") and g.sampling.ignore_eos
+    chat = parse(chat=True, messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                   {"type": "text", "text": "b"}]}],
+                 max_tokens=..., max_completion_tokens=9)
+    assert chat.generate.messages.messages[0].content == "ab" and chat.generate.sampling.max_tokens == 9
+    assert parse(chat=True, max_tokens=...).generate.sampling.max_tokens == 0  # chat: until the end
+    assert isinstance(chat.generate, pb.GenerateRequest)
