@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/disagg.py
 	$(BIN)/python benchmarks/prefix_routing.py
+	$(BIN)/python benchmarks/gateway.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -3,10 +3,12 @@ serving SmolLM2-135M), called with the official `openai` client. Oracle: the in-
 Engine's greedy text on the same prompts."""
 
 import json
+import re
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -192,3 +194,35 @@ def test_the_gateway_stays_up_and_a_client_that_leaves_frees_its_blocks(cluster,
     assert wait_for(lambda: all_blocks_free(cluster), timeout=30)
     time.sleep(0.5)
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_the_readme_examples_work(cluster):
+    """The README's curl line and openai snippet, pointed at this cluster's gateway (and key)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    url, body = re.search(r"curl (http://\S+/v1/chat/completions) .*?-d '(.+?)'", readme, re.S).groups()
+    url = url.replace("http://127.0.0.1:8000/v1", cluster.gateway_url)
+    reply = httpx.post(url, content=body, headers={"Content-Type": "application/json",
+                                                   "Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+    snippet = re.search(r"```python\n(from openai import OpenAI\n.+?)```", readme, re.S).group(1)
+    snippet = snippet.replace("http://127.0.0.1:8000/v1", cluster.gateway_url).replace('"none"', repr(KEY))
+    printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    assert any(color in printed.stdout.lower() for color in ("red", "blue", "yellow"))
+
+
+def test_an_error_mid_stream_is_an_error_chunk_then_done():
+    """The only decode node dies mid-stream: nowhere to resume, so the stream ends in an error."""
+    with Cluster("dummy:tiny", 1, 1, gateway_port=0) as tiny:
+        client = openai.OpenAI(base_url=tiny.gateway_url, api_key="none", max_retries=0)
+        stream = client.completions.create(model="dummy:tiny", prompt=[5, 6, 7], max_tokens=1500,
+                                           stream=True, extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        next(chunks)
+        tiny.decode[0].popen.kill()
+        with pytest.raises(openai.APIError, match="UNAVAILABLE|decode"):
+            for _ in chunks:
+                pass
+        with httpx.stream("POST", f"{tiny.gateway_url}/completions", json={
+                "model": "dummy:tiny", "prompt": [5], "max_tokens": 2, "stream": True}) as reply:
+            assert reply.status_code == 503  # and with no node left, the error comes before the stream
