@@ -73,7 +73,6 @@ class NodeRegistration:
         self._snapshot_seq = 0
         self.synced = False  # the index holds exactly this node's cache (as of the last batch)
         self.up: bool | None = None  # Redis reachable at the last try (None: not tried yet)
-        self.num_published = 0  # block hashes stored + evicted since start, for tests and logs
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -163,7 +162,6 @@ class NodeRegistration:
                     if evicted:
                         pipe.srem(self.keys.node_blocks(node_id), *(h.hex() for h in evicted))
                     await pipe.execute()
-                self.num_published += len(stored) + len(evicted)
             except REDIS_ERRORS as e:
                 self._set_up(False, e)
 
