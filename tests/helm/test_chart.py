@@ -1,0 +1,153 @@
+"""The Helm chart with the real helm binary: lint, render, validate every manifest against the
+Kubernetes schemas (kubernetes-validate, strict), check that the parts agree, that bad values
+are refused, and that every PDSERVE_* variable it sets is one `pdserve <role>` reads."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[2]
+CHART = ROOT / "helm" / "pdserve"
+VALUES = [None, *sorted(str(p) for p in (CHART / "ci").glob("*-values.yaml"))]
+K8S_VERSION = "1.33.0"
+
+
+def helm() -> str:
+    found = shutil.which("helm") or str(Path(sys.executable).parent / "helm")
+    assert Path(found).exists(), "helm not found: `make test` installs it (scripts/get_helm.sh)"
+    return found
+
+
+def run_helm(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([helm(), *args], capture_output=True, text=True, timeout=120)
+
+
+def render(values: str | None = None, *sets: str) -> list[dict]:
+    args = ["template", "rel", str(CHART), *(["-f", values] if values else [])]
+    for s in sets:
+        args += ["--set", s]
+    result = run_helm(*args)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def by_kind(docs, kind) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def container(deployment) -> dict:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(deployment) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(deployment)["env"]}
+
+
+@pytest.mark.parametrize("values", VALUES, ids=lambda v: Path(v).name if v else "defaults")
+def test_lint_strict_and_every_manifest_validates(values):
+    result = run_helm("lint", "--strict", str(CHART), *(["-f", values] if values else []))
+    assert result.returncode == 0, result.stdout + result.stderr
+    docs = render(values)
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com"):  # a CRD: no upstream schema
+            assert doc["kind"] == "ServiceMonitor" and doc["spec"]["endpoints"]
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    names = [f"{d['kind']}/{d['metadata']['name']}" for d in docs]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("values", VALUES, ids=lambda v: Path(v).name if v else "defaults")
+def test_ports_probes_and_redis_agree(values):
+    docs = render(values)
+    deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
+    for name, service in services.items():  # each Service port names a port of its pods
+        pods = [d for d in deployments.values() if d["spec"]["selector"]["matchLabels"].items()
+                <= service["spec"]["selector"].items()]
+        assert len(pods) == 1, name
+        ports = {p["name"]: p["containerPort"] for p in container(pods[0])["ports"]}
+        for p in service["spec"]["ports"]:
+            assert ports.get(p["targetPort"]) == p["port"], (name, p)
+    config = next(iter(by_kind(docs, "ConfigMap").values()))["data"]
+    redis_url = config["PDSERVE_REDIS_URL"]
+    if "rel-pdserve-redis" in services:
+        assert redis_url == f"redis://rel-pdserve-redis:{services['rel-pdserve-redis']['spec']['ports'][0]['port']}/0"
+    else:
+        assert redis_url.startswith("redis://") and "rel-pdserve-redis" not in deployments
+    for name, deployment in deployments.items():
+        c = container(deployment)
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        for probe in (c.get("readinessProbe"), c.get("startupProbe"), c.get("livenessProbe")):
+            if probe and "grpc" in probe:
+                assert probe["grpc"]["port"] == ports["grpc"]
+            if probe and "httpGet" in probe:
+                assert probe["httpGet"]["path"] == "/health" and probe["httpGet"]["port"] == "http"
+        if name.endswith(("router", "prefill", "decode")):  # they all find each other through Redis
+            assert env(deployment)["PDSERVE_REDIS_URL"]["configMapKeyRef"]["key"] == "PDSERVE_REDIS_URL"
+            assert env(deployment)["PDSERVE_PORT"] == str(ports["grpc"])
+    gateway = deployments.get("rel-pdserve-gateway")
+    if gateway:
+        router_port = services["rel-pdserve-router"]["spec"]["ports"][0]["port"]
+        assert env(gateway)["PDSERVE_ROUTER"] == f"rel-pdserve-router:{router_port}"
+
+
+def test_gpus_are_requested_only_when_asked():
+    def gpus(docs):
+        return {n: container(d)["resources"].get("limits", {}).get("nvidia.com/gpu")
+                for n, d in by_kind(docs, "Deployment").items()}
+
+    assert set(gpus(render()).values()) == {None}
+    on_gpu = gpus(render(str(CHART / "ci" / "gpu-values.yaml")))
+    assert on_gpu.pop("rel-pdserve-prefill") == 1 and on_gpu.pop("rel-pdserve-decode") == 1
+    assert set(on_gpu.values()) == {None}
+    assert env(by_kind(render(None, "decode.gpu=true"), "Deployment")["rel-pdserve-decode"])["PDSERVE_DEVICE"] == "cuda"
+
+
+def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
+    for name, d in by_kind(render(), "Deployment").items():
+        spec = d["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"], name
+        assert container(d)["securityContext"]["readOnlyRootFilesystem"], name
+        assert container(d)["securityContext"]["allowPrivilegeEscalation"] is False, name
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("prefill.replicas=-1", "/prefill/replicas"), ("decode.replicas=-3", "/decode/replicas"),
+    ("kvConnector=rdma", "/kvConnector"), ("model.name=", "/model/name"),
+    ("redis.enabled=false", "/redis/externalUrl"), ("routingPolicy=random", "/routingPolicy"),
+    ("router.port=70000", "/router/port"), ("prefill.extraEnv.FOO=1", "'FOO' does not match"),
+])
+def test_bad_values_are_refused_by_the_schema(setting, message):
+    result = run_helm("template", "rel", str(CHART), "--set", setting)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_every_variable_the_chart_sets_is_one_pdserve_reads():
+    docs = render(str(CHART / "ci" / "external-redis-values.yaml"), "prefill.extraEnv.PDSERVE_MAX_NUM_BATCHED_TOKENS=4096")
+    for name, deployment in by_kind(docs, "Deployment").items():
+        c = container(deployment)
+        if c["image"].startswith("redis"):
+            continue
+        role = c["args"][0]
+        help_text = subprocess.run([sys.executable, "-m", "pdserve.cli", role, "--help"], capture_output=True,
+                                   text=True, timeout=60, cwd=ROOT).stdout
+        help_text = " ".join(help_text.split())  # argparse wraps lines
+        flags = [c["args"][i] for i in range(1, len(c["args"])) if c["args"][i].startswith("--")]
+        for variable in [e["name"] for e in c["env"] if e["name"].startswith("PDSERVE_")]:
+            assert f"env {variable};" in help_text, f"{name}: pdserve {role} does not read {variable}"
+        for flag in flags:
+            assert flag in help_text, f"{name}: pdserve {role} has no {flag}"
+
+
+def test_the_image_runs_as_the_user_the_chart_expects():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert f"USER {values['podSecurityContext']['runAsUser']}" in dockerfile
+    assert 'ENTRYPOINT ["pdserve"]' in dockerfile
+    for package in ("engine", "router", "service", "protos", "pdserve", "kv_transfer"):
+        assert f"COPY {package} {package}" in dockerfile  # every package the image needs
