@@ -4,8 +4,10 @@
      and one decode node, real processes on loopback; the client is one asyncio thread on one
      channel) against the in-process Engine. TTFT, mean inter-token latency (ITL), output
      tokens/s, and the overhead per output token = mean per-request (latency - first-token
-     latency) / (tokens - 1), disaggregated minus in-process. Also the CPU time each process
-     spent per output token (from /proc), which says where the overhead goes.
+     latency) / (tokens - 1), disaggregated minus in-process, taken in each round (the two
+     sides back to back) and reported as the median over rounds: this machine's speed drifts
+     by tens of percent between minutes. Also the CPU time each process spent per output token
+     (from /proc), which says where the overhead goes.
   2. KV transfer: the TCP connector (frames, CRC32C on both sides, writes into the cache)
      against a plain socket sending the same bytes in the same layer-sized chunks.
 
@@ -124,15 +126,22 @@ def end_to_end(model: str, max_tokens: int, repeat: int) -> list[dict]:
         for concurrency in (1, 16):
             prompts = make_prompts(concurrency, vocab, seed=concurrency)
             run_cluster(cluster.router_address, prompts[:1], SamplingParams(max_tokens=4))  # warm up
-            best_e = best_c = None
-            for _ in range(repeat):  # alternate sides, keep the best of each
-                e = run_engine(engine, prompts, params)
-                c = run_cluster_measured(cluster, prompts, params)
-                best_e = e if best_e is None or e["tok_s"] > best_e["tok_s"] else best_e
-                best_c = c if best_c is None or c["tok_s"] > best_c["tok_s"] else best_c
-            rows.append({"concurrency": concurrency, "engine": best_e, "disagg": best_c,
-                         "overhead_ms_per_token": best_c["itl_ms"] - best_e["itl_ms"]})
+            engine_runs, cluster_runs = [], []
+            for _ in range(repeat):  # alternate sides; the machine's speed drifts between rounds
+                engine_runs.append(run_engine(engine, prompts, params))
+                cluster_runs.append(run_cluster_measured(cluster, prompts, params))
+            # the overhead of each round, engine and cluster measured back to back, then the median
+            overheads = sorted(c["itl_ms"] - e["itl_ms"] for e, c in zip(engine_runs, cluster_runs))
+            rows.append({"concurrency": concurrency, "engine": _median_run(engine_runs),
+                         "disagg": _median_run(cluster_runs),
+                         "overhead_ms_per_token": statistics.median(overheads),
+                         "overhead_ms_per_round": overheads})
     return rows
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median throughput."""
+    return sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
 
 
 def kv_transfer(num_tokens: int, num_layers: int, kv_heads: int, head_dim: int, repeat: int) -> dict:
@@ -198,7 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--kv-tokens", type=int, default=2048)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -213,7 +222,9 @@ def main() -> None:
         for side in ("engine", "disagg"):
             r = row[side]
             print(f"{row['concurrency']:>4} | {side:<8} | {r['ttft_ms']:8.1f} | {r['itl_ms']:7.2f} | {r['tok_s']:7.1f}")
-        print(f"{'':>4} | overhead per output token (ITL disagg - engine): {row['overhead_ms_per_token']:+.2f} ms")
+        rounds = ", ".join(f"{x:+.1f}" for x in row["overhead_ms_per_round"])
+        print(f"{'':>4} | overhead per output token (ITL disagg - engine), median of rounds: "
+              f"{row['overhead_ms_per_token']:+.2f} ms  (rounds: {rounds})")
         cpu = row["engine"]["cpu_ms_per_token"] | row["disagg"]["cpu_ms_per_token"]
         print(f"{'':>4} | CPU ms per output token: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
     print(f"\nKV transfer of {kv['bytes'] / 1e6:.0f} MB ({args.kv_tokens} tokens x {mc.num_layers} layers, fp32): "

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -47,10 +48,17 @@ def up():
             break
     output = "".join(lines)
     assert "pdserve is up" in output, output
+    # keep reading what it prints, so that a full pipe can never block it
+    threading.Thread(target=lambda: [lines.append(line) for line in proc.stdout], daemon=True).start()
     log_dir = Path(re.search(r"logs: (\S+)", output).group(1))
     yield f"127.0.0.1:{port}", proc, log_dir, output
     if proc.poll() is None:
         proc.kill()
+    for ready in log_dir.glob("*.ready.json"):  # never leave a node behind, whatever failed
+        try:
+            os.kill(json.loads(ready.read_text())["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_chats_through_the_cluster_equal_the_engine(up):
@@ -87,7 +95,7 @@ def test_ctrl_c_stops_every_process(up):
     assert len(pids) == 6  # router, gateway, two prefill, two decode
     assert (log_dir / "redis" / "redis.sock").exists()
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 0
+    assert proc.wait(120) == 0
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
