@@ -145,6 +145,9 @@ def run_up(args) -> int:
                       gateway_port=None if args.http_port < 0 else args.http_port,
                       gateway_args=gateway_args)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    # Ctrl-C stops the cluster even when this process was started with SIGINT ignored (an
+    # ignored signal stays ignored across exec, and Python then installs no handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cluster.start(progress=lambda m: print(f"pdserve: {m}", file=sys.stderr))
         address = cluster.router_address

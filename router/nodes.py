@@ -73,6 +73,7 @@ class NodePool:
         self.index, self.model_fingerprint = index, model_fingerprint
         self.heartbeat_grace_s = heartbeat_grace_s
         self._task: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()  # channels of dropped nodes, closed once idle
         self.changed = asyncio.Event()
 
     def healthy(self, role: str) -> list[NodeClient]:
@@ -137,7 +138,9 @@ class NodePool:
                 log.warning("%s node %s at %s left the registry; no longer routed to",
                             node.role, node.node_id, node.address)
                 self.nodes.remove(node)
-                asyncio.get_running_loop().create_task(_close_when_idle(node))
+                task = asyncio.get_running_loop().create_task(_close_when_idle(node))
+                self._closing.add(task)  # a task nobody references may be collected mid-way
+                task.add_done_callback(self._closing.discard)
 
     async def _poll(self, node: NodeClient) -> None:
         """Healthy = health SERVING and stats answered, both within a second."""
