@@ -49,6 +49,8 @@ class LeastLoaded(RoundRobin):
     def _least(self, nodes: list[NodeClient], key) -> NodeClient:
         best = min(key(n) for n in nodes)
         ties = [n for n in nodes if key(n) == best]
+        if len(ties) == 1:  # the turn moves on ties only, so new prefixes alternate strictly
+            return ties[0]
         return ties[next(self._turn["prefill" if nodes[0].role == "prefill" else "decode"]) % len(ties)]
 
 

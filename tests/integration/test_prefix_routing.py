@@ -110,8 +110,8 @@ def shared_prefix_workload(seed: int, num_tenants: int = 8, per_tenant: int = 4,
 def cached_token_ratio(policy: str, requests, prefix_len: int = 512) -> float:
     """Cached prompt tokens over the achievable ones (every request of a tenant after its
     first could reuse the whole system prompt)."""
-    # each prefill node's cache holds the prefixes of 5 tenants, not of all 8
-    with Cluster(MODEL, 2, 1, redis="local", prefill_args=["--num-kv-blocks", "200"],
+    # each prefill node's cache holds the prefixes of 6 tenants, not of all 8
+    with Cluster(MODEL, 2, 1, redis="local", prefill_args=["--num-kv-blocks", "230"],
                  router_args=["--policy", policy]) as cluster:
         seen, cached, achievable = set(), 0, 0
         for tenant, prompt in requests:
@@ -128,7 +128,7 @@ def test_prefix_routing_keeps_tenants_where_their_prefix_is_cached():
     round_robin = cached_token_ratio("round_robin", requests)
     print(f"cached-token ratio: prefix {prefix:.2f}, round_robin {round_robin:.2f}")
     assert prefix >= 0.85
-    assert round_robin <= prefix - 0.25
+    assert round_robin <= prefix - 0.2
 
 
 def test_redis_killed_mid_workload_loses_no_request(redis_server):
