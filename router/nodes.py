@@ -35,7 +35,10 @@ class NodeClient:
     healthy: bool = False
     stats: pb.NodeStats | None = None
     num_inflight: int = 0  # this router's requests on the node
-    num_inflight_tokens: int = 0  # their uncached prompt tokens (prefill load not yet in stats)
+    num_inflight_tokens: int = 0  # their uncached prompt tokens: this router's load there, exact
+    num_sent_prompt_tokens: int = 0  # prompt tokens this router sent for prefill, ever
+    num_done_prompt_tokens: int = 0  # ... and of those, the ones whose prefill has returned
+    num_other_queued_tokens: int = 0  # queued prefill work that is not this router's
     static: bool = True  # from a flag: kept whatever the registry says
     node_id: str | None = None  # its id in the Redis registry and prefix index
     expires_at: float | None = None  # monotonic end of its heartbeat (None: not known)
@@ -50,6 +53,15 @@ class NodeClient:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         return cls(role, address, channel)
+
+    def update_stats(self, stats: pb.NodeStats, num_done_before: int) -> None:
+        """Takes a stats reply. Its queue counts this router's requests too, but is stale by the
+        time it arrives; only the rest (other routers' work) is kept. Ours at the node's moment
+        were at most the prompt tokens sent by now and not done before the call (a queued
+        request counts whole until its cache hit is found), so the rest errs low."""
+        ours = self.num_sent_prompt_tokens - num_done_before
+        self.num_other_queued_tokens = max(0, stats.num_queued_prefill_tokens - ours)
+        self.stats = stats
 
     @property
     def stub(self):
@@ -149,11 +161,12 @@ class NodePool:
             reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             if reply.status != health_pb2.HealthCheckResponse.SERVING:
                 return node.mark_down("health is NOT_SERVING")
+            num_done_before = node.num_done_prompt_tokens
             stats = await node.stub.GetStats(pb.StatsRequest(), timeout=1.0)
             if self.model_fingerprint and stats.model_fingerprint != self.model_fingerprint:
                 return node.mark_down(f"it serves model {stats.model_fingerprint}, this router "
                                       f"{self.model_fingerprint}")
-            node.stats = stats
+            node.update_stats(stats, num_done_before)
             if not node.healthy:
                 log.info("%s node %s is serving", node.role, node.address)
             node.healthy = True

@@ -1,8 +1,8 @@
 """Routing policies: which prefill node and which decode node serve a request (torch-free).
 
 - `round_robin` cycles through the healthy nodes.
-- `load` picks the prefill node with the least prompt work queued (its reported queue plus
-  the uncached tokens this router sent it since) and the decode node with the fewest requests
+- `load` picks the prefill node with the least prompt work queued (the uncached tokens this
+  router has in flight there plus the queue other routers put there, from its stats) and the decode node with the fewest requests
   (running, reserved, and in flight from this router) that has room.
 - `prefix` (the default) picks the prefill node of least estimated work,
   `cost(P) = queued_prefill_tokens(P) + prompt_tokens - cached_prefix_tokens(P)`, where the
@@ -73,8 +73,7 @@ class PrefixAware(LeastLoaded):
 
 
 def _prefill_load(node: NodeClient) -> tuple[int, int]:
-    queued = node.stats.num_queued_prefill_tokens if node.stats else 0
-    return (queued + node.num_inflight_tokens, node.num_inflight)
+    return (node.num_other_queued_tokens + node.num_inflight_tokens, node.num_inflight)
 
 
 def _decode_load(node: NodeClient) -> tuple[int, int]:

@@ -189,7 +189,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 raise Retry(f"decode node {decode.address} sent no ticket", {decode})
             response = await self._prefill(prefill, pb.PrefillRequest(
                 request_id=attempt_id, prompt_token_ids=prompt, sampling=params,
-                cache_salt=cache_salt, ticket=first.ticket), len(prompt) - route.num_cached_tokens)
+                cache_salt=cache_salt, ticket=first.ticket), route.num_cached_tokens)
             progress.prefill = progress.prefill or response
             metrics.routed_cached_tokens.inc(response.num_cached_tokens)
             reason = FINISH_FROM_PROTO[response.finish_reason]
@@ -206,9 +206,12 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             decode_call.cancel()  # a no-op once it finished; frees the blocks otherwise
             decode.num_inflight -= 1
 
-    async def _prefill(self, node: NodeClient, message: pb.PrefillRequest, num_tokens: int):
+    async def _prefill(self, node: NodeClient, message: pb.PrefillRequest, num_cached_tokens: int):
+        num_prompt_tokens = len(message.prompt_token_ids)
+        num_tokens = num_prompt_tokens - num_cached_tokens  # the work it adds to the node
         node.num_inflight += 1
         node.num_inflight_tokens += num_tokens
+        node.num_sent_prompt_tokens += num_prompt_tokens
         try:
             return await node.stub.Prefill(message)
         except grpc.aio.AioRpcError as e:
@@ -216,6 +219,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         finally:
             node.num_inflight -= 1
             node.num_inflight_tokens -= num_tokens
+            node.num_done_prompt_tokens += num_prompt_tokens
 
     def _response(self, request_id, progress: Progress, detok, token_ids, reason) -> pb.GenerateResponse:
         now = time.monotonic()

@@ -47,10 +47,9 @@ def test_pending_prefixes_count_blocks_sent_until_they_expire():
     assert pending.runs([b"1", b"2"]) == {}
 
 
-def node(name: str, queued: int = 0, inflight_tokens: int = 0) -> NodeClient:
+def node(name: str, queued: int = 0) -> NodeClient:
     n = NodeClient("prefill", name, channel=None, healthy=True)
-    n.stats = pb.NodeStats(role="prefill", num_queued_prefill_tokens=queued, block_size=16)
-    n.num_inflight_tokens = inflight_tokens
+    n.update_stats(pb.NodeStats(role="prefill", num_queued_prefill_tokens=queued, block_size=16), 0)
     return n
 
 
@@ -58,11 +57,24 @@ def test_prefix_policy_weighs_cached_tokens_against_queued_work():
     policy = PrefixAware()
     a, b = node("a"), node("b")
     assert policy.pick_prefill([a, b], 600, {b: 512}) == (b, "prefix_hit")
-    b.stats.num_queued_prefill_tokens = 400  # b's queue still costs less than its 512 cached
-    assert policy.pick_prefill([a, b], 600, {b: 512}) == (b, "prefix_hit")
+    b.update_stats(pb.NodeStats(num_queued_prefill_tokens=400, block_size=16), 0)
+    assert policy.pick_prefill([a, b], 600, {b: 512}) == (b, "prefix_hit")  # 400 < 512 cached
     b.num_inflight_tokens = 200  # 600 tokens of work queued on b: a is cheaper now
     assert policy.pick_prefill([a, b], 600, {b: 512}) == (a, "least_load_over_prefix")
     assert policy.pick_prefill([a, b], 600, None)[1] == "index_unavailable"
+
+
+def test_stale_stats_never_count_this_routers_own_work_twice():
+    a = node("a")
+    # one request of ours in flight: 528 prompt tokens, 512 of them cached; the node reports
+    # it queued whole (its cache hit is not found yet), next to 100 tokens of another router
+    a.num_sent_prompt_tokens, a.num_inflight_tokens = 528, 16
+    a.update_stats(pb.NodeStats(num_queued_prefill_tokens=528 + 100), num_done_before=0)
+    assert a.num_other_queued_tokens == 100
+    a.num_done_prompt_tokens, a.num_inflight_tokens = 528, 0  # returned while the reply travelled
+    a.update_stats(pb.NodeStats(num_queued_prefill_tokens=528), num_done_before=0)
+    assert a.num_other_queued_tokens == 0
+    assert PrefixAware().pick_prefill([node("b"), a], 600, {a: 512}) == (a, "prefix_hit")
 
 
 def test_ties_go_round_robin_so_new_prefixes_spread():
