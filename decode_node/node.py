@@ -26,6 +26,7 @@ class DecodeNodeConfig(RegistryConfig):
     kv_port: int = 50081
     kv_advertise_host: str | None = None  # what prefill nodes dial (default: kv_host)
     reservation_timeout_s: float = 30.0
+    kv_connector: str = "tcp"  # what tickets ask prefill nodes to send with: tcp | nccl
     drain_timeout_s: float = 30.0
     ready_file: str | None = None
 
@@ -33,17 +34,21 @@ class DecodeNodeConfig(RegistryConfig):
 async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
     from engine.engine import Engine
     from engine.engine_loop import EngineLoop
+    from kv_transfer.senders import CONNECTORS
     from kv_transfer.tcp import TcpKVReceiver
+
+    if config.kv_connector not in CONNECTORS:
+        raise ValueError(f"--kv-connector must be one of {', '.join(CONNECTORS)}, got {config.kv_connector!r}")
 
     server = Server(service_name("DecodeService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
-    servicer = DecodeServicer(config.reservation_timeout_s)
+    servicer = DecodeServicer(config.reservation_timeout_s, config.kv_connector)
     servicer.server = server
     pb_grpc.add_DecodeServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(Engine, engine_config)
     receiver = TcpKVReceiver(engine.runner.kv_caches, config.kv_host, config.kv_port,
-                             config.kv_advertise_host)
+                             config.kv_advertise_host, pair_timeout=config.reservation_timeout_s)
     registration = None
 
     def after_step(stats: dict) -> None:

@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
     """Registered before the model loads (so health answers at once); `attach` makes it work."""
 
-    def __init__(self, reservation_timeout_s: float):
+    def __init__(self, reservation_timeout_s: float, kv_connector: str = "tcp"):
         super().__init__()
         self.reservation_timeout_s = reservation_timeout_s
+        self.kv_connector = kv_connector
         self.loop: EngineLoop | None = None
         self.num_transfer_failures = 0
 
@@ -92,7 +93,8 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
         return KVTicket(uuid.uuid4().hex, self.receiver.endpoint, tuple(block_ids),
                         self.engine.config.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                         str(runner.dtype).removeprefix("torch."),
-                        time.time() + self.reservation_timeout_s, self.engine.fingerprint)
+                        time.time() + self.reservation_timeout_s, self.engine.fingerprint,
+                        self.kv_connector)
 
     async def _await_transfer(self, transfer: asyncio.Future, ticket: KVTicket, request_id: str,
                               context) -> int:

@@ -6,8 +6,11 @@
 All little-endian. A KV frame's payload is one layer of a transfer: K and V of every block of
 the prompt, `[2, num_blocks, block_size, num_kv_heads, head_dim]`. The DONE frame ends a
 transfer; its payload is `u32 first_token_id | u32 num_layers | u32 CRC32C of the KV frames'
-checksums in layer order`. ABORT (no payload) says the sender gave up. Nothing here is ever
-unpickled: the receiver checks the header against its ticket, then reads plain numbers.
+checksums in layer order`. ABORT (no payload) says the sender gave up. PAIR opens a connection
+of the `nccl` connector (kv_transfer/pair.py): its payload is the sender's process-group offer,
+and the KV frames after it carry no payload on the socket (it comes over the process group).
+Nothing here is ever unpickled: the receiver checks the header against its ticket, then reads
+plain numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class FrameType(enum.IntEnum):
     KV = 1
     DONE = 2
     ABORT = 3
+    PAIR = 4  # the nccl connector: payloads of this connection go over a process group
 
 
 class FrameError(ValueError):
@@ -97,6 +101,11 @@ def done_frame(transfer_id: bytes, first_token_id: int, num_layers: int, summary
     header = FrameHeader(FrameType.DONE, transfer_id, num_bytes=len(payload),
                          payload_checksum=checksum(payload)).pack()
     return header + payload
+
+
+def pair_frame(offer: bytes) -> bytes:
+    header = FrameHeader(FrameType.PAIR, bytes(16), num_bytes=len(offer), payload_checksum=checksum(offer))
+    return header.pack() + offer
 
 
 def abort_frame(transfer_id: bytes) -> bytes:

@@ -16,6 +16,7 @@ import torch
 
 from .connector import KVReceiver, KVTicket, TransferResult
 from .frame import DONE, HEADER_SIZE, FrameError, FrameHeader, FrameType, checksum, summary_checksum
+from .pair import MAX_OFFER_BYTES, PairOffer
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,10 @@ class TcpKVReceiver(KVReceiver):
     list of (k_cache, v_cache) per layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], host: str = "127.0.0.1",
-                 port: int = 0, advertise_host: str | None = None, in_place: bool | None = None):
+                 port: int = 0, advertise_host: str | None = None, in_place: bool | None = None,
+                 pair_timeout: float = 30.0):
         self.kv_caches = kv_caches
+        self.pair_timeout = pair_timeout  # nccl connector: joining a group, one gloo receive
         self.device = kv_caches[0][0].device
         # host caches take payloads straight from the socket; device caches via a host buffer
         self.in_place = self.device.type == "cpu" if in_place is None else in_place
@@ -63,6 +66,7 @@ class TcpKVReceiver(KVReceiver):
         self.port = self._server.getsockname()[1]
         self.endpoint = f"{advertise_host or host}:{self.port}"
         self._tickets: dict[bytes, _Incoming] = {}
+        self._connections: set[_Connection] = set()
         self._lock = threading.Lock()
         self._closed = False
         self.num_bytes_received = 0
@@ -76,69 +80,122 @@ class TcpKVReceiver(KVReceiver):
             self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, ids, _runs(ticket.block_ids))
 
     def forget(self, transfer_id: str) -> None:
+        """Over a process group, a transfer forgotten midway may leave a receive that never
+        completes on its pair; the pair's connection is closed (the sender makes a new one)."""
+        key = bytes.fromhex(transfer_id)
         with self._lock:
-            self._tickets.pop(bytes.fromhex(transfer_id), None)
+            midway = self._tickets.pop(key, None) is not None
+            stuck = [c for c in self._connections if midway and c.pair is not None and key in c.transfers]
+        for conn in stuck:
+            log.warning("kv transfer %s forgotten midway: closing its pair with %s", transfer_id, conn.addr)
+            conn.shutdown()
+
+    @property
+    def num_connections(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    @property
+    def num_pairs(self) -> int:
+        """Connections that carry their payloads over a process group."""
+        with self._lock:
+            return sum(c.pair is not None for c in self._connections)
 
     def close(self) -> None:
+        """Stops listening and ends every connection (their senders see the receiver gone)."""
         self._closed = True
         try:
             self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept thread (close alone does not)
         except OSError:
             pass
         self._server.close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            conn.shutdown()
 
     def _accept(self) -> None:
         while not self._closed:
             try:
-                conn, addr = self._server.accept()
+                sock, addr = self._server.accept()
             except OSError:
                 return
-            tune_socket(conn)
-            threading.Thread(target=self._serve, args=(conn, addr), name=f"kv-recv-{addr[1]}",
-                             daemon=True).start()
+            tune_socket(sock)
+            threading.Thread(target=self._serve, args=(_Connection(sock, addr),),
+                             name=f"kv-recv-{addr[1]}", daemon=True).start()
 
-    def _serve(self, conn: socket.socket, addr) -> None:
-        buffer = bytearray(0)
-        with conn:
-            try:
-                while True:
-                    head = _recv_exact(conn, memoryview(bytearray(HEADER_SIZE)))
-                    if head is None:
-                        return  # clean close between frames
-                    header = FrameHeader.unpack(bytes(head))
-                    if len(buffer) < header.num_bytes <= self.max_frame_bytes:
-                        buffer = bytearray(header.num_bytes)
-                    self._on_frame(conn, header, buffer)
-            except (FrameError, ConnectionError, OSError) as e:
-                self.num_bad_connections += 1
-                log.warning("kv receiver: closing connection from %s: %s", addr, e)
+    def _serve(self, conn: "_Connection") -> None:
+        """Reads frames until the peer closes. Transfers that had frames on this connection
+        and have not settled fail when it ends: the sender cannot finish them any more."""
+        with self._lock:
+            self._connections.add(conn)
+        try:
+            while True:
+                head = _recv_exact(conn.sock, memoryview(bytearray(HEADER_SIZE)))
+                if head is None:
+                    return  # clean close between frames
+                header = FrameHeader.unpack(bytes(head))
+                if len(conn.buffer) < header.num_bytes <= self.max_frame_bytes:
+                    conn.buffer = bytearray(header.num_bytes)
+                self._on_frame(conn, header)
+        except (FrameError, ConnectionError, OSError, RuntimeError, ValueError) as e:
+            self.num_bad_connections += 1
+            log.warning("kv receiver: closing connection from %s: %s", conn.addr, e)
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+                broken = [self._tickets[k] for k in conn.transfers if k in self._tickets]
+            for incoming in broken:
+                self._fail(incoming, f"the sender's connection {conn.addr} closed mid-transfer")
+            conn.close()
 
-    def _on_frame(self, conn: socket.socket, header: FrameHeader, buffer: bytearray) -> None:
+    def _on_frame(self, conn: "_Connection", header: FrameHeader) -> None:
+        if header.type is FrameType.PAIR:
+            return self._open_pair(conn, header)
         with self._lock:
             incoming = self._tickets.get(header.transfer_id)
         if incoming is None:  # cancelled or expired: read past it
             if header.num_bytes > self.max_frame_bytes:
                 raise FrameError(f"frame of {header.num_bytes} bytes for an unknown transfer")
-            _recv_exact(conn, memoryview(buffer)[:header.num_bytes], eof_ok=False)
+            if conn.pair is not None and header.type is FrameType.KV:
+                return conn.payloads.discard(header)
+            _recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
             return
         try:
             self._check(incoming, header)
         except FrameError as e:
             self._fail(incoming, str(e))
             raise  # a frame that does not match its ticket: the stream cannot be trusted
+        with self._lock:
+            if len(conn.transfers) > 1024:  # keep only the transfers still expected
+                conn.transfers &= self._tickets.keys()
+            conn.transfers.add(header.transfer_id)
+        if header.type is FrameType.KV and conn.pair is not None:
+            return conn.payloads.recv_layer(incoming, header)
         if header.type is FrameType.KV and self.in_place:
-            return self._recv_layer_in_place(conn, incoming, header)
-        payload = memoryview(buffer)[:header.num_bytes]
-        _recv_exact(conn, payload, eof_ok=False)
+            return self._recv_layer_in_place(conn.sock, incoming, header)
+        payload = memoryview(conn.buffer)[:header.num_bytes]
+        _recv_exact(conn.sock, payload, eof_ok=False)
         incoming.num_bytes += HEADER_SIZE + header.num_bytes
         if checksum(payload) != header.payload_checksum:
             self._fail(incoming, f"checksum mismatch in {header.type.name} frame (layer {header.layer})")
         elif header.type is FrameType.KV:
-            self._write_layer(incoming, header, buffer)
+            self._write_layer(incoming, header, conn.buffer)
         elif header.type is FrameType.DONE:
-            self._finish(incoming, payload)
+            self._finish(incoming, payload, conn)
         else:
             self._fail(incoming, "the sender aborted the transfer")
+
+    def _open_pair(self, conn: "_Connection", header: FrameHeader) -> None:
+        """A PAIR frame: this connection's KV payloads come over a process group from now on."""
+        from .nccl import PairPayloads
+        if conn.pair is not None or not 0 < header.num_bytes <= MAX_OFFER_BYTES:
+            raise FrameError("unexpected PAIR frame")
+        payload = _recv_exact(conn.sock, memoryview(bytearray(header.num_bytes)), eof_ok=False)
+        if checksum(payload) != header.payload_checksum:
+            raise FrameError("checksum mismatch in PAIR frame")
+        conn.payloads = PairPayloads.join(PairOffer.unpack(payload), self, conn)
+        conn.pair = conn.payloads.pair
 
     def _check(self, incoming: _Incoming, header: FrameHeader) -> None:
         ticket = incoming.ticket
@@ -181,7 +238,7 @@ class TcpKVReceiver(KVReceiver):
         v_cache.index_copy_(0, incoming.block_ids, kv[1].to(self.device))
         incoming.layer_checksums[header.layer] = header.payload_checksum
 
-    def _finish(self, incoming: _Incoming, payload: memoryview) -> None:
+    def _finish(self, incoming: _Incoming, payload: memoryview, conn: "_Connection") -> None:
         first_token_id, num_layers, summary = DONE.unpack(payload)
         ticket = incoming.ticket
         checksums = [incoming.layer_checksums.get(i, 0) for i in range(ticket.num_layers)]
@@ -189,10 +246,12 @@ class TcpKVReceiver(KVReceiver):
             return self._fail(incoming, f"{len(incoming.layer_checksums)} of {ticket.num_layers} layers arrived")
         if summary != summary_checksum(checksums):
             return self._fail(incoming, "checksum summary mismatch")
+        result = TransferResult(ticket.transfer_id, True, first_token_id, num_bytes=incoming.num_bytes)
+        if conn.pair is not None:  # the layers may still be on their way: settle once they landed
+            return conn.payloads.settle_when_landed(incoming, result)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        self._settle(incoming, TransferResult(ticket.transfer_id, True, first_token_id,
-                                              num_bytes=incoming.num_bytes))
+        self._settle(incoming, result)
 
     def _fail(self, incoming: _Incoming, reason: str) -> None:
         self.num_failed += 1
@@ -206,6 +265,33 @@ class TcpKVReceiver(KVReceiver):
                 return  # forgotten meanwhile: nobody waits for it
             self.num_bytes_received += incoming.num_bytes
         incoming.on_done(result)
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One sender's control connection, and its process group once it sent a PAIR frame."""
+
+    sock: socket.socket
+    addr: tuple
+    buffer: bytearray = field(default_factory=bytearray)  # reused for payloads read off the socket
+    transfers: set[bytes] = field(default_factory=set)  # transfer keys that had frames here
+    pair: object | None = None  # ProcessGroupPair
+    payloads: object | None = None  # nccl.PairPayloads
+
+    def shutdown(self) -> None:
+        """Ends the connection from another thread: its reader sees EOF (or its receive on the
+        aborted group fails) and cleans up."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self.pair is not None:
+            self.pair.close()
+
+    def close(self) -> None:
+        if self.payloads is not None:
+            self.payloads.close()
+        self.sock.close()
 
 
 def _runs(block_ids) -> list[tuple[int, int]]:

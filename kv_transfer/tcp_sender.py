@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import queue
+import select
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class _Outgoing:
     layer_checksums: dict[int, int] = field(default_factory=dict)
     num_bytes: int = 0
     error: BaseException | None = None
+    staged: list = field(default_factory=list)  # nccl: tensors the process group still reads
 
 
 class TcpKVSender(KVSender):
@@ -43,7 +45,7 @@ class TcpKVSender(KVSender):
     def send_layer(self, ticket: KVTicket, layer: int, kv: torch.Tensor) -> None:
         assert tuple(kv.shape) == ticket.layer_shape, (tuple(kv.shape), ticket.layer_shape)
         assert DTYPE_NAMES[kv.dtype] == ticket.dtype, (kv.dtype, ticket.dtype)
-        staged, ready = _stage(kv)
+        staged, ready = self._stage(kv)
         self._channel(ticket).put(("kv", self._state(ticket), layer, staged, ready))
 
     def finish(self, ticket: KVTicket, first_token_id: int) -> concurrent.futures.Future:
@@ -72,8 +74,11 @@ class TcpKVSender(KVSender):
         with self._lock:
             channel = self._channels.get(ticket.kv_endpoint)
             if channel is None:
-                channel = self._channels[ticket.kv_endpoint] = _Channel(self, ticket.kv_endpoint)
+                channel = self._channels[ticket.kv_endpoint] = self._new_channel(ticket.kv_endpoint)
             return channel
+
+    def _new_channel(self, endpoint: str) -> "_Channel":
+        return _Channel(self, endpoint)
 
     def _take_corruption(self) -> bool:
         with self._lock:
@@ -87,16 +92,16 @@ class TcpKVSender(KVSender):
             self._outgoing.pop(out.ticket.transfer_id, None)
             self.num_bytes_sent += out.num_bytes
 
-
-def _stage(kv: torch.Tensor):
-    """A host copy of `kv`, taken in stream order; `ready()` blocks until it is complete."""
-    if kv.device.type != "cuda":
-        return kv.contiguous(), lambda: None
-    staged = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
-    staged.copy_(kv, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return staged, event.synchronize
+    @staticmethod
+    def _stage(kv: torch.Tensor):
+        """A host copy of `kv`, taken in stream order; `ready()` blocks until it is complete."""
+        if kv.device.type != "cuda":
+            return kv.contiguous(), lambda: None
+        staged = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
+        staged.copy_(kv, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return staged, event.synchronize
 
 
 class _Channel:
@@ -128,7 +133,7 @@ class _Channel:
                 elif kind == "abort":
                     self._write(abort_frame(out.ticket.transfer_key))
                     self._settle(out)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RuntimeError) as e:
                 log.warning("kv transfer %s to %s: %s", out.ticket.transfer_id, self.endpoint, e)
                 self._disconnect()
                 out.error = out.error or ConnectionError(f"kv connection to {self.endpoint}: {e}")
@@ -167,15 +172,26 @@ class _Channel:
             out.future.set_exception(out.error)
 
     def _write(self, *parts) -> None:
+        if self.sock is not None and _peer_closed(self.sock):
+            log.warning("kv receiver %s closed the connection; reconnecting", self.endpoint)
+            self._disconnect()
         if self.sock is None:
-            host, port = split_endpoint(self.endpoint)
-            self.sock = socket.create_connection((host, port), timeout=self.sender.connect_timeout)
-            self.sock.settimeout(60.0)
-            tune_socket(self.sock)
+            self._connect()
         for part in parts:
             self.sock.sendall(part)
+
+    def _connect(self) -> None:
+        host, port = split_endpoint(self.endpoint)
+        self.sock = socket.create_connection((host, port), timeout=self.sender.connect_timeout)
+        self.sock.settimeout(60.0)
+        tune_socket(self.sock)
 
     def _disconnect(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """The receiver never writes, so a readable socket means it closed (or reset) the connection."""
+    return bool(select.select([sock], [], [], 0)[0])

@@ -26,7 +26,8 @@ DEFAULT_ROUTER = "127.0.0.1:50051"
 
 HELP = {
     "model": "a Hugging Face directory, a .gguf file, smollm2-135m, or dummy:<preset|config.json>",
-    "device": "cpu or cuda[:N]",
+    "device": "cpu or cuda[:N] (pdserve up: also a comma-separated list the nodes take in turn, "
+              "prefill nodes first; plain cuda spreads them over every GPU)",
     "dtype": "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16",
     "block_size": "tokens per KV block",
     "num_kv_blocks": "KV blocks to allocate (none: from --kv-cache-memory-gb)",
@@ -47,6 +48,10 @@ HELP = {
     "heartbeat_ttl_s": "a node whose heartbeat is older than this is dropped",
     "heartbeat_grace_s": "after Redis comes up, how long nodes may take to re-register",
     "kv_test_corrupt_transfers": "test hook: corrupt the first N KV transfers",
+    "kv_connector": "how prefill nodes send this node KV: tcp, or nccl (a process group per "
+                    "node pair: NCCL between GPUs, gloo between CPU processes)",
+    "kv_connect_timeout_s": "seconds to connect (and pair) with a decode node's KV receiver",
+    "kv_transfer_timeout_s": "seconds a KV transfer may take to leave once its last layer is queued",
     "router": "the router's gRPC address",
     "api_key": "require this key (Authorization: Bearer) on /v1/*",
     "served_model_name": "the model name clients send (default: the router's --model)",
@@ -77,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-redis", action="store_true", help="no Redis: the router gets the nodes "
                     "as flags and routes by load")
     up.add_argument("--no-sample", action="store_true", help="do not answer a sample chat once up")
+    up.add_argument("--kv-connector", default="tcp", choices=("tcp", "nccl"), help="how KV moves "
+                    "from prefill to decode nodes (default tcp; nccl: NVLink between GPUs, gloo on CPU)")
     add_config_args(up, EngineConfig, HELP, exclude=("keep_logits",))
     roles = {"prefill": (PrefillNodeConfig, "a prefill node"), "decode": (DecodeNodeConfig, "a decode node")}
     for name, (cls, text) in roles.items():
@@ -140,8 +147,12 @@ def run_up(args) -> int:
     config = config_from_args(EngineConfig, args)
     redis = None if args.no_redis else args.redis_url or "local"
     gateway_args = ["--api-key", args.api_key] if args.api_key else []
+    devices = node_devices(config.device, args.num_prefill + args.num_decode)
     cluster = Cluster(config.model, args.num_prefill, args.num_decode, args.port,
                       node_args=engine_flags(config), router_args=["--policy", args.policy], redis=redis,
+                      prefill_args=[["--device", d] for d in devices[:args.num_prefill]],
+                      decode_args=[["--device", d, "--kv-connector", args.kv_connector]
+                                   for d in devices[args.num_prefill:]],
                       gateway_port=None if args.http_port < 0 else args.http_port,
                       gateway_args=gateway_args)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -178,6 +189,18 @@ def run_up(args) -> int:
         return 0
     finally:
         cluster.stop()
+
+
+def node_devices(device: str, num_nodes: int) -> list[str]:
+    """Each node's device for `pdserve up --device` (prefill nodes first): a comma-separated
+    list is taken in turn; plain `cuda` means every visible GPU in turn."""
+    devices = [d.strip() for d in device.split(",") if d.strip()]
+    if not devices:
+        raise ValueError("--device is empty")
+    if devices == ["cuda"]:
+        import torch
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or devices
+    return [devices[i % len(devices)] for i in range(num_nodes)]
 
 
 def run_generate(args) -> int:

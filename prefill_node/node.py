@@ -23,6 +23,7 @@ class PrefillNodeConfig(RegistryConfig):
     port: int = 50061
     metrics_port: int = 9401
     kv_connect_timeout_s: float = 5.0
+    kv_transfer_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     ready_file: str | None = None
     kv_test_corrupt_transfers: int = 0  # test hook: corrupt the first N transfers' payloads
@@ -31,6 +32,8 @@ class PrefillNodeConfig(RegistryConfig):
 async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     from engine.engine import Engine
     from engine.engine_loop import EngineLoop
+    from kv_transfer.nccl import NcclKVSender
+    from kv_transfer.senders import SenderByConnector
     from kv_transfer.tcp import TcpKVSender
 
     server = Server(service_name("PrefillService"), config.host, config.port, config.metrics_port,
@@ -40,7 +43,10 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     pb_grpc.add_PrefillServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(Engine, engine_config)
-    sender = TcpKVSender(config.kv_connect_timeout_s, config.kv_test_corrupt_transfers)
+    sender = SenderByConnector({  # the connector each ticket asks for, made on first use
+        "tcp": lambda: TcpKVSender(config.kv_connect_timeout_s, config.kv_test_corrupt_transfers),
+        "nccl": lambda: NcclKVSender(engine.runner.device, config.kv_connect_timeout_s,
+                                     config.kv_transfer_timeout_s)})
     registration = None
 
     def after_step(stats: dict) -> None:

@@ -22,7 +22,8 @@ import torch
 from engine.engine_loop import EngineLoop
 from engine.request import RequestOutput
 from engine.scheduler import SchedulerOutput
-from kv_transfer.connector import KVSender, KVTicket
+from kv_transfer.connector import KVTicket
+from kv_transfer.senders import SenderByConnector
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
 from service import metrics
@@ -41,7 +42,7 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
         self.tickets: dict[str, KVTicket] = {}  # request_id -> where its KV goes
         self.transfers: dict[str, concurrent.futures.Future] = {}  # request_id -> DONE sent
 
-    def attach(self, loop: EngineLoop, sender: KVSender) -> None:
+    def attach(self, loop: EngineLoop, sender: SenderByConnector) -> None:
         self.loop, self.engine, self.sender = loop, loop.engine, sender
 
     # ---- engine thread ------------------------------------------------------------------
@@ -127,8 +128,8 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
                   ticket.head_dim, ticket.dtype)
         if mine != theirs:
             return f"the decode node's KV layout {theirs} does not match this node's {mine}"
-        if ticket.connector != "tcp":
-            return f"connector {ticket.connector!r} is not supported here (tcp)"
+        if not self.sender.supports(ticket.connector):
+            return f"connector {ticket.connector!r} is not supported here ({', '.join(self.sender.factories)})"
         if len(ticket.block_ids) != -(-num_prompt_tokens // ticket.block_size):
             return f"{len(ticket.block_ids)} blocks reserved for a prompt of {num_prompt_tokens} tokens"
         if ticket.deadline < time.time():

@@ -1,5 +1,7 @@
 """The disaggregated path with real processes on loopback: a router, two prefill and two
-decode nodes serving `dummy:tiny`. The oracle is the in-process Engine on the same prompts."""
+decode nodes serving `dummy:tiny`, one decode node asking for the `nccl` connector (gloo
+between these CPU processes), the other for `tcp`, so every test runs over both (the load
+policy alternates idle decode nodes). The oracle is the in-process Engine on the same prompts."""
 
 import concurrent.futures
 import os
@@ -24,8 +26,9 @@ RESERVATION_TIMEOUT_S = 2.0  # far above a loopback transfer, short enough to te
 
 @pytest.fixture(scope="module")
 def cluster():
+    timeout = ["--reservation-timeout-s", str(RESERVATION_TIMEOUT_S)]
     with Cluster("dummy:tiny", num_prefill=2, num_decode=2, node_args=NODE_ARGS,
-                 decode_args=["--reservation-timeout-s", str(RESERVATION_TIMEOUT_S)],
+                 decode_args=[[*timeout, "--kv-connector", c] for c in ("nccl", "tcp")],
                  router_args=["--policy", "load"]) as c:
         yield c
 
@@ -160,3 +163,11 @@ def test_health_reflection_and_metrics(cluster):
         received += sum(float(line.split()[-1]) for line in text.splitlines()
                         if line.startswith('pdserve_kv_transfer_bytes_total{direction="received"}'))
     assert received > 0
+
+
+def test_both_connectors_carried_requests(cluster):
+    """Each decode node received KV: over a gloo pair (nccl) and over plain frames (tcp)."""
+    for d in cluster.decode:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{d.info['metrics_port']}/metrics").read().decode()
+        assert any(line.startswith('pdserve_kv_transfer_bytes_total{direction="received"}')
+                   and float(line.split()[-1]) > 0 for line in text.splitlines()), d.name

@@ -1,0 +1,293 @@
+"""KV connectors between two GPUs of one host (run on nvidia-h200-x2), measured in one run:
+
+  1. throughput: the `nccl` and `tcp` connectors moving Llama-3-8B KV from a sender on cuda:0
+     to a receiver process on cuda:1 (into its cache blocks): one 4k-token request (512 MiB,
+     its blocks one run, and scattered) and 16 concurrent 1k-token requests; against raw NCCL
+     send/recv of the same tensors between the same processes (recvs posted before the clock
+     starts, so raw is its best case). Time: from the first send_layer to the receiver's last
+     callback (CLOCK_MONOTONIC is system-wide).
+  2. exposed transfer: a cluster (router, prefill on cuda:0, a decode node on cuda:1 per
+     connector) serving 4k-token prompts, against the in-process engine's prefill alone on
+     cuda:0 (a 1-token generate). The prefill node reports `kv_transfer_seconds`, the time
+     from its first token to the last KV byte sent: the transfer the prompt waits for.
+
+Usage: python benchmarks/kv_connectors.py [--reps 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.presets import PRESETS  # noqa: E402
+from kv_transfer.connector import KVTicket  # noqa: E402
+from kv_transfer.pair import PairOffer, ProcessGroupPair  # noqa: E402
+
+MODEL = "dummy:llama3-8b"
+CFG = PRESETS["llama3-8b"]
+BLOCK_SIZE, NUM_BLOCKS, DTYPE = 16, 1400, torch.bfloat16
+DEVICES = {"send": "cuda:0", "recv": "cuda:1"}  # --cpu: both "cpu" (gloo), a smoke test
+SCALE = 1  # --cpu: requests 16x shorter
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def block_shape():
+    return (BLOCK_SIZE, CFG.num_kv_heads, CFG.head_dim)
+
+
+# ---- the receiver process (cuda:1) ------------------------------------------------------
+
+def serve_receiver() -> None:
+    """Lines of JSON on stdin -> lines of JSON on stdout."""
+    from kv_transfer.tcp import TcpKVReceiver
+    device = torch.device(DEVICES["recv"])
+    caches = [tuple(torch.zeros((NUM_BLOCKS, *block_shape()), dtype=DTYPE, device=device) for _ in range(2))
+              for _ in range(CFG.num_layers)]
+    receiver = TcpKVReceiver(caches, pair_timeout=60)
+    raw_pair = None
+    emit({"endpoint": receiver.endpoint})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "expect":
+            tickets = [KVTicket(**{**t, "block_ids": tuple(t["block_ids"])}) for t in cmd["tickets"]]
+            results, all_done = [], threading.Event()
+
+            def on_done(result, n=len(tickets)):
+                results.append((time.monotonic(), result.ok, result.error))
+                if len(results) == n:
+                    all_done.set()
+            for t in tickets:
+                receiver.expect(t, on_done)
+            emit({"expecting": len(tickets)})
+            all_done.wait(120)
+            emit({"done": max(r[0] for r in results), "ok": all(r[1] for r in results),
+                  "errors": [r[2] for r in results if r[2]][:3]})
+        elif cmd["cmd"] == "raw":
+            if raw_pair is None:
+                raw_pair = ProcessGroupPair.create(PairOffer(**cmd["offer"]), 1, device, 60)
+            buffers = [torch.empty(s, dtype=DTYPE, device=device) for s in cmd["shapes"]]
+            works = [raw_pair.recv(b) for b in buffers]
+            emit({"posted": len(works)})
+            for w in works:
+                raw_pair.settle(w)
+            if raw_pair.stream is not None:
+                raw_pair.stream.synchronize()
+            emit({"done": time.monotonic()})
+        else:
+            return
+
+
+def emit(obj) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+# ---- the sender side (this process, cuda:0) ---------------------------------------------
+
+class Peer:
+    def __init__(self):
+        cpu = ["--cpu"] if DEVICES["recv"] == "cpu" else []
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-receiver", *cpu], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.endpoint = self.read()["endpoint"]
+
+    def send(self, obj) -> None:
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the receiver process died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.send({"cmd": "quit"})
+        self.proc.wait(30)
+
+
+def make_case(num_requests: int, num_tokens: int, scattered: bool):
+    """Block ids per request on the receiver, and each request's layers on cuda:0."""
+    num_blocks = num_tokens // BLOCK_SIZE // SCALE
+    ids = list(range(num_requests * num_blocks))
+    if scattered:
+        random.Random(0).shuffle(ids)
+    block_ids = [ids[i * num_blocks:(i + 1) * num_blocks] for i in range(num_requests)]
+    layers = [[torch.randn((2, num_blocks, *block_shape()), device=DEVICES["send"]).to(DTYPE)
+               for _ in range(CFG.num_layers)] for _ in range(num_requests)]
+    return block_ids, layers
+
+
+def connector_seconds(peer: Peer, sender, connector: str, block_ids, layers) -> float:
+    tickets = [KVTicket(uuid.uuid4().hex, peer.endpoint, tuple(ids), BLOCK_SIZE, CFG.num_layers,
+                        CFG.num_kv_heads, CFG.head_dim, "bfloat16", time.time() + 60, "fp", connector)
+               for ids in block_ids]
+    peer.send({"cmd": "expect", "tickets": [dataclasses.asdict(t) for t in tickets]})
+    peer.read()
+    sync()
+    start = time.monotonic()
+    for layer in range(CFG.num_layers):  # as a prefill step hands them over: layer by layer
+        for t, kv in zip(tickets, layers):
+            sender.send_layer(t, layer, kv[layer])
+    futures = [sender.finish(t, 1) for t in tickets]
+    reply = peer.read()
+    for f in futures:
+        f.result(60)
+    if not reply["ok"]:
+        raise RuntimeError(f"{connector}: transfer failed: {reply['errors']}")
+    return reply["done"] - start
+
+
+def raw_seconds(peer: Peer, pair_state: dict, layers) -> float:
+    tensors = [kv[layer][i] for layer in range(CFG.num_layers) for kv in layers for i in (0, 1)]
+    if "pair" not in pair_state:
+        offer, store = ProcessGroupPair.offer("127.0.0.1", torch.device(DEVICES["send"]))
+        peer.send({"cmd": "raw", "offer": dataclasses.asdict(offer), "shapes": [list(t.shape) for t in tensors]})
+        pair_state["pair"] = pair = ProcessGroupPair.create(offer, 0, torch.device(DEVICES["send"]), 60,
+                                                            store=store)
+    else:
+        pair = pair_state["pair"]
+        peer.send({"cmd": "raw", "offer": None, "shapes": [list(t.shape) for t in tensors]})
+    peer.read()  # the receives are posted
+    sync()
+    start = time.monotonic()
+    works = [pair.send(t) for t in tensors]
+    for w in works:
+        pair.settle(w)
+    return peer.read()["done"] - start
+
+
+def throughput(reps: int) -> list[dict]:
+    from kv_transfer.nccl import NcclKVSender
+    from kv_transfer.tcp import TcpKVSender
+    peer, pair_state, rows = Peer(), {}, []
+    senders = {"nccl": NcclKVSender(DEVICES["send"], 30, 60), "tcp": TcpKVSender(30)}
+    try:
+        for name, (n, tokens, scattered) in {"1 x 4k, one run": (1, 4096, False),
+                                             "1 x 4k, scattered": (1, 4096, True),
+                                             "16 x 1k": (16, 1024, False)}.items():
+            block_ids, layers = make_case(n, tokens, scattered)
+            num_bytes = sum(kv.nbytes for ls in layers for kv in ls)
+            times = {"raw nccl": [raw_seconds(peer, pair_state, layers) for _ in range(reps + 1)][1:]}
+            for c, sender in senders.items():
+                times[c] = [connector_seconds(peer, sender, c, block_ids, layers) for _ in range(reps + 1)][1:]
+            gbps = {k: num_bytes / statistics.median(v) / 2**30 for k, v in times.items()}
+            rows.append({"case": name, "MiB": num_bytes / 2**20, **{f"{k} GiB/s": g for k, g in gbps.items()},
+                         "nccl / raw": gbps["nccl"] / gbps["raw nccl"], "tcp / raw": gbps["tcp"] / gbps["raw nccl"]})
+            del layers
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    finally:
+        for s in senders.values():
+            s.close()
+        peer.close()
+    return rows
+
+
+# ---- exposed transfer time in the pipeline -----------------------------------------------
+
+def exposed_transfer(reps: int) -> list[dict]:
+    from engine.engine import Engine
+    from engine.sampling_params import SamplingParams
+    from pdserve.client import generate_request, stream
+    from pdserve.cluster import Cluster
+    rng = random.Random(1)
+    prompts = [[rng.randrange(100, 128000) for _ in range(4096)] for _ in range(4 * (reps + 1))]
+    args = ["--num-kv-blocks", "1200", "--max-model-len", "8192", "--max-num-batched-tokens", "4096"]
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    engine = Engine(model=MODEL, device="cuda:0", num_kv_blocks=600, max_model_len=8192,
+                    max_num_batched_tokens=4096)
+    alone = []
+    for p in prompts[:reps + 1]:
+        start = time.perf_counter()
+        engine.generate([p], one)
+        alone.append(time.perf_counter() - start)
+    del engine
+    torch.cuda.empty_cache()
+    rows = {}
+    connectors = ("nccl", "tcp")
+    with Cluster(MODEL, 1, 2, node_args=args, prefill_args=["--device", "cuda:0"],
+                 decode_args=[["--device", "cuda:1", "--kv-connector", c] for c in connectors],
+                 router_args=["--policy", "round_robin"]).start(timeout=600) as cluster:
+        for i, prompt in enumerate(prompts[reps + 1:]):
+            received = [kv_bytes(d) for d in cluster.decode]
+            start = time.perf_counter()
+            first = None
+            for response in stream(cluster.router_address, generate_request(prompt, one), timeout=120):
+                first = first or time.perf_counter() - start
+                timings = response.timings
+            got = [kv_bytes(d) - r for d, r in zip(cluster.decode, received)]
+            connector = connectors[got.index(max(got))]
+            rows.setdefault(connector, []).append((first, timings.prefill_seconds, timings.kv_transfer_seconds))
+    prefill_alone = statistics.median(alone[1:])
+    out = []
+    for c, samples in rows.items():
+        samples = samples[1:]  # the first on each pair makes it
+        ttft, prefill, transfer = (statistics.median(x) for x in zip(*samples))
+        out.append({"connector": c, "prefill alone ms": 1e3 * prefill_alone, "TTFT ms": 1e3 * ttft,
+                    "prefill-node prefill ms": 1e3 * prefill, "exposed transfer ms": 1e3 * transfer,
+                    "exposed / prefill alone": transfer / prefill_alone, "TTFT / prefill alone": ttft / prefill_alone})
+    return out
+
+
+def kv_bytes(process) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{process.info['metrics_port']}/metrics").read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith('pdserve_kv_transfer_bytes_total{direction="received"}'))
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    widths = [max(len(k), *(len(fmt(r[k])) for r in rows)) for k in keys]
+    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(fmt(r[k]).ljust(w) for k, w in zip(keys, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--serve-receiver", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="a smoke test on CPU (gloo), no pipeline")
+    args = parser.parse_args()
+    if args.cpu:
+        global SCALE
+        DEVICES.update(send="cpu", recv="cpu")
+        SCALE, args.skip_pipeline = 16, True
+    if args.serve_receiver:
+        return serve_receiver()
+    assert args.cpu or torch.cuda.device_count() >= 2, "needs two GPUs"
+    rows = throughput(args.reps)
+    pipeline = [] if args.skip_pipeline else exposed_transfer(args.reps)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"throughput": rows, "pipeline": pipeline}, indent=1))
+    print(f"\nKV connector throughput, {DEVICES['send']} -> {DEVICES['recv']} (median of {args.reps} "
+          "after a warm-up)")
+    print(table(rows))
+    if pipeline:
+        print("\n4k-token prompt: exposed KV transfer against the prefill alone on one GPU")
+        print(table(pipeline))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""A two-rank process group between one prefill node (rank 0, the sender) and one decode node
+(rank 1, the receiver), made on demand for the `nccl` connector. No global world: each pair
+has its own TCPStore, hosted by the sender, whose address travels in the PAIR frame over the
+TCP control connection. The pair lives exactly as long as that connection.
+
+`ProcessGroupNCCL` moves CUDA tensors (over NVLink between GPUs of one host); the same code
+runs `ProcessGroupGloo` on CPU tensors, which is what CI tests.
+
+Waiting: gloo's `work.wait()` blocks until the bytes moved (or the group's timeout raises);
+NCCL's only makes the pair's stream wait, so completion is an event polled against a
+deadline (`Completions`). A stuck peer therefore fails the transfer, and the owner aborts the
+pair, instead of hanging a node. NCCL's own watchdog is kept from killing the process: our
+deadlines fire first and `close` aborts the communicator.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed
+
+log = logging.getLogger(__name__)
+
+BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
+MAX_OFFER_BYTES = 256
+NCCL_WATCHDOG_S = 24 * 3600  # far beyond any transfer deadline: we abort first
+
+
+@dataclass(frozen=True)
+class PairOffer:
+    """What a PAIR frame carries: the sender's backend and the address of its TCPStore."""
+
+    backend: str  # nccl | gloo
+    store_host: str
+    store_port: int
+
+    def pack(self) -> bytes:
+        return f"{self.backend} {self.store_host} {self.store_port}".encode()
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "PairOffer":
+        """Raises ValueError on anything but `backend host port` in ASCII."""
+        parts = bytes(data).decode("ascii").split(" ")
+        if len(parts) != 3 or parts[0] not in BACKENDS.values() or not parts[2].isdigit():
+            raise ValueError(f"bad PAIR offer {bytes(data)[:64]!r}")
+        return cls(parts[0], parts[1], int(parts[2]))
+
+
+class ProcessGroupPair:
+    """One process group of two ranks, its store, and (on CUDA) the stream its ops run after."""
+
+    def __init__(self, group, store, rank: int, device: torch.device):
+        self.group, self.store, self.rank, self.device = group, store, rank, device
+        self.peer = 1 - rank
+        self.closed = False
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @classmethod
+    def offer(cls, host: str, device: torch.device) -> tuple[PairOffer, object]:
+        """Rank 0: starts the pair's TCPStore on `host` (any free port)."""
+        store = torch.distributed.TCPStore(host, 0, 2, True, wait_for_workers=False)
+        return PairOffer(backend_for(device), host, store.port), store
+
+    @classmethod
+    def create(cls, offer: PairOffer, rank: int, device: torch.device, timeout_s: float,
+               store=None) -> "ProcessGroupPair":
+        """Both ranks: blocks until the other rank joins (gloo) or returns at once (NCCL
+        connects on the first op). Raises RuntimeError/ValueError after `timeout_s`."""
+        if offer.backend != backend_for(device):
+            raise ValueError(f"the peer offers {offer.backend}, this node's {device} needs "
+                             f"{backend_for(device)}")
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if store is None:
+            store = torch.distributed.TCPStore(offer.store_host, offer.store_port, 2, False,
+                                               timeout=timeout)
+        prefixed = torch.distributed.PrefixStore("pdkv", store)
+        if offer.backend == "gloo":
+            group = torch.distributed.ProcessGroupGloo(prefixed, rank, 2, timeout)
+        else:
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # never kill the node
+            options = torch.distributed.ProcessGroupNCCL.Options()
+            options._timeout = datetime.timedelta(seconds=NCCL_WATCHDOG_S)
+            group = torch.distributed.ProcessGroupNCCL(prefixed, rank, 2, options)
+        return cls(group, store, rank, device)
+
+    def stream_context(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else _NoStream()
+
+    def send(self, tensor: torch.Tensor, after: "torch.cuda.Event | None" = None):
+        """Queues `tensor` (contiguous) to the peer, after `after` (the event of the copy that
+        produced it); returns the work."""
+        with self.stream_context():
+            if after is not None:
+                self.stream.wait_event(after)
+            return self.group.send([tensor], self.peer, 0)
+
+    def recv(self, tensor: torch.Tensor):
+        with self.stream_context():
+            return self.group.recv([tensor], self.peer, 0)
+
+    def settle(self, work) -> None:
+        """gloo: blocks until `work` is done (raises on error or timeout). NCCL: later work on
+        the pair's stream runs after it; `done_event` tells when all of it has run."""
+        with self.stream_context():
+            work.wait()
+
+    def done_event(self):
+        """An event after everything queued on the pair's stream, or None on CPU (done)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def close(self) -> None:
+        """Aborts the group (once): a pending op on a broken pair ends instead of hanging."""
+        if self.closed:
+            return
+        self.closed = True
+        for name in ("abort", "shutdown"):
+            method = getattr(self.group, name, None)
+            if method is not None:
+                try:
+                    method()
+                    return
+                except RuntimeError as e:  # already broken: nothing more to free
+                    log.debug("pair %s failed: %s", name, e)
+
+
+def backend_for(device: torch.device) -> str:
+    if device.type not in BACKENDS:
+        raise ValueError(f"the nccl connector needs cuda or cpu tensors, not {device.type}")
+    return BACKENDS[device.type]
+
+
+class _NoStream:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class Completions:
+    """One thread that polls CUDA events against deadlines and calls back once each is done
+    (`on_done(None)`) or late (`on_done(TimeoutError)`), in the order they were added."""
+
+    def __init__(self, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def add(self, event, deadline: float, on_done: Callable[[BaseException | None], None]) -> None:
+        """`deadline` in time.monotonic(); `event` None means done already."""
+        self._queue.put((event, deadline, on_done))
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            event, deadline, on_done = item
+            error = None
+            while event is not None and not event.query():
+                if time.monotonic() > deadline:
+                    error = TimeoutError("the peer did not complete the transfer in time")
+                    break
+                time.sleep(50e-6)
+            try:
+                on_done(error)
+            except Exception:  # a callback's bug must not stop the others
+                log.exception("completion callback failed")

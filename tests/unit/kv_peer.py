@@ -1,0 +1,59 @@
+"""A connector peer in its own process, for the tests where a peer dies:
+
+    python -m tests.unit.kv_peer send <connector> <ticket json> <num layers>
+        sends that many layers of the ticket's transfer (seeded data), then dies without DONE
+    python -m tests.unit.kv_peer receive <ticket json minus endpoint>
+        serves a receiver expecting the ticket, prints its endpoint, and waits to be killed
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+
+from kv_transfer.connector import KVTicket
+
+
+def ticket_to_json(ticket: KVTicket) -> str:
+    return json.dumps(dataclasses.asdict(ticket))
+
+
+def ticket_from_json(text: str) -> KVTicket:
+    fields = json.loads(text)
+    return KVTicket(**{**fields, "block_ids": tuple(fields["block_ids"])})
+
+
+def layer_data(ticket: KVTicket, layer: int) -> torch.Tensor:
+    return torch.randn(ticket.layer_shape, generator=torch.Generator().manual_seed(layer))
+
+
+def make_sender(connector: str):
+    from kv_transfer.nccl import NcclKVSender
+    from kv_transfer.tcp import TcpKVSender
+    return TcpKVSender(connect_timeout=5) if connector == "tcp" else NcclKVSender("cpu", 5, 10)
+
+
+def main(argv: list[str]) -> None:
+    if argv[0] == "send":
+        ticket, num_layers = ticket_from_json(argv[2]), int(argv[3])
+        sender = make_sender(argv[1])
+        for layer in range(num_layers):
+            sender.send_layer(ticket, layer, layer_data(ticket, layer))
+        time.sleep(1.0)  # long enough for the frames to leave
+        os._exit(17)  # dies mid-transfer: no DONE, no clean close of the process group
+    if argv[0] == "receive":
+        from kv_transfer.tcp import TcpKVReceiver
+        ticket = ticket_from_json(argv[1])
+        shape = (max(ticket.block_ids) + 1, ticket.block_size, ticket.num_kv_heads, ticket.head_dim)
+        caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(ticket.num_layers)]
+        receiver = TcpKVReceiver(caches, pair_timeout=10)
+        receiver.expect(dataclasses.replace(ticket, kv_endpoint=receiver.endpoint), lambda result: None)
+        print(receiver.endpoint, flush=True)
+        time.sleep(600)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

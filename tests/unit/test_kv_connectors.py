@@ -1,0 +1,217 @@
+"""The connector contract, for `tcp` and for `nccl` (on CPU: the same code over gloo): bytes
+land exactly in the reserved blocks, transfers run concurrently, a peer that dies midway
+fails its transfers within the timeout (real processes, killed), and pairs come and go with
+their nodes. The oracle: the tensors pushed, compared with the receiver's cache."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from kv_transfer.tcp import TcpKVReceiver
+
+from .kv_peer import layer_data, make_sender, ticket_to_json
+from .test_kv_transfer import (NUM_LAYERS, Waiter, assert_landed, make_caches, make_ticket, push,
+                               random_layers)
+
+CONNECTORS = ["tcp", "nccl"]
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+def receiver():
+    caches = make_caches()
+    receiver = TcpKVReceiver(caches, pair_timeout=10)
+    yield receiver
+    receiver.close()
+
+
+def ticket(receiver, block_ids, connector, dtype="float32"):
+    return make_ticket(receiver, block_ids, dtype, connector=connector)
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transfers_land_in_reserved_blocks(connector, dtype):
+    caches = make_caches(dtype)
+    receiver, sender = TcpKVReceiver(caches), make_sender(connector)
+    try:
+        name = str(dtype).removeprefix("torch.")
+        # scattered ids (staged and scattered), one block, one run of 20 (straight into the cache)
+        tickets = [ticket(receiver, ids, connector, name) for ids in ([3, 9, 4], [0], list(range(10, 30)))]
+        layers = [random_layers(t, dtype) for t in tickets]
+        waiters = [Waiter() for _ in tickets]
+        for t, w in zip(tickets, waiters):
+            receiver.expect(t, w)
+        futures = [push(sender, t, ls, first_token=i) for i, (t, ls) in enumerate(zip(tickets, layers))]
+        for i, (t, ls, w, f) in enumerate(zip(tickets, layers, waiters, futures)):
+            result = w.wait()
+            assert result.ok and result.first_token_id == i, result
+            assert f.result(10) == result.num_bytes
+            assert_landed(caches, t, ls)
+        untouched = torch.ones(len(caches[0][0]), dtype=torch.bool)
+        untouched[[b for t in tickets for b in t.block_ids]] = False
+        assert all(not k[untouched].any() and not v[untouched].any() for k, v in caches)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_concurrent_transfers_from_two_senders(connector, receiver):
+    senders = [make_sender(connector), make_sender(connector)]
+    tickets = [ticket(receiver, [2 * i, 2 * i + 1], connector) for i in range(16)]
+    layers = [random_layers(t) for t in tickets]
+    waiters = [Waiter() for _ in tickets]
+    for t, w in zip(tickets, waiters):
+        receiver.expect(t, w)
+
+    def push_interleaved(sender, indices):  # layer by layer across its transfers, as a batch would
+        for layer in range(NUM_LAYERS):
+            for i in indices:
+                sender.send_layer(tickets[i], layer, layers[i][layer].clone())
+        for i in indices:
+            sender.finish(tickets[i], i)
+
+    threads = [threading.Thread(target=push_interleaved, args=(s, range(k, 16, 2)))
+               for k, s in enumerate(senders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (t, ls, w) in enumerate(zip(tickets, layers, waiters)):
+        result = w.wait()
+        assert result.ok and result.first_token_id == i, result
+        assert_landed(receiver.kv_caches, t, ls)
+    assert receiver.num_connections == 2
+    assert receiver.num_pairs == (2 if connector == "nccl" else 0)
+    for s in senders:
+        s.close()
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_sender_process_killed_midway_fails_the_ticket(connector, receiver):
+    dead, alive = ticket(receiver, [1, 2, 3], connector), ticket(receiver, [8, 9], connector)
+    waiter = Waiter()
+    receiver.expect(dead, waiter)
+    peer = subprocess.run([sys.executable, "-m", "tests.unit.kv_peer", "send", connector,
+                           ticket_to_json(dead), "2"], capture_output=True, timeout=60)
+    assert peer.returncode == 17, peer.stderr.decode()[-2000:]
+    result = waiter.wait()  # two of three layers came, then the sender died
+    assert not result.ok and "closed mid-transfer" in result.error
+    for layer in range(2):  # what did arrive is what was sent
+        kv = layer_data(dead, layer)
+        assert torch.equal(receiver.kv_caches[layer][0][[1, 2, 3]], kv[0])
+    # the receiver goes on serving others
+    sender, waiter = make_sender(connector), Waiter()
+    receiver.expect(alive, waiter)
+    layers = random_layers(alive)
+    push(sender, alive, layers)
+    assert waiter.wait().ok
+    assert_landed(receiver.kv_caches, alive, layers)
+    sender.close()
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_receiver_process_killed_fails_the_senders_transfers(connector):
+    template = make_ticket(None, [0, 3], connector=connector)
+    peer = subprocess.Popen([sys.executable, "-m", "tests.unit.kv_peer", "receive", ticket_to_json(template)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        endpoint = peer.stdout.readline().strip()
+        first = make_ticket(None, [0, 3], connector=connector, endpoint=endpoint,
+                            transfer_id=template.transfer_id)
+        sender = make_sender(connector)
+        assert push(sender, first, random_layers(first)).result(20) > 0  # the pair works
+        peer.kill()
+        peer.wait()
+        start = time.monotonic()
+        later = make_ticket(None, [0, 3], connector=connector, endpoint=endpoint)
+        with pytest.raises(ConnectionError):
+            push(sender, later, random_layers(later)).result(20)
+        assert time.monotonic() - start < 15
+        sender.close()
+    finally:
+        peer.kill()
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_pairs_come_and_go_with_their_nodes(connector):
+    caches_a, caches_b = make_caches(), make_caches()
+    a, b = TcpKVReceiver(caches_a), TcpKVReceiver(caches_b)
+    sender = make_sender(connector)
+    for receiver, caches in ((a, caches_a), (b, caches_b)):  # one sender, two decode nodes
+        t, waiter = ticket(receiver, [4, 5], connector), Waiter()
+        receiver.expect(t, waiter)
+        layers = random_layers(t)
+        push(sender, t, layers)
+        assert waiter.wait().ok
+        assert_landed(caches, t, layers)
+    a.close()  # a decode node goes away: the sender's next transfer there fails, b's still land
+    with pytest.raises(ConnectionError):
+        push(sender, ticket(a, [1], connector), random_layers(ticket(a, [1], connector))).result(20)
+    sender.close()  # the prefill node goes away: b drops its pair
+    assert wait_until(lambda: b.num_connections == 0)
+    restarted = make_sender(connector)  # and comes back: a new pair
+    t, waiter = ticket(b, [6], connector), Waiter()
+    b.expect(t, waiter)
+    layers = random_layers(t)
+    push(restarted, t, layers)
+    assert waiter.wait().ok
+    assert_landed(caches_b, t, layers)
+    assert b.num_pairs == (1 if connector == "nccl" else 0)
+    restarted.close()
+    b.close()
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_transfer_forgotten_midway_spares_the_next(connector, receiver):
+    sender = make_sender(connector)
+    gone, waiter_gone = ticket(receiver, [1, 2], connector), Waiter()
+    receiver.expect(gone, waiter_gone)
+    layers = random_layers(gone)
+    sender.send_layer(gone, 0, layers[0].clone())
+    assert wait_until(lambda: receiver.kv_caches[0][0][1].any())  # layer 0 landed
+    receiver.forget(gone.transfer_id)  # the request was cancelled: its blocks get freed
+    sender.send_layer(gone, 1, layers[1].clone())
+    sender.abort(gone)
+    nxt, waiter = ticket(receiver, [7, 8], connector), Waiter()
+    receiver.expect(nxt, waiter)
+    layers = random_layers(nxt)
+    push(sender, nxt, layers).result(20)
+    assert waiter.wait().ok and waiter_gone.result is None  # forgotten: never called back
+    assert_landed(receiver.kv_caches, nxt, layers)
+    sender.close()
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_missing_layer_fails_at_done(connector, receiver):
+    sender = make_sender(connector)
+    t, waiter = ticket(receiver, [3], connector), Waiter()
+    receiver.expect(t, waiter)
+    sender.send_layer(t, 0, random_layers(t)[0])
+    sender.finish(t, 1).result(10)
+    assert not waiter.wait().ok and f"1 of {NUM_LAYERS} layers" in waiter.result.error
+    sender.close()
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_unreachable_receiver_fails_the_future(connector):
+    receiver = TcpKVReceiver(make_caches())
+    t = ticket(receiver, [1], connector)
+    receiver.close()
+    sender = make_sender(connector)
+    with pytest.raises(ConnectionError):
+        push(sender, t, random_layers(t)).result(10)
+    sender.close()
