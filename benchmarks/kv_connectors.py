@@ -3,9 +3,9 @@
   1. throughput: the `nccl` and `tcp` connectors moving Llama-3-8B KV from a sender on cuda:0
      to a receiver process on cuda:1 (into its cache blocks): one 4k-token request (512 MiB,
      its blocks one run, and scattered) and 16 concurrent 1k-token requests; against raw NCCL
-     send/recv of the same tensors between the same processes (recvs posted before the clock
-     starts, so raw is its best case). Time: from the first send_layer to the receiver's last
-     callback (CLOCK_MONOTONIC is system-wide).
+     send/recv of the same tensors between the same processes (buffers allocated before the
+     clock starts). Time: from the first send to the receiver's last callback or completed
+     receive (CLOCK_MONOTONIC is system-wide).
   2. exposed transfer: a cluster (router, prefill on cuda:0, a decode node on cuda:1 per
      connector) serving 4k-token prompts, against the in-process engine's prefill alone on
      cuda:0 (a 1-token generate). The prefill node reports `kv_transfer_seconds`, the time
@@ -25,7 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -81,11 +80,12 @@ def serve_receiver() -> None:
             emit({"done": max(r[0] for r in results), "ok": all(r[1] for r in results),
                   "errors": [r[2] for r in results if r[2]][:3]})
         elif cmd["cmd"] == "raw":
-            if raw_pair is None:
+            if raw_pair is None:  # NCCL connects on the first op: one small one, both sides
                 raw_pair = ProcessGroupPair.create(PairOffer(**cmd["offer"]), 1, device, 60)
+                raw_pair.settle(raw_pair.recv(torch.empty(1, device=device)))
             buffers = [torch.empty(s, dtype=DTYPE, device=device) for s in cmd["shapes"]]
+            emit({"ready": len(buffers)})  # posting may block until the sends start: no waiting before
             works = [raw_pair.recv(b) for b in buffers]
-            emit({"posted": len(works)})
             for w in works:
                 raw_pair.settle(w)
             if raw_pair.stream is not None:
@@ -162,10 +162,11 @@ def raw_seconds(peer: Peer, pair_state: dict, layers) -> float:
         peer.send({"cmd": "raw", "offer": dataclasses.asdict(offer), "shapes": [list(t.shape) for t in tensors]})
         pair_state["pair"] = pair = ProcessGroupPair.create(offer, 0, torch.device(DEVICES["send"]), 60,
                                                             store=store)
+        pair.settle(pair.send(torch.zeros(1, device=DEVICES["send"])))
     else:
         pair = pair_state["pair"]
         peer.send({"cmd": "raw", "offer": None, "shapes": [list(t.shape) for t in tensors]})
-    peer.read()  # the receives are posted
+    peer.read()  # the receiver's buffers are there; it posts its receives now
     sync()
     start = time.monotonic()
     works = [pair.send(t) for t in tensors]
@@ -183,6 +184,7 @@ def throughput(reps: int) -> list[dict]:
         for name, (n, tokens, scattered) in {"1 x 4k, one run": (1, 4096, False),
                                              "1 x 4k, scattered": (1, 4096, True),
                                              "16 x 1k": (16, 1024, False)}.items():
+            print(f"throughput: {name}", file=sys.stderr, flush=True)
             block_ids, layers = make_case(n, tokens, scattered)
             num_bytes = sum(kv.nbytes for ls in layers for kv in ls)
             times = {"raw nccl": [raw_seconds(peer, pair_state, layers) for _ in range(reps + 1)][1:]}
@@ -206,8 +208,6 @@ def throughput(reps: int) -> list[dict]:
 def exposed_transfer(reps: int) -> list[dict]:
     from engine.engine import Engine
     from engine.sampling_params import SamplingParams
-    from pdserve.client import generate_request, stream
-    from pdserve.cluster import Cluster
     rng = random.Random(1)
     prompts = [[rng.randrange(100, 128000) for _ in range(4096)] for _ in range(4 * (reps + 1))]
     args = ["--num-kv-blocks", "1200", "--max-model-len", "8192", "--max-num-batched-tokens", "4096"]
@@ -221,21 +221,9 @@ def exposed_transfer(reps: int) -> list[dict]:
         alone.append(time.perf_counter() - start)
     del engine
     torch.cuda.empty_cache()
-    rows = {}
-    connectors = ("nccl", "tcp")
-    with Cluster(MODEL, 1, 2, node_args=args, prefill_args=["--device", "cuda:0"],
-                 decode_args=[["--device", "cuda:1", "--kv-connector", c] for c in connectors],
-                 router_args=["--policy", "round_robin"]).start(timeout=600) as cluster:
-        for i, prompt in enumerate(prompts[reps + 1:]):
-            received = [kv_bytes(d) for d in cluster.decode]
-            start = time.perf_counter()
-            first = None
-            for response in stream(cluster.router_address, generate_request(prompt, one), timeout=120):
-                first = first or time.perf_counter() - start
-                timings = response.timings
-            got = [kv_bytes(d) - r for d, r in zip(cluster.decode, received)]
-            connector = connectors[got.index(max(got))]
-            rows.setdefault(connector, []).append((first, timings.prefill_seconds, timings.kv_transfer_seconds))
+    print("pipeline: prefill alone done; starting the clusters", file=sys.stderr, flush=True)
+    rows = {c: pipeline_samples(c, prompts[(i + 1) * (reps + 1):(i + 2) * (reps + 1)], args, one)
+            for i, c in enumerate(("nccl", "tcp"))}
     prefill_alone = statistics.median(alone[1:])
     out = []
     for c, samples in rows.items():
@@ -247,10 +235,23 @@ def exposed_transfer(reps: int) -> list[dict]:
     return out
 
 
-def kv_bytes(process) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{process.info['metrics_port']}/metrics").read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith('pdserve_kv_transfer_bytes_total{direction="received"}'))
+def pipeline_samples(connector: str, prompts, args, params) -> list[tuple[float, float, float]]:
+    """(TTFT, prefill s, exposed transfer s) per prompt through a cluster whose decode node asks
+    for `connector`; the prefill node's transfer log lines go to stderr."""
+    from pdserve.client import generate_request, stream
+    from pdserve.cluster import Cluster
+    samples = []
+    with Cluster(MODEL, 1, 1, node_args=args, prefill_args=["--device", "cuda:0", "--log-level", "DEBUG"],
+                 decode_args=["--device", "cuda:1", "--kv-connector", connector]).start(timeout=600) as cluster:
+        for prompt in prompts:
+            start, first = time.perf_counter(), None
+            for response in stream(cluster.router_address, generate_request(prompt, params), timeout=120):
+                first = first or time.perf_counter() - start
+                timings = response.timings
+            samples.append((first, timings.prefill_seconds, timings.kv_transfer_seconds))
+        lines = [x for x in cluster.prefill[0].log_tail(400).splitlines() if "layers queued" in x]
+        print("\n".join(lines[-len(prompts):]), file=sys.stderr)
+    return samples
 
 
 def table(rows: list[dict]) -> str:

@@ -28,7 +28,9 @@ class EngineLoop:
         self.engine = engine
         self._step = step or engine.step  # the prefill node wraps it to push KV
         self._after_step = after_step  # gets engine.stats() after each step (metrics)
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
+        # the current CUDA device is per thread: Triton launches on it, so it must be the engine's
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="engine", initializer=engine.runner.use_device)
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None

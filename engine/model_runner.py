@@ -25,6 +25,7 @@ class ModelRunner:
     def __init__(self, source: ModelSource, model_config: ModelConfig, config: EngineConfig,
                  max_model_len: int):
         self.device = torch.device(config.device)
+        self.use_device()
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.model_config = model_config
@@ -37,6 +38,11 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(model_config.num_layers)]
+
+    def use_device(self) -> None:
+        """Makes the engine's GPU the calling thread's current device (Triton launches there)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     def block_bytes(self) -> int:
         cfg = self.model_config

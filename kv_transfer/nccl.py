@@ -94,6 +94,7 @@ class _PairChannel(_Channel):
             self.pair.settle(work)  # gloo: the bytes have left; NCCL: ordered on the pair's stream
         out.layer_checksums[layer] = 0
         out.num_bytes += HEADER_SIZE + out.ticket.layer_bytes
+        out.first_layer_at = out.first_layer_at or time.monotonic()
         out.staged.append(staged)  # alive until the group is done with it
 
     def _send_done(self, out: _Outgoing, first_token_id: int) -> None:
@@ -104,11 +105,15 @@ class _PairChannel(_Channel):
                            summary_checksum(checksums))
         self._write(frame)
         out.num_bytes += len(frame)
-        deadline = time.monotonic() + self.sender.transfer_timeout
-        self.completions.add(self.pair.done_event(), deadline, lambda error: self._sent(out, error))
+        done_at = time.monotonic()
+        deadline = done_at + self.sender.transfer_timeout
+        self.completions.add(self.pair.done_event(), deadline, lambda error: self._sent(out, error, done_at))
 
-    def _sent(self, out: _Outgoing, error: BaseException | None) -> None:
+    def _sent(self, out: _Outgoing, error: BaseException | None, done_at: float) -> None:
         """Completion thread: every byte of `out` has left, or the peer stopped taking them."""
+        log.debug("kv transfer %s: layers queued over %.1f ms, then the bytes left %.1f ms after DONE",
+                  out.ticket.transfer_id, 1e3 * (done_at - (out.first_layer_at or done_at)),
+                  1e3 * (time.monotonic() - done_at))
         if error is not None:
             self.broken = True  # the channel thread aborts the pair before its next frame
             out.error = ConnectionError(f"kv pair with {self.endpoint}: {error}")

@@ -28,6 +28,7 @@ class _Outgoing:
     num_bytes: int = 0
     error: BaseException | None = None
     staged: list = field(default_factory=list)  # nccl: tensors the process group still reads
+    first_layer_at: float | None = None  # nccl: when its first layer was handed to the group
 
 
 class TcpKVSender(KVSender):

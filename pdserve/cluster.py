@@ -173,7 +173,10 @@ class Cluster:
     def __enter__(self) -> "Cluster":
         return self.start() if not self.processes else self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and exc_type is not KeyboardInterrupt:  # say what the nodes saw
+            for p in self.processes:
+                print(f"--- {p.name}: last lines of {p.log_file}\n{p.log_tail(30)}", file=sys.stderr)
         self.stop()
 
 
