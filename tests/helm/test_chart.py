@@ -108,6 +108,13 @@ def test_gpus_are_requested_only_when_asked():
     assert env(by_kind(render(None, "decode.gpu=true"), "Deployment")["rel-pdserve-decode"])["PDSERVE_DEVICE"] == "cuda"
 
 
+def test_decode_pods_ask_for_the_values_connector():
+    for values, connector in ((None, "tcp"), (str(CHART / "ci" / "gpu-nccl-values.yaml"), "nccl")):
+        deployments = by_kind(render(values), "Deployment")
+        assert env(deployments["rel-pdserve-decode"])["PDSERVE_KV_CONNECTOR"] == connector
+        assert "PDSERVE_KV_CONNECTOR" not in env(deployments["rel-pdserve-prefill"])  # it speaks both
+
+
 def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
     for name, d in by_kind(render(), "Deployment").items():
         spec = d["spec"]["template"]["spec"]

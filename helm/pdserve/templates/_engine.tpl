@@ -62,6 +62,8 @@ spec:
               value: $(POD_IP)
             - name: PDSERVE_RESERVATION_TIMEOUT_S
               value: {{ $pool.reservationTimeoutSeconds | quote }}
+            - name: PDSERVE_KV_CONNECTOR
+              value: {{ $root.Values.kvConnector | quote }}
             {{- end }}
             {{- range $key, $value := $pool.extraEnv }}
             - name: {{ $key }}
