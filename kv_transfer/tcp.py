@@ -2,6 +2,11 @@
 (prefill node, decode node) pair, a sender thread per destination and a receiver thread per
 connection. Payloads go straight from a host staging buffer into the socket and from the
 socket into a reused buffer, then into the reserved blocks with one index_copy per layer.
+
+`TcpKVReceiver` is also the `nccl` connector's receiver: a connection that opens with a PAIR
+frame gets its payloads over a process group instead (kv_transfer/nccl.py), so one decode
+node serves senders of both connectors. When a connection ends, the transfers that had frames
+on it and have not settled fail at once (their sender cannot finish them).
 """
 
 from __future__ import annotations

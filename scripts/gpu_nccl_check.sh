@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One device call on nvidia-h200-x2 (issue 7): the nccl connector's contract tests, the
 # two-GPU pipeline test, then benchmarks/kv_connectors.py (its tables are printed last).
-# Carry .whl (the packages the image lacks, as wheels: it has no package index).
+# Carry .whl (the packages the image lacks, as wheels: it has no package index), made with
+#   pip download -d .whl/extra --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+#     --python-version 3.12 crc32c redis async-timeout grpcio==1.85.1 \
+#     grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
+# (grpcio and protobuf at least the versions protos/ was generated with).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 
@@ -31,3 +33,12 @@ def test_flags_and_environment_errors_are_clear():
     zero = subprocess.run(PDSERVE + ["generate", "--block-size", "0", "hi"],
                           capture_output=True, text=True, timeout=120)
     assert zero.returncode == 2 and "block_size must be >= 1" in zero.stderr
+
+
+def test_up_spreads_nodes_over_the_devices_given():
+    from pdserve.cli import node_devices
+
+    assert node_devices("cpu", 3) == ["cpu"] * 3
+    assert node_devices("cuda:0, cuda:1", 3) == ["cuda:0", "cuda:1", "cuda:0"]  # prefill first
+    with pytest.raises(ValueError, match="empty"):
+        node_devices(" , ", 2)
