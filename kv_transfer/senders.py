@@ -36,10 +36,6 @@ class SenderByConnector(KVSender):
         for sender in senders:
             sender.close()
 
-    @property
-    def num_bytes_sent(self) -> int:
-        return sum(s.num_bytes_sent for s in list(self.senders.values()))
-
     def _sender(self, ticket: KVTicket) -> KVSender:
         with self._lock:
             sender = self.senders.get(ticket.connector)

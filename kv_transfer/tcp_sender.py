@@ -128,6 +128,8 @@ class _Channel:
             kind, out = item[0], item[1]
             try:
                 if kind == "kv" and out.error is None:
+                    if out.num_bytes == 0:  # a transfer's first frame: is the receiver still there?
+                        self._drop_if_closed()
                     self._send_layer(out, *item[2:])
                 elif kind == "done":
                     self._send_done(out, item[2])
@@ -172,10 +174,14 @@ class _Channel:
         else:
             out.future.set_exception(out.error)
 
-    def _write(self, *parts) -> None:
+    def _drop_if_closed(self) -> None:
+        """A dead receiver's socket stays writable for a while; the next `_write` reconnects
+        (and fails at once if the receiver is gone for good)."""
         if self.sock is not None and _peer_closed(self.sock):
             log.warning("kv receiver %s closed the connection; reconnecting", self.endpoint)
             self._disconnect()
+
+    def _write(self, *parts) -> None:
         if self.sock is None:
             self._connect()
         for part in parts:
