@@ -9,6 +9,8 @@ transfer; its payload is `u32 first_token_id | u32 num_layers | u32 CRC32C of th
 checksums in layer order`. ABORT (no payload) says the sender gave up. PAIR opens a connection
 of the `nccl` connector (kv_transfer/pair.py): its payload is the sender's process-group offer,
 and the KV frames after it carry no payload on the socket (it comes over the process group).
+GROUP (no payload; `layer` holds the count N) announces that the next N KV headers' payloads
+come as one coalesced group of process-group receives, in header order, K then V of each.
 Nothing here is ever unpickled: the receiver checks the header against its ticket, then reads
 plain numbers.
 """
@@ -30,6 +32,7 @@ DONE = struct.Struct("<III")
 DTYPE_CODES = {"float32": 1, "bfloat16": 2, "float16": 3}
 DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_GROUP = 256  # KV headers one GROUP frame may announce
 
 
 class FrameType(enum.IntEnum):
@@ -37,6 +40,7 @@ class FrameType(enum.IntEnum):
     DONE = 2
     ABORT = 3
     PAIR = 4  # the nccl connector: payloads of this connection go over a process group
+    GROUP = 5  # the nccl connector: the next `layer` KV headers' payloads move as one group
 
 
 class FrameError(ValueError):
@@ -106,6 +110,11 @@ def done_frame(transfer_id: bytes, first_token_id: int, num_layers: int, summary
 def pair_frame(offer: bytes) -> bytes:
     header = FrameHeader(FrameType.PAIR, bytes(16), num_bytes=len(offer), payload_checksum=checksum(offer))
     return header.pack() + offer
+
+
+def group_frame(num_layers: int) -> bytes:
+    assert 0 < num_layers <= MAX_GROUP, num_layers
+    return FrameHeader(FrameType.GROUP, bytes(16), layer=num_layers).pack()
 
 
 def abort_frame(transfer_id: bytes) -> bytes:

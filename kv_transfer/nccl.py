@@ -3,13 +3,17 @@ process group per (prefill node, decode node) pair (kv_transfer/pair.py): NCCL b
 gloo between CPU processes (the same code, so CI runs it).
 
 A sender's connection to a receiver starts with a PAIR frame; both ends then join the pair's
-process group. Each layer goes as a KV frame header on the socket (shape, dtype, layer; no
-payload checksum: NCCL/gloo carry their own integrity) followed by two sends on the group, K
-then V. The receiver reads the header, checks it against the ticket, and receives K and V
-straight into the reserved blocks when they are one run of consecutive ids, else into a
-staging tensor it scatters from. On CUDA nothing waits on the CPU until DONE: the receives and
-scatters are ordered on the pair's stream, and a completion thread settles the transfer
-once they have run, or fails it at the ticket's deadline.
+process group. Layers go in groups: whatever layers are queued when the sender's thread gets
+to them (one, as a prefill hands them over; many, from several transfers or a prefill that
+outran the wire), up to GROUP_BYTES. A group is a GROUP frame with one KV frame header per
+layer on the socket (shape, dtype, layer; no payload checksum: NCCL/gloo carry their own
+integrity), then all its bytes in one send on the process group, concatenated on the pair's
+stream: one handshake and one Python round per group, not per tensor. The receiver reads the
+headers, checks each against its ticket, receives the group into a staging buffer, and copies
+each layer's K and V into the reserved blocks (one batched copy for the layers whose blocks
+are one run of ids, a scatter for the others). On CUDA nothing waits on the CPU until DONE:
+the receives and copies are ordered on the pair's stream, and a completion thread settles the
+transfer once they have run, or fails it at the ticket's deadline.
 
 Who frees what is as for `tcp` (kv_transfer/connector.py). A pair that timed out or whose
 connection broke is aborted and forgotten; the next transfer makes a new one.
@@ -23,12 +27,15 @@ import time
 import torch
 
 from .connector import KVTicket, TransferResult
-from .frame import HEADER_SIZE, FrameHeader, FrameType, done_frame, pair_frame, summary_checksum
+from .frame import (HEADER_SIZE, MAX_GROUP, FrameError, FrameHeader, FrameType, done_frame, group_frame,
+                    pair_frame, summary_checksum)
 from .pair import Completions, ProcessGroupPair
 from .tcp import TORCH_DTYPES
 from .tcp_sender import TcpKVSender, _Channel, _Outgoing
 
 log = logging.getLogger(__name__)
+
+GROUP_BYTES = 128 << 20  # KV bytes in one group (or one layer if larger): the receiver stages them
 
 
 class NcclKVSender(TcpKVSender):
@@ -62,6 +69,9 @@ class NcclKVSender(TcpKVSender):
 class _PairChannel(_Channel):
     """One receiver: the socket for frames and the process group for the bytes."""
 
+    max_batch = MAX_GROUP
+    max_batch_bytes = GROUP_BYTES
+
     def __init__(self, sender: NcclKVSender, endpoint: str):
         self.pair: ProcessGroupPair | None = None
         self.completions = Completions(f"kv-pair-sent-{endpoint}")
@@ -85,17 +95,31 @@ class _PairChannel(_Channel):
             self._disconnect()
         super()._write(*parts)
 
-    def _send_layer(self, out: _Outgoing, layer: int, staged: torch.Tensor, ready) -> None:
-        header = FrameHeader(FrameType.KV, out.ticket.transfer_key, layer, out.ticket.dtype,
-                             tuple(staged.shape), out.ticket.layer_bytes).pack()
-        self._write(header)
-        works = [self.pair.send(staged[0], after=ready), self.pair.send(staged[1])]
-        for work in works:
-            self.pair.settle(work)  # gloo: the bytes have left; NCCL: ordered on the pair's stream
-        out.layer_checksums[layer] = 0
-        out.num_bytes += HEADER_SIZE + out.ticket.layer_bytes
-        out.first_layer_at = out.first_layer_at or time.monotonic()
-        out.staged.append(staged)  # alive until the group is done with it
+    def _send_layers(self, layers: list[tuple]) -> None:
+        """One GROUP frame with the layers' KV headers, then their bytes as one send: a lone
+        layer as it is, several concatenated (one device copy, not a process-group op per
+        tensor)."""
+        if not layers:
+            return
+        if any(out.num_bytes == 0 for out, *_ in layers):  # a transfer's first frame
+            self._drop_if_closed()
+        headers = [FrameHeader(FrameType.KV, out.ticket.transfer_key, layer, out.ticket.dtype,
+                               tuple(staged.shape), out.ticket.layer_bytes).pack()
+                   for out, layer, staged, _ in layers]
+        self._write(group_frame(len(layers)) + b"".join(headers))
+        with self.pair.stream_context():
+            for *_, ready in layers:
+                if ready is not None:
+                    self.pair.stream.wait_event(ready)
+            chunks = [staged.view(-1).view(torch.uint8) for _, _, staged, _ in layers]
+            flat = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # [group bytes]
+        self.pair.send_many([flat])
+        now = time.monotonic()
+        for out, layer, staged, _ in layers:
+            out.layer_checksums[layer] = 0
+            out.num_bytes += HEADER_SIZE + out.ticket.layer_bytes
+            out.first_layer_at = out.first_layer_at or now
+            out.staged += [staged, flat]  # alive until the pair's stream is past the send
 
     def _send_done(self, out: _Outgoing, first_token_id: int) -> None:
         if out.error is not None or self.pair is None:
@@ -141,26 +165,36 @@ class PairPayloads:
         log.info("kv pair from %s: %s group up", conn.addr, offer.backend)
         return cls(pair, receiver, conn)
 
-    def recv_layer(self, incoming, header: FrameHeader) -> None:
-        """K then V of one layer, into the reserved blocks."""
-        ids, runs = incoming.block_ids, incoming.runs
-        for cache in self.receiver.kv_caches[header.layer]:
-            if len(runs) == 1 and cache.is_contiguous():  # one run: no staging, no scatter
-                self.pair.settle(self.pair.recv(cache[runs[0][0]:runs[0][1]]))
-                continue
-            staging = torch.empty((len(ids), *cache.shape[1:]), dtype=cache.dtype, device=cache.device)
-            self.pair.settle(self.pair.recv(staging))
-            with self.pair.stream_context():
-                cache.index_copy_(0, ids, staging)
-        incoming.layer_checksums[header.layer] = header.payload_checksum
-        incoming.num_bytes += HEADER_SIZE + header.num_bytes
-
-    def discard(self, header: FrameHeader) -> None:
-        """A layer of a transfer nobody expects any more: taken off the group and dropped."""
-        for _ in range(2):
-            scratch = torch.empty(header.shape[1:], dtype=TORCH_DTYPES[header.dtype],
-                                  device=self.receiver.device)
-            self.pair.settle(self.pair.recv(scratch))
+    def recv_group(self, entries: list[tuple]) -> None:
+        """The bytes of one GROUP (or of a lone KV header) in one receive, then K and V of each
+        layer into the reserved blocks: one batched copy for the layers whose blocks are one
+        run of ids, a scatter for the others. `entries`: (incoming, header) each; incoming None
+        is a transfer nobody expects any more, whose bytes are dropped."""
+        sizes = [header.num_bytes for _, header in entries]
+        if sum(sizes) > max(GROUP_BYTES, self.receiver.max_frame_bytes):
+            raise FrameError(f"a group of {sum(sizes)} bytes")
+        with self.pair.stream_context():  # staging is the group stream's: reused in its order
+            flat = torch.empty(sum(sizes), dtype=torch.uint8, device=self.receiver.device)
+        self.pair.recv_many([flat])
+        with self.pair.stream_context():
+            runs_to, runs_from = [], []
+            for (incoming, header), chunk in zip(entries, flat.split(sizes)):
+                if incoming is None:
+                    continue
+                kv = chunk.view(TORCH_DTYPES[header.dtype]).view(header.shape)  # [2, num_blocks, ...]
+                runs = incoming.runs
+                for cache, part in zip(self.receiver.kv_caches[header.layer], kv):
+                    if len(runs) == 1:
+                        runs_to.append(cache[runs[0][0]:runs[0][1]])
+                        runs_from.append(part)
+                    else:
+                        cache.index_copy_(0, incoming.block_ids, part)
+            if runs_to:
+                torch._foreach_copy_(runs_to, runs_from)
+        for incoming, header in entries:
+            if incoming is not None:
+                incoming.layer_checksums[header.layer] = header.payload_checksum
+                incoming.num_bytes += HEADER_SIZE + header.num_bytes
 
     def settle_when_landed(self, incoming, result: TransferResult) -> None:
         event = self.pair.done_event()

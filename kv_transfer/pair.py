@@ -94,23 +94,35 @@ class ProcessGroupPair:
     def stream_context(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else _NoStream()
 
-    def send(self, tensor: torch.Tensor, after: "torch.cuda.Event | None" = None):
-        """Queues `tensor` (contiguous) to the peer, after `after` (the event of the copy that
-        produced it); returns the work."""
+    def send_many(self, tensors: list[torch.Tensor], after: list = ()) -> None:
+        """Queues `tensors` (contiguous) to the peer as one group, after the CUDA events in
+        `after` (of the copies that produced them). gloo: returns once they have left."""
         with self.stream_context():
-            if after is not None:
-                self.stream.wait_event(after)
-            return self.group.send([tensor], self.peer, 0)
+            for event in after:
+                self.stream.wait_event(event)
+            self._group(self.group.send, tensors)
 
-    def recv(self, tensor: torch.Tensor):
+    def recv_many(self, tensors: list[torch.Tensor]) -> None:
+        """Receives into `tensors`, matching one `send_many` of the same shapes. gloo: returns
+        once they have landed; NCCL: later work on the pair's stream runs after them."""
         with self.stream_context():
-            return self.group.recv([tensor], self.peer, 0)
+            self._group(self.group.recv, tensors)
 
-    def settle(self, work) -> None:
-        """gloo: blocks until `work` is done (raises on error or timeout). NCCL: later work on
-        the pair's stream runs after it; `done_event` tells when all of it has run."""
-        with self.stream_context():
-            work.wait()
+    def _group(self, op, tensors: list[torch.Tensor]) -> None:
+        """NCCL: one coalesced launch for all of `tensors` (their transfers pipeline instead of
+        each paying its own handshake), which the pair's stream waits for. gloo has no
+        coalescing: one blocking op each (raises on error or timeout)."""
+        if len(tensors) == 1 or not self.group.supports_coalescing:
+            for tensor in tensors:
+                op([tensor], self.peer, 0).wait()
+            return
+        self.group._start_coalescing()
+        try:
+            for tensor in tensors:
+                op([tensor], self.peer, 0)
+        finally:
+            work = self.group._end_coalescing()
+        work.wait()
 
     def done_event(self):
         """An event after everything queued on the pair's stream, or None on CPU (done)."""

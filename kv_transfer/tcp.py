@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .connector import KVReceiver, KVTicket, TransferResult
-from .frame import DONE, HEADER_SIZE, FrameError, FrameHeader, FrameType, checksum, summary_checksum
+from .frame import DONE, HEADER_SIZE, MAX_GROUP, FrameError, FrameHeader, FrameType, checksum, summary_checksum
 from .pair import MAX_OFFER_BYTES, PairOffer
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,8 @@ class TcpKVReceiver(KVReceiver):
                 if head is None:
                     return  # clean close between frames
                 header = FrameHeader.unpack(bytes(head))
-                if len(conn.buffer) < header.num_bytes <= self.max_frame_bytes:
+                on_socket = conn.pair is None or header.type is not FrameType.KV  # else: on the group
+                if on_socket and len(conn.buffer) < header.num_bytes <= self.max_frame_bytes:
                     conn.buffer = bytearray(header.num_bytes)
                 self._on_frame(conn, header)
         except (FrameError, ConnectionError, OSError, RuntimeError, ValueError) as e:
@@ -157,26 +158,14 @@ class TcpKVReceiver(KVReceiver):
     def _on_frame(self, conn: "_Connection", header: FrameHeader) -> None:
         if header.type is FrameType.PAIR:
             return self._open_pair(conn, header)
-        with self._lock:
-            incoming = self._tickets.get(header.transfer_id)
+        if header.type is FrameType.GROUP:
+            return self._recv_group(conn, header)
+        incoming = self._admit(conn, header)
+        if conn.pair is not None and header.type is FrameType.KV:  # a group of one
+            return conn.payloads.recv_group([(incoming, header)])
         if incoming is None:  # cancelled or expired: read past it
-            if header.num_bytes > self.max_frame_bytes:
-                raise FrameError(f"frame of {header.num_bytes} bytes for an unknown transfer")
-            if conn.pair is not None and header.type is FrameType.KV:
-                return conn.payloads.discard(header)
             _recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
             return
-        try:
-            self._check(incoming, header)
-        except FrameError as e:
-            self._fail(incoming, str(e))
-            raise  # a frame that does not match its ticket: the stream cannot be trusted
-        with self._lock:
-            if len(conn.transfers) > 1024:  # keep only the transfers still expected
-                conn.transfers &= self._tickets.keys()
-            conn.transfers.add(header.transfer_id)
-        if header.type is FrameType.KV and conn.pair is not None:
-            return conn.payloads.recv_layer(incoming, header)
         if header.type is FrameType.KV and self.in_place:
             return self._recv_layer_in_place(conn.sock, incoming, header)
         payload = memoryview(conn.buffer)[:header.num_bytes]
@@ -190,6 +179,41 @@ class TcpKVReceiver(KVReceiver):
             self._finish(incoming, payload, conn)
         else:
             self._fail(incoming, "the sender aborted the transfer")
+
+    def _admit(self, conn: "_Connection", header: FrameHeader) -> _Incoming | None:
+        """The transfer `header` belongs to, checked against its ticket, or None when nobody
+        expects it any more (its payload is dropped). Raises FrameError on a frame that does
+        not match its ticket: the stream cannot be trusted, so the connection closes."""
+        with self._lock:
+            incoming = self._tickets.get(header.transfer_id)
+        if incoming is None:
+            if header.num_bytes > self.max_frame_bytes:
+                raise FrameError(f"frame of {header.num_bytes} bytes for an unknown transfer")
+            return None
+        try:
+            self._check(incoming, header)
+        except FrameError as e:
+            self._fail(incoming, str(e))
+            raise
+        with self._lock:
+            if len(conn.transfers) > 1024:  # keep only the transfers still expected
+                conn.transfers &= self._tickets.keys()
+            conn.transfers.add(header.transfer_id)
+        return incoming
+
+    def _recv_group(self, conn: "_Connection", header: FrameHeader) -> None:
+        """A GROUP frame (pair connections only): N KV headers, then their payloads as one
+        group over the process group."""
+        if conn.pair is None or not 0 < header.layer <= MAX_GROUP or header.num_bytes:
+            raise FrameError("unexpected GROUP frame")
+        heads = _recv_exact(conn.sock, memoryview(bytearray(header.layer * HEADER_SIZE)), eof_ok=False)
+        entries = []
+        for start in range(0, len(heads), HEADER_SIZE):
+            kv = FrameHeader.unpack(bytes(heads[start:start + HEADER_SIZE]))
+            if kv.type is not FrameType.KV:
+                raise FrameError(f"{kv.type.name} frame inside a GROUP")
+            entries.append((self._admit(conn, kv), kv))
+        conn.payloads.recv_group(entries)
 
     def _open_pair(self, conn: "_Connection", header: FrameHeader) -> None:
         """A PAIR frame: this connection's KV payloads come over a process group from now on."""

@@ -106,13 +106,19 @@ class TcpKVSender(KVSender):
 
 
 class _Channel:
-    """One destination: a queue of frames and the thread that writes them in order."""
+    """One destination: a queue of frames and the thread that writes them in order. KV items
+    queued back to back are taken up to `max_batch` items and `max_batch_bytes` at a time (the
+    nccl connector sends each batch as one group)."""
+
+    max_batch = 1
+    max_batch_bytes = 0
 
     def __init__(self, sender: TcpKVSender, endpoint: str):
         self.sender = sender
         self.endpoint = endpoint
         self.sock: socket.socket | None = None
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._held = _NOTHING  # an item taken off the queue while batching, handled next
         self.thread = threading.Thread(target=self._run, name=f"kv-send-{endpoint}", daemon=True)
         self.thread.start()
 
@@ -124,25 +130,53 @@ class _Channel:
         self.thread.join(timeout=5)
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            kind, out = item[0], item[1]
+        while (item := self._take()) is not None:
+            kind = item[0]
+            batch = self._batch(item) if kind == "kv" else [item]
             try:
-                if kind == "kv" and out.error is None:
-                    if out.num_bytes == 0:  # a transfer's first frame: is the receiver still there?
-                        self._drop_if_closed()
-                    self._send_layer(out, *item[2:])
+                if kind == "kv":
+                    self._send_layers([(i[1], *i[2:]) for i in batch if i[1].error is None])
                 elif kind == "done":
-                    self._send_done(out, item[2])
+                    self._send_done(item[1], item[2])
                 elif kind == "abort":
-                    self._write(abort_frame(out.ticket.transfer_key))
-                    self._settle(out)
-            except (OSError, ValueError, RuntimeError) as e:
-                log.warning("kv transfer %s to %s: %s", out.ticket.transfer_id, self.endpoint, e)
+                    self._write(abort_frame(item[1].ticket.transfer_key))
+                    self._settle(item[1])
+            except Exception as e:  # noqa: BLE001  (whatever broke, the transfers fail; the thread lives)
                 self._disconnect()
-                out.error = out.error or ConnectionError(f"kv connection to {self.endpoint}: {e}")
-                if kind in ("done", "abort"):
-                    self._settle(out)
+                for out in {id(i[1]): i[1] for i in batch}.values():  # each transfer once
+                    log.warning("kv transfer %s to %s: %s", out.ticket.transfer_id, self.endpoint, e)
+                    out.error = out.error or ConnectionError(f"kv connection to {self.endpoint}: {e}")
+                    if kind in ("done", "abort"):
+                        self._settle(out)
         self._disconnect()
+
+    def _take(self):
+        if self._held is not _NOTHING:
+            item, self._held = self._held, _NOTHING
+            return item
+        return self.queue.get()
+
+    def _batch(self, first) -> list:
+        """`first` and the KV items queued right after it, within the batch limits."""
+        batch, num_bytes = [first], first[3].nbytes
+        while len(batch) < self.max_batch:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None or item[0] != "kv" or num_bytes + item[3].nbytes > self.max_batch_bytes:
+                self._held = item
+                break
+            batch.append(item)
+            num_bytes += item[3].nbytes
+        return batch
+
+    def _send_layers(self, layers: list[tuple]) -> None:
+        """`layers`: (out, layer, staged, ready) each."""
+        for out, *rest in layers:
+            if out.num_bytes == 0:  # a transfer's first frame: is the receiver still there?
+                self._drop_if_closed()
+            self._send_layer(out, *rest)
 
     def _send_layer(self, out: _Outgoing, layer: int, staged: torch.Tensor, ready) -> None:
         ready()
@@ -197,6 +231,9 @@ class _Channel:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+_NOTHING = object()
 
 
 def _peer_closed(sock: socket.socket) -> bool:

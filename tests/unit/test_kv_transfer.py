@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kv_transfer.connector import KVTicket
-from kv_transfer.frame import FrameError, FrameHeader, FrameType, HEADER_SIZE, kv_frame
+from kv_transfer.frame import HEADER_SIZE, FrameError, FrameHeader, FrameType, group_frame, kv_frame, pair_frame
 from kv_transfer.tcp import TcpKVReceiver, TcpKVSender
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 32, 4, 2, 8
@@ -161,3 +161,22 @@ def test_random_bytes_and_unknown_transfers_are_harmless(pair):
     assert waiter.wait().ok
     assert_landed(caches, ticket, layers)
     assert receiver.num_bad_connections >= 3
+
+
+@pytest.mark.parametrize("frames", [
+    [group_frame(2)],  # a GROUP belongs to pair connections only
+    [pair_frame(b"nccl 127.0.0.1 notaport")],  # a PAIR offer that does not parse
+])
+def test_frames_of_the_other_connector_out_of_place_close_only_their_connection(pair, frames):
+    caches, receiver, sender = pair
+    bad_before = receiver.num_bad_connections
+    with socket.create_connection(("127.0.0.1", receiver.port)) as s:
+        s.sendall(b"".join(frames))
+        assert closed_by_peer(s)
+    assert receiver.num_bad_connections == bad_before + 1
+    ticket, waiter = make_ticket(receiver, [2, 3]), Waiter()
+    receiver.expect(ticket, waiter)
+    layers = random_layers(ticket)
+    push(sender, ticket, layers)
+    assert waiter.wait().ok
+    assert_landed(caches, ticket, layers)
