@@ -2,12 +2,12 @@
 
   1. end to end: 1 and 16 concurrent requests through a local cluster (router, one prefill
      and one decode node, real processes on loopback; the client is one asyncio thread on one
-     channel) against the in-process Engine. TTFT, mean inter-token latency (ITL), output
-     tokens/s, and the overhead per output token = mean per-request (latency - first-token
-     latency) / (tokens - 1), disaggregated minus in-process, taken in each round (the two
-     sides back to back) and reported as the median over rounds: this machine's speed drifts
-     by tens of percent between minutes. Also the CPU time each process spent per output token
-     (from /proc), which says where the overhead goes.
+     channel) against the in-process Engine. TTFT, mean inter-token latency (ITL) per stream,
+     output tokens/s, wall time per output token (all streams together; also while every
+     stream is decoding, when no prefill shares the cores). Each overhead is disaggregated
+     minus in-process, taken in each round (the two sides back to back) and reported as the
+     median over rounds: this machine's speed drifts by tens of percent between minutes. Also
+     the CPU time each process spent per output token (from /proc): where the overhead goes.
   2. KV transfer: the TCP connector (frames, CRC32C on both sides, writes into the cache)
      against a plain socket sending the same bytes in the same layer-sized chunks.
 
@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import os
 import json
+import math
 import random
 import socket
 import statistics
@@ -50,30 +51,37 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def summarize(records, wall: float) -> dict:
-    """records: per request (ttft, [arrival times of each token after the first], num tokens)."""
-    ttft = [r[0] for r in records]
-    itl = [r[1] for r in records if r[1] is not None]
-    tokens = sum(r[2] for r in records)
-    return {"ttft_ms": 1e3 * statistics.mean(ttft), "itl_ms": 1e3 * statistics.mean(itl),
-            "tok_s": tokens / wall}
+    """records: per request (start, [(arrival time, num tokens) per message]), times in seconds.
+
+    steady_ms_per_token: wall time per output token while every request is decoding (from the
+    last first token to the first last token): no prefill runs then, so what differs between
+    the sides is the serving path itself, not prefill work sharing the cores with decode."""
+    firsts = [arrivals[0][0] for _, arrivals in records]
+    lasts = [arrivals[-1][0] for _, arrivals in records]
+    counts = [sum(n for _, n in arrivals) for _, arrivals in records]
+    itl = [(last - first) / (count - 1) for first, last, count in zip(firsts, lasts, counts) if count > 1]
+    window = (max(firsts), min(lasts))
+    steady = sum(n for _, arrivals in records for t, n in arrivals if window[0] < t <= window[1])  # 0: no such time
+    return {"ttft_ms": 1e3 * statistics.mean(f - start for f, (start, _) in zip(firsts, records)),
+            "itl_ms": 1e3 * statistics.mean(itl), "tok_s": sum(counts) / wall,
+            "steady_ms_per_token": 1e3 * (window[1] - window[0]) / steady if steady else float("nan")}
 
 
 def run_engine(engine: Engine, prompts, params) -> dict:
     engine.kv.pool.reset_prefix_cache()
     start, cpu_start = time.perf_counter(), time.process_time()
     ids = [engine.add_request(p, params) for p in prompts]
-    first, last, count = {}, {}, dict.fromkeys(ids, 0)
+    arrivals = {i: [] for i in ids}
     while engine.has_unfinished():
         outputs = engine.step()
         now = time.perf_counter()
         for o in outputs:
-            first.setdefault(o.request_id, now)
-            last[o.request_id] = now
-            count[o.request_id] += len(o.new_token_ids)
+            if o.new_token_ids:
+                arrivals[o.request_id].append((now, len(o.new_token_ids)))
     wall = time.perf_counter() - start
-    result = summarize([(first[i] - start, (last[i] - first[i]) / max(1, count[i] - 1), count[i])
-                        for i in ids], wall)
-    result["cpu_ms_per_token"] = {"engine": 1e3 * (time.process_time() - cpu_start) / sum(count.values())}
+    result = summarize([(start, arrivals[i]) for i in ids], wall)
+    num_tokens = sum(n for a in arrivals.values() for _, n in a)
+    result["cpu_ms_per_token"] = {"engine": 1e3 * (time.process_time() - cpu_start) / num_tokens}
     return result
 
 
@@ -86,14 +94,11 @@ async def _run_cluster(address: str, prompts, params) -> dict:
         stub = pb_grpc.RouterServiceStub(channel)
 
         async def one(prompt):
-            start = time.perf_counter()
-            first = last = None
-            count = 0
+            start, arrivals = time.perf_counter(), []
             async for response in stub.Generate(generate_request(prompt, params), timeout=600):
-                now = time.perf_counter()
-                first = first or now
-                last, count = now, count + len(response.token_ids)
-            return first - start, (last - first) / max(1, count - 1), count
+                if response.token_ids:
+                    arrivals.append((time.perf_counter(), len(response.token_ids)))
+            return start, arrivals
 
         start = time.perf_counter()
         records = await asyncio.gather(*(one(p) for p in prompts))
@@ -131,12 +136,24 @@ def end_to_end(model: str, max_tokens: int, repeat: int) -> list[dict]:
                 engine_runs.append(run_engine(engine, prompts, params))
                 cluster_runs.append(run_cluster_measured(cluster, prompts, params))
             # the overhead of each round, engine and cluster measured back to back, then the median
-            overheads = sorted(c["itl_ms"] - e["itl_ms"] for e, c in zip(engine_runs, cluster_runs))
             rows.append({"concurrency": concurrency, "engine": _median_run(engine_runs),
                          "disagg": _median_run(cluster_runs),
-                         "overhead_ms_per_token": statistics.median(overheads),
-                         "overhead_ms_per_round": overheads})
+                         **{name: _overhead(engine_runs, cluster_runs, key) for name, key in OVERHEADS.items()}})
     return rows
+
+
+# overheads of disaggregation, each disaggregated minus in-process (ms)
+OVERHEADS = {
+    "itl": lambda r: r["itl_ms"],  # per stream: the gap a client sees between its tokens
+    "per_token": lambda r: 1e3 / r["tok_s"],  # wall time per output token, all streams together
+    "steady_per_token": lambda r: r["steady_ms_per_token"],  # the same with every stream decoding
+}
+
+
+def _overhead(engine_runs, cluster_runs, key) -> dict:
+    """The difference in each round (both sides back to back), and its median over rounds."""
+    rounds = sorted(d for e, c in zip(engine_runs, cluster_runs) if not math.isnan(d := key(c) - key(e)))
+    return {"median_ms": statistics.median(rounds) if rounds else math.nan, "rounds_ms": rounds}
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -217,14 +234,17 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"end_to_end": rows, "kv_transfer": kv}, indent=2))
     print(f"\n{args.model}, CPU, {args.max_tokens} new tokens per request, prompts of 64-256 tokens")
-    print(f"{'conc':>4} | {'side':<8} | {'TTFT ms':>8} | {'ITL ms':>7} | {'tok/s':>7}")
+    print(f"{'conc':>4} | {'side':<8} | {'TTFT ms':>8} | {'ITL ms':>7} | {'tok/s':>7} | {'ms/token':>8} | "
+          f"{'steady ms/token':>15}")
     for row in rows:
         for side in ("engine", "disagg"):
             r = row[side]
-            print(f"{row['concurrency']:>4} | {side:<8} | {r['ttft_ms']:8.1f} | {r['itl_ms']:7.2f} | {r['tok_s']:7.1f}")
-        rounds = ", ".join(f"{x:+.1f}" for x in row["overhead_ms_per_round"])
-        print(f"{'':>4} | overhead per output token (ITL disagg - engine), median of rounds: "
-              f"{row['overhead_ms_per_token']:+.2f} ms  (rounds: {rounds})")
+            print(f"{row['concurrency']:>4} | {side:<8} | {r['ttft_ms']:8.1f} | {r['itl_ms']:7.2f} | {r['tok_s']:7.1f} | "
+                  f"{1e3 / r['tok_s']:8.2f} | {r['steady_ms_per_token']:15.2f}")
+        for name, label in (("itl", "ITL (per stream)"), ("per_token", "wall time per output token"),
+                            ("steady_per_token", "the same, every stream decoding")):
+            rounds = ", ".join(f"{x:+.1f}" for x in row[name]["rounds_ms"])
+            print(f"{'':>4} | overhead, {label}: {row[name]['median_ms']:+.2f} ms  (rounds: {rounds})")
         cpu = row["engine"]["cpu_ms_per_token"] | row["disagg"]["cpu_ms_per_token"]
         print(f"{'':>4} | CPU ms per output token: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
     print(f"\nKV transfer of {kv['bytes'] / 1e6:.0f} MB ({args.kv_tokens} tokens x {mc.num_layers} layers, fp32): "
