@@ -9,8 +9,8 @@ transfer; its payload is `u32 first_token_id | u32 num_layers | u32 CRC32C of th
 checksums in layer order`. ABORT (no payload) says the sender gave up. PAIR opens a connection
 of the `nccl` connector (kv_transfer/pair.py): its payload is the sender's process-group offer,
 and the KV frames after it carry no payload on the socket (it comes over the process group).
-GROUP (no payload; `layer` holds the count N) announces that the next N KV headers' payloads
-come as one coalesced group of process-group receives, in header order, K then V of each.
+GROUP (no payload; `layer` holds the count N) announces that N KV headers follow, whose
+payloads come over the process group as one message: their bytes concatenated in header order.
 Nothing here is ever unpickled: the receiver checks the header against its ticket, then reads
 plain numbers.
 """
