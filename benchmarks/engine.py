@@ -9,6 +9,10 @@ generate until the longest request is done, so only each request's own tokens co
 Both sides ignore EOS, so the token counts are fixed. Usage:
 
     python benchmarks/engine.py [--model smollm2-135m] [--device cpu] [--repeat 2]
+    python benchmarks/engine.py --device cuda [--model dummy:llama3-8b,dummy:llama3.2-1b]
+
+On CUDA it runs benchmarks/engine_gpu.py instead: decode step time against the roofline
+floor, offline throughput against transformers, prefill against the matmul FLOP rate.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/engine.json")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda":
+        return main_gpu(args)
 
     engine = Engine(model=args.model, device=args.device, max_num_batched_tokens=2048)
     hf = hf_model(engine.source, engine.model_config).to(device=device, dtype=engine.runner.dtype)
@@ -108,6 +114,16 @@ def main() -> None:
     for r in rows:
         print(f"{r['workload']:<32} {r['output_tokens']:>8} {r['ours_tok_s']:>11.1f} {r['hf_tok_s']:>9.1f} "
               f"{r['ratio']:>5.2f}x {str(r['greedy_match_first_prompt']):>12}")
+
+
+def main_gpu(args) -> None:
+    from benchmarks.engine_gpu import bench_model, print_tables
+    models = args.model if args.model != "smollm2-135m" else "dummy:llama3-8b,dummy:llama3.2-1b"
+    results = [bench_model(m) for m in models.split(",")]
+    out = Path(args.out).with_name("engine_gpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=2))
+    print_tables(results)
 
 
 if __name__ == "__main__":

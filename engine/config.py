@@ -129,7 +129,10 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto: torch on CPU, triton on CUDA
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0
+    kv_cache_memory_gb: float | None = None  # None: 1 GiB on CPU, from gpu_memory_utilization on CUDA
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU for weights, activations and KV
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs
+    max_graph_batch_size: int = 256  # CUDA: decode batches up to this replay graphs, larger run eagerly
     max_model_len: int | None = None  # None: the model's, capped at 8192
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # the token budget of one step (chunked prefill)
@@ -143,6 +146,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_graph_batch_size < 1:
+            raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

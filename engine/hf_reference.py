@@ -41,6 +41,39 @@ def hf_model(source: ModelSource, cfg: ModelConfig):
     return model.eval()
 
 
+def hf_model_sharing(model, cfg: ModelConfig):
+    """The transformers model over our model's own weight tensors (q/k/v and gate/up are views
+    of our fused ones): no second copy, so it works for `dummy:` weights and large models."""
+    config = hf_config(cfg)
+    with torch.device("meta"):
+        hf = getattr(transformers, _CLASSES[cfg.model_type][1])(config)
+    state = dict(_unfused(model))
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if cfg.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    rotary = hf.model.rotary_emb  # its inv_freq is a buffer, not a weight: built anew on the device
+    hf.model.rotary_emb = type(rotary)(config=config).to(next(model.parameters()).device)
+    return hf.eval()
+
+
+def _unfused(model):
+    """(Hugging Face name, tensor) for each of our parameters, fused ones split into views."""
+    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for name, param in model.named_parameters():
+        fused = next((f for f in parts if f".{f}." in name), None)
+        if fused is None:
+            yield name, param.data
+            continue
+        sizes = model.get_submodule(name.rsplit(".", 2)[0]).shard_sizes
+        offset = 0
+        for part, size in zip(parts[fused], sizes):
+            yield name.replace(fused, part), param.data.narrow(0, offset, size)
+            offset += size
+
+
 @torch.inference_mode()
 def hf_logits(model, token_ids: list[int]) -> torch.Tensor:
     """Logits [len(token_ids), vocab] of one unpadded sequence."""

@@ -1,4 +1,9 @@
-"""Building blocks of a Llama decoder: RMSNorm, rotary embedding, SwiGLU activation."""
+"""Building blocks of a Llama decoder: RMSNorm, rotary embedding, SwiGLU activation.
+
+On a GPU each runs as one fused Triton kernel (kernels/rms_norm.py, rotary.py, silu_and_mul.py,
+imported only there); on the CPU as the torch expressions below, which are those kernels'
+references.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda:
+            from kernels.rms_norm import rms_norm
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -69,11 +77,27 @@ class RotaryEmbedding(nn.Module):
         self.cos_cache = emb.cos()
         self.sin_cache = emb.sin()
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos and sin of each token's position, [num_tokens, 1, head_dim] each; looked up
-        once per step and shared by every layer."""
-        return (self.cos_cache[positions].to(dtype)[:, None, :],
-                self.sin_cache[positions].to(dtype)[:, None, :])
+    def for_step(self, positions: torch.Tensor, dtype: torch.dtype) -> "StepRope":
+        """What every layer of a step needs to rotate its q and k (looked up once per step)."""
+        if positions.is_cuda:
+            return StepRope(self, positions, None)
+        return StepRope(self, positions, (self.cos_cache[positions].to(dtype)[:, None, :],
+                                          self.sin_cache[positions].to(dtype)[:, None, :]))
+
+
+class StepRope:
+    """RoPE for one step's tokens: the fused kernel on a GPU; on the CPU cos and sin of each
+    token's position, [num_tokens, 1, head_dim] each."""
+
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor, cos_sin):
+        self.rotary, self.positions, self.cos_sin = rotary, positions, cos_sin
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor):
+        if self.cos_sin is None:
+            from kernels.rotary import rotary
+            rotary(q, k, self.rotary.cos_cache, self.rotary.sin_cache, self.positions)  # in place
+            return q, k
+        return apply_rope(q, k, *self.cos_sin)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -87,5 +111,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if gate_up.is_cuda:
+        from kernels.silu_and_mul import silu_and_mul as fused
+        return fused(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

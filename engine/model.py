@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import AttentionMetadata
 from .config import ModelConfig
-from .layers import RMSNorm, RotaryEmbedding, apply_rope, silu_and_mul
+from .layers import RMSNorm, RotaryEmbedding, StepRope, silu_and_mul
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # each [num_blocks, block_size, num_kv_heads, head_dim]
 
@@ -33,13 +33,13 @@ class LlamaAttention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.shard_sizes = (cfg.q_size, cfg.kv_size, cfg.kv_size)
 
-    def forward(self, rope, hidden, kv_cache: KVCache, meta: AttentionMetadata, backend):
+    def forward(self, rope: StepRope, hidden, kv_cache: KVCache, meta: AttentionMetadata, backend):
         cfg = self.cfg
         q, k, v = self.qkv_proj(hidden).split(self.shard_sizes, dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, k, *rope)
+        q, k = rope.apply(q, k)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(-1, cfg.q_size))
 
@@ -84,7 +84,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta, backend, layer_hook=None):
         hidden, residual = self.embed_tokens(input_ids), None
-        rope = self.rotary.cos_sin(positions, hidden.dtype)
+        rope = self.rotary.for_step(positions, hidden.dtype)
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             hidden, residual = layer(rope, hidden, residual, kv_cache, meta, backend)
             if layer_hook is not None:

@@ -2,17 +2,22 @@
 
 The batch is flat (no padding): the new tokens of every scheduled request one after another,
 `cu_seqlens_q` marking where each request's tokens start, and `slot_mapping` saying where
-each token's K/V goes in the paged cache.
+each token's K/V goes in the paged cache. On CUDA a decode step (one new token per request)
+replays a captured graph instead (cuda_graphs.py); the step's one host sync is reading back
+the sampled token ids.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from .attention import AttentionMetadata, get_attention_backend
 from .config import EngineConfig, ModelConfig
+from .cuda_graphs import DecodeGraphs
+from .kv_cache_sizing import kv_cache_bytes
 from .model_source import ModelSource
 from .sampler import Sampler
 from .scheduler import SchedulerOutput
@@ -24,20 +29,31 @@ log = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, source: ModelSource, model_config: ModelConfig, config: EngineConfig,
                  max_model_len: int):
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self.use_device()
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.model_config = model_config
+        self.max_model_len = max_model_len
         self.keep_logits = config.keep_logits
         self.model = load_model(source, model_config, max_model_len, self.device, self.dtype, config.seed)
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.sampler = Sampler(self.device, config.seed)
-        self.num_blocks = config.num_kv_blocks or self._blocks_for(config.kv_cache_memory_gb)
+        self.num_blocks = config.num_kv_blocks or max(1, kv_cache_bytes(self, config) // self.block_bytes())
         shape = (self.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(model_config.num_layers)]
+        self.graphs = self._capture_graphs(config)
+
+    def _capture_graphs(self, config: EngineConfig) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or config.enforce_eager or self.backend.name != "triton":
+            return None  # the torch back-end plans each step on the host: not capturable
+        max_batch = min(config.max_num_seqs, config.max_graph_batch_size)
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, max_batch, self.max_model_len,
+                              self.block_size, self.device)
+        graphs.capture()
+        return graphs
 
     def use_device(self) -> None:
         """Makes the engine's GPU the calling thread's current device (Triton launches there)."""
@@ -48,53 +64,91 @@ class ModelRunner:
         cfg = self.model_config
         return 2 * cfg.num_layers * self.block_size * cfg.kv_size * self.dtype.itemsize
 
-    def _blocks_for(self, memory_gb: float) -> int:
-        return max(1, int(memory_gb * 2**30) // self.block_bytes())
-
     @torch.inference_mode()
     def run(self, out: SchedulerOutput, block_tables: list[list[int]], layer_hook=None):
         """Returns ({request_id: sampled token id}, {request_id: logits} or None).
         `layer_hook(i)` runs right after layer i (its K/V for this step are then in the cache)."""
-        input_ids, positions, meta, sample_rows = self._prepare(out, block_tables)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend, layer_hook)
-        if not sample_rows:
+        batch = self._gather(out, block_tables)
+        hidden, rows = self._forward(batch, layer_hook)
+        if not rows:
             return {}, None
-        rows, requests = zip(*sample_rows)
-        logits = self.model.compute_logits(hidden[list(rows)]).float()
+        logits = self.model.compute_logits(hidden if rows is ALL_ROWS else hidden[rows]).float()
+        requests = [s.request for s in out.scheduled if s.samples]
         ids = [r.request_id for r in requests]
         tokens = self.sampler(logits, ids, [r.params for r in requests],
                               [len(r.output_token_ids) for r in requests]).tolist()
         kept = dict(zip(ids, logits.cpu())) if self.keep_logits else None
         return dict(zip(ids, tokens)), kept
 
-    def _prepare(self, out: SchedulerOutput, block_tables: list[list[int]]):
-        input_ids, positions, slots, query_lens, seq_lens, sample_rows = [], [], [], [], [], []
+    def _gather(self, out: SchedulerOutput, block_tables: list[list[int]]) -> "StepBatch":
+        batch = StepBatch(block_tables=block_tables)
         bs = self.block_size
         for s, table in zip(out.scheduled, block_tables):
             request = s.request
             start, end = request.num_computed_tokens, request.num_computed_tokens + s.num_new_tokens
-            input_ids += request.token_ids(start, end)
-            positions += range(start, end)
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            query_lens.append(s.num_new_tokens)
-            seq_lens.append(end)
+            batch.input_ids += request.token_ids(start, end)
+            batch.positions += range(start, end)
+            batch.slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            batch.query_lens.append(s.num_new_tokens)
+            batch.seq_lens.append(end)
             if s.samples:
-                sample_rows.append((len(input_ids) - 1, request))
-        width = max(len(t) for t in block_tables)
-        padded = [t + [0] * (width - len(t)) for t in block_tables]
+                batch.sample_rows.append(len(batch.input_ids) - 1)
+        return batch
+
+    def _forward(self, batch: "StepBatch", layer_hook):
+        """Hidden states of the step and the rows to sample (ALL_ROWS: every row)."""
+        num_seqs = len(batch.seq_lens)
+        if (layer_hook is None and self.graphs is not None and len(batch.input_ids) == num_seqs
+                and len(batch.sample_rows) == num_seqs and self.graphs.padded_size(num_seqs)):
+            hidden = self.graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens,
+                                     batch.block_tables)
+            return hidden, ALL_ROWS
+        dev = self.device
+        hidden = self.model(torch.tensor(batch.input_ids, dtype=torch.int64, device=dev),
+                            torch.tensor(batch.positions, dtype=torch.int64, device=dev),
+                            self.kv_caches, self.metadata(batch), self.backend, layer_hook)
+        if len(batch.sample_rows) == len(batch.input_ids):
+            return hidden, ALL_ROWS
+        return hidden, batch.sample_rows
+
+    def metadata(self, batch: "StepBatch") -> AttentionMetadata:
+        width = max(len(t) for t in batch.block_tables)
+        padded = [t + [0] * (width - len(t)) for t in batch.block_tables]
         cu_seqlens_q = [0]
-        for n in query_lens:
+        for n in batch.query_lens:
             cu_seqlens_q.append(cu_seqlens_q[-1] + n)
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(batch.slot_mapping, dtype=torch.int64, device=dev),
             cu_seqlens_q=torch.tensor(cu_seqlens_q, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens))
-        return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
-                torch.tensor(positions, dtype=torch.int64, device=dev), meta, sample_rows)
+            query_lens_cpu=batch.query_lens, seq_lens_cpu=batch.seq_lens,
+            max_query_len=max(batch.query_lens), max_seq_len=max(batch.seq_lens))
+
+
+ALL_ROWS = slice(None)  # sample every row of the step (a decode step; a prefill of 1-token prompts)
+
+
+@dataclass
+class StepBatch:
+    """The flat batch of one step, on the host."""
+
+    block_tables: list[list[int]]
+    input_ids: list[int] = field(default_factory=list)  # [num_tokens]
+    positions: list[int] = field(default_factory=list)  # [num_tokens]
+    slot_mapping: list[int] = field(default_factory=list)  # [num_tokens]
+    query_lens: list[int] = field(default_factory=list)  # [num_seqs] new tokens of each sequence
+    seq_lens: list[int] = field(default_factory=list)  # [num_seqs] context after this step
+    sample_rows: list[int] = field(default_factory=list)  # token rows whose logits are sampled
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device, with plain `cuda` pinned to the current GPU's index (set_device needs one)."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -72,8 +72,8 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    min_p = torch.tensor([p.min_p for p in params], device=device)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):  # decided on the host: no device sync
+        min_p = torch.tensor([p.min_p for p in params], device=device)
         drop = probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)

@@ -1,8 +1,10 @@
 """Paged decode attention: one query token per sequence against its paged KV history.
 
 GQA-aware: one program holds all query heads of one KV head, so each K/V row is read once.
-Split-KV (flash-decoding): a long context is cut into splits handled by separate programs,
-each writing a partial output and its log-sum-exp; a second kernel merges the splits.
+Split-KV (flash-decoding): each sequence's context is cut into `num_splits` equal splits
+handled by separate programs, each writing a partial output and its log-sum-exp; a second
+kernel merges the splits. The split length is computed per sequence on the device, so the
+grid depends only on `num_splits`: a CUDA graph captured once serves every context length.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# the batch varies step to step (table width, splits): one compiled kernel serves all
+@triton.jit(do_not_specialize=["num_splits", "stride_bt_seq"])
 def _paged_decode_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr,
-        scale, tokens_per_split, num_splits,
+        scale, num_splits,
         stride_q_seq, stride_q_head, stride_o_seq, stride_o_head, stride_bt_seq,
         stride_c_block, stride_c_tok, stride_c_head,
         QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -24,8 +27,9 @@ def _paged_decode_attention_kernel(
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N  # whole BLOCK_N tiles
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -58,7 +62,7 @@ def _paged_decode_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
-    has_keys = l > 0  # false only for a split past the end of this sequence
+    has_keys = l > 0  # false only for a split past the end of this sequence (a short one)
     o = acc / tl.where(has_keys, l, 1.0)[:, None]
     out_mask = g_mask[:, None] & d_mask[None, :]
     if DIRECT:
@@ -70,7 +74,7 @@ def _paged_decode_attention_kernel(
         tl.store(lse_ptr + row, tl.where(has_keys, m + tl.log2(l), float("-inf")), mask=g_mask)  # base 2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_splits, stride_o_seq, stride_o_head,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     seq, head = tl.program_id(0), tl.program_id(1)
@@ -94,7 +98,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim];
     block_tables: int32 [num_seqs, max_blocks]; seq_lens: int32 [num_seqs], each >= 1 and
-    <= max_seq_len. Returns [num_seqs, num_heads, head_dim] in q's dtype."""
+    <= max_seq_len (which only sets how many splits there are: a bound is enough). Returns
+    [num_seqs, num_heads, head_dim] in q's dtype."""
     num_seqs, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
@@ -108,8 +113,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs * num_kv_heads, max_seq_len, q.device)
-    tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_seq_len, tokens_per_split)
+    num_splits = max(1, min(num_splits, triton.cdiv(max_seq_len, block_n)))
     direct = num_splits == 1
     part = lse = out  # unused when direct
     if not direct:
@@ -118,7 +122,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
     _paged_decode_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, scale, tokens_per_split, num_splits,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, scale, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         QUERIES_PER_KV=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),

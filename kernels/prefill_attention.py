@@ -38,7 +38,7 @@ def _attend_tile(q, m, l, acc, k_cache_ptr, v_cache_ptr, table, kv_head, n0, q_p
     return m_new, l * alpha + tl.sum(p, axis=1), acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt_seq"])  # the table width varies step to step
 def _prefill_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
         scale, num_heads, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_bt_seq,

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # any batch: one compiled kernel
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_tokens,
                      stride_k, stride_v, ROW: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_ROW: tl.constexpr):

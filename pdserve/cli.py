@@ -31,6 +31,12 @@ HELP = {
     "dtype": "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16",
     "block_size": "tokens per KV block",
     "num_kv_blocks": "KV blocks to allocate (none: from --kv-cache-memory-gb)",
+    "kv_cache_memory_gb": "KV cache size (none: 1 GiB on CPU; on CUDA what --gpu-memory-utilization "
+                          "leaves after the weights and the largest step's activations)",
+    "gpu_memory_utilization": "share of the GPU's memory this node may use (pdserve up splits it "
+                              "between nodes on one GPU)",
+    "enforce_eager": "no CUDA graphs for decode steps",
+    "max_graph_batch_size": "decode batches up to this size replay CUDA graphs captured at start-up",
     "max_num_batched_tokens": "token budget of one engine step (chunked prefill)",
     "port": "gRPC port (0: any free port)",
     "metrics_port": "Prometheus /metrics port (0: any free port)",
@@ -147,12 +153,12 @@ def run_up(args) -> int:
     config = config_from_args(EngineConfig, args)
     redis = None if args.no_redis else args.redis_url or "local"
     gateway_args = ["--api-key", args.api_key] if args.api_key else []
-    devices = node_devices(config.device, args.num_prefill + args.num_decode)
+    device_args = node_device_args(config, node_devices(config.device, args.num_prefill + args.num_decode))
     cluster = Cluster(config.model, args.num_prefill, args.num_decode, args.port,
                       node_args=engine_flags(config), router_args=["--policy", args.policy], redis=redis,
-                      prefill_args=[["--device", d] for d in devices[:args.num_prefill]],
-                      decode_args=[["--device", d, "--kv-connector", args.kv_connector]
-                                   for d in devices[args.num_prefill:]],
+                      prefill_args=device_args[:args.num_prefill],
+                      decode_args=[[*a, "--kv-connector", args.kv_connector]
+                                   for a in device_args[args.num_prefill:]],
                       gateway_port=None if args.http_port < 0 else args.http_port,
                       gateway_args=gateway_args)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -189,6 +195,19 @@ def run_up(args) -> int:
         return 0
     finally:
         cluster.stop()
+
+
+def node_device_args(config: EngineConfig, devices: list[str]) -> list[list[str]]:
+    """Each node's --device, and on a GPU that several nodes share, each one's even part of
+    --gpu-memory-utilization (unless the KV cache has a fixed size)."""
+    fixed = config.num_kv_blocks is not None or config.kv_cache_memory_gb is not None
+    node_args = []
+    for d in devices:
+        sharing = devices.count(d)
+        share = [] if fixed or not d.startswith("cuda") or sharing == 1 else [
+            "--gpu-memory-utilization", f"{config.gpu_memory_utilization / sharing:.4f}"]
+        node_args.append(["--device", d, *share])
+    return node_args
 
 
 def node_devices(device: str, num_nodes: int) -> list[str]:

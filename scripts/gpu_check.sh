@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One device call: every `gpu` test, then the kernel benchmark (its table is printed last).
-# Usage on the device machine, from the repository root: bash scripts/gpu_check.sh
+# One device call: every `gpu` test of tests/kernels (kernels against their references, the
+# engine's CUDA graphs against eager, nothing compiled or captured in steady state, the KV
+# cache's GPU share), then a benchmark, its table printed last:
+#   bash scripts/gpu_check.sh           benchmarks/kernels.py
+#   bash scripts/gpu_check.sh engine    benchmarks/engine.py --device cuda (issue 9)
+# Usage on the device machine, from the repository root (carry .whl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -8,6 +12,10 @@ out=${OUT:-/tmp}
 if [ -d .whl ]; then  # test tools carried as wheels (the device has no package index)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels 2>&1 | tee "$out/gpu_tests.log" | tail -25
-python3 benchmarks/kernels.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log" | tail -16
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels 2>&1 | tee "$out/gpu_tests.log" | tail -25
+if [ "${1:-kernels}" = engine ]; then
+  python3 benchmarks/engine.py --device cuda --out "$out/engine.json" 2>&1 | tee "$out/engine.log" | tail -22
+else
+  python3 benchmarks/kernels.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log" | tail -16
+fi

@@ -8,7 +8,7 @@ import transformers
 from engine.engine import Engine
 from engine.model_source import resolve_model
 from engine.sampling_params import SamplingParams
-from engine.hf_reference import hf_logits, hf_model, rel_err
+from engine.hf_reference import hf_logits, hf_model, hf_model_sharing, rel_err
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
             num_attention_heads=4, head_dim=16, max_position_embeddings=512)
@@ -57,6 +57,9 @@ def test_logits_match_transformers_per_step(tiny_model_dir):
             err = rel_err(ours, theirs)
             assert err < 1e-4, f"prompt of {len(prompt)}, step {step}: relative error {err:.2e}"
         assert result.token_ids == ref.argmax(-1).tolist()
+    # the oracle the GPU benchmark builds over our (dummy) weights is the same model
+    shared = hf_model_sharing(engine.runner.model, engine.model_config)
+    assert rel_err(hf_logits(shared, prompts[4]), hf_logits(hf, prompts[4])) < 1e-6
 
 
 CHATS = [

@@ -6,6 +6,9 @@ import torch
 
 from kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from kernels.rms_norm import rms_norm, rms_norm_ref
+from kernels.rotary import rotary, rotary_ref
+from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 from kernels.store_kv import store_kv, store_kv_ref
 from tests.kernels.paged_inputs import make_paged_batch, rel_err
 
@@ -30,13 +33,14 @@ def test_store_kv(dtype, head_dim):
 
 
 @pytest.mark.parametrize("group,head_dim,page", SHAPES)
-@pytest.mark.parametrize("num_splits", [None, 3])
-def test_paged_decode_attention(group, head_dim, page, num_splits):
-    # lengths 1, page-1, page, page+1 and a longer ragged one, in one batch
+@pytest.mark.parametrize("num_splits,slack", [(None, 0), (3, 0), (8, 1000)])
+def test_paged_decode_attention(group, head_dim, page, num_splits, slack):
+    # lengths 1, page-1, page, page+1 and a longer ragged one, in one batch; with slack the
+    # bound is far above every length (as a CUDA graph captured for max_model_len passes it)
     seq_lens = [1, page - 1, page, page + 1, 3 * page + 7]
     b = make_paged_batch(seq_lens, [1] * len(seq_lens), 2 * group, 2, head_dim, page, seed=group + page)
     out = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale,
-                                 max(seq_lens), num_splits=num_splits, block_n=16)
+                                 max(seq_lens) + slack, num_splits=num_splits, block_n=16)
     ref = paged_decode_attention_ref(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.scale)
     assert rel_err(out, ref) < 1e-3
 
@@ -92,3 +96,69 @@ def test_store_kv_gpu():
     store_kv(k, v, *caches, slots)
     store_kv_ref(k, v, *expected, slots)
     assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+ELEMENTWISE = [(torch.float32, 1e-5), (torch.float16, 2e-3)]
+ELEMENTWISE_GPU = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]
+
+
+def check_rms_norm(num_tokens, hidden, dtype, tol, device="cpu"):
+    gen = torch.Generator(device).manual_seed(hidden)
+    x = torch.randn(num_tokens, hidden, generator=gen, device=device).to(dtype)
+    residual = torch.randn(num_tokens, hidden, generator=gen, device=device).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen, device=device)).to(dtype)
+    assert rel_err(rms_norm(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5)) < tol
+    out, res = rms_norm(x, weight, 1e-5, residual)
+    ref_out, ref_res = rms_norm_ref(x, weight, 1e-5, residual)
+    assert torch.equal(res, ref_res) and rel_err(out, ref_out) < tol
+
+
+def check_rotary(num_tokens, num_heads, num_kv_heads, head_dim, dtype, tol, device="cpu"):
+    from engine.layers import RotaryEmbedding
+    gen = torch.Generator(device).manual_seed(num_heads + head_dim)
+    rope = RotaryEmbedding(head_dim, 4096, 500000.0, None).to(device)
+    rope.build_cache()
+    width = (num_heads + 2 * num_kv_heads) * head_dim  # q and k are strided views of a fused qkv
+    qkv = torch.randn(num_tokens, width, generator=gen, device=device).to(dtype)
+    q = qkv[:, :num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    k = qkv[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=gen, device=device)
+    q_ref, k_ref = q.clone(), k.clone()
+    v_before = qkv[:, (num_heads + num_kv_heads) * head_dim:].clone()
+    rotary(q, k, rope.cos_cache, rope.sin_cache, positions)
+    rotary_ref(q_ref, k_ref, rope.cos_cache, rope.sin_cache, positions)
+    assert rel_err(q, q_ref) < tol and rel_err(k, k_ref) < tol
+    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim:], v_before)  # v untouched
+
+
+def check_silu_and_mul(num_tokens, width, dtype, tol, device="cpu"):
+    gen = torch.Generator(device).manual_seed(width)
+    x = torch.randn(num_tokens, 2 * width, generator=gen, device=device).to(dtype)
+    assert rel_err(silu_and_mul(x), silu_and_mul_ref(x)) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", ELEMENTWISE)
+@pytest.mark.parametrize("num_tokens,hidden", [(1, 64), (7, 576), (3, 100)])
+def test_rms_norm(num_tokens, hidden, dtype, tol):
+    check_rms_norm(num_tokens, hidden, dtype, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", ELEMENTWISE)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (9, 3, 64), (8, 1, 128), (6, 6, 10)])
+def test_rotary(num_heads, num_kv_heads, head_dim, dtype, tol):
+    check_rotary(5, num_heads, num_kv_heads, head_dim, dtype, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", ELEMENTWISE)
+@pytest.mark.parametrize("num_tokens,width", [(1, 16), (5, 1536), (2, 1500)])
+def test_silu_and_mul(num_tokens, width, dtype, tol):
+    check_silu_and_mul(num_tokens, width, dtype, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", ELEMENTWISE_GPU)
+def test_elementwise_kernels_gpu(dtype, tol):
+    for num_tokens in (1, 37, 8192):
+        check_rms_norm(num_tokens, 4096, dtype, tol, "cuda")
+        check_rotary(num_tokens, 32, 8, 128, dtype, tol, "cuda")
+        check_silu_and_mul(num_tokens, 14336, dtype, tol, "cuda")

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 
@@ -42,3 +43,15 @@ def test_up_spreads_nodes_over_the_devices_given():
     assert node_devices("cuda:0, cuda:1", 3) == ["cuda:0", "cuda:1", "cuda:0"]  # prefill first
     with pytest.raises(ValueError, match="empty"):
         node_devices(" , ", 2)
+
+
+def test_up_splits_the_gpu_share_between_nodes_on_one_gpu():
+    from pdserve.cli import node_device_args
+
+    config = EngineConfig(device="cuda", gpu_memory_utilization=0.9)
+    assert node_device_args(config, ["cuda:0", "cuda:1", "cuda:0"]) == [
+        ["--device", "cuda:0", "--gpu-memory-utilization", "0.4500"], ["--device", "cuda:1"],
+        ["--device", "cuda:0", "--gpu-memory-utilization", "0.4500"]]
+    assert node_device_args(config, ["cpu", "cpu"]) == [["--device", "cpu"]] * 2
+    fixed = config.replace(kv_cache_memory_gb=4.0)  # a fixed cache size is each node's own
+    assert node_device_args(fixed, ["cuda:0", "cuda:0"]) == [["--device", "cuda:0"]] * 2
