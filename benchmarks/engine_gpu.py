@@ -3,7 +3,7 @@
 Per model (bf16, `dummy:` weights of the real shapes):
   decode   step time at batch 1, 8, 32, 128 with 512 tokens of context, CUDA graphs and eager,
            against the roofline floor: the bytes a step must read (weights + KV) over the copy
-           bandwidth measured here (a device-to-device copy: bytes read + written, over time)
+           bandwidth measured here (benchmarks/kernels.py's: bytes read + written, over time)
   offline  128 requests of 512 input / 128 output tokens: output tok/s against transformers
            `generate` on the same weights (shared tensors) and prompts
   prefill  16 x 2048-token prompts: tokens/s, and the FLOP rate reached as a fraction of a bf16
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from engine.cuda_graphs import DecodeGraphs
+from benchmarks.kernels import bench, copy_bandwidth
 from engine.engine import Engine
 from engine.hf_reference import hf_model_sharing
 from engine.sampling_params import SamplingParams
@@ -34,32 +34,11 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def timed_cuda(fn, reps: int = 10) -> float:
-    """Median seconds of `fn` by CUDA events, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth(num_bytes: int = 2**31) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * num_bytes / timed_cuda(lambda: dst.copy_(src))
-
-
 def matmul_flops(m: int, k: int, n: int) -> float:
     """FLOP/s of a bf16 [m, k] @ [k, n] matmul."""
     a = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(k, n, dtype=torch.bfloat16, device="cuda")
-    return 2 * m * k * n / timed_cuda(lambda: a @ b)
+    return 2 * m * k * n / bench(lambda: a @ b)
 
 
 def weight_bytes_per_step(engine: Engine) -> int:
@@ -94,7 +73,7 @@ def random_prompts(vocab: int, num: int, length: int, seed: int) -> list[list[in
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(num)]
 
 
-def decode_step_seconds(engine: Engine, batch: int, graphs: DecodeGraphs | None) -> tuple[float, float]:
+def decode_step_seconds(engine: Engine, batch: int, eager: bool) -> tuple[float, float]:
     """Mean wall time of an engine step (schedule, run, sample, sync) over `batch` sequences of
     CONTEXT tokens of context, and the GPU time of the forward alone (a graph replay; nan eager)."""
     params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
@@ -102,7 +81,8 @@ def decode_step_seconds(engine: Engine, batch: int, graphs: DecodeGraphs | None)
                                                                   CONTEXT, seed=batch)]
     while any(not engine.requests[i].output_token_ids for i in ids):  # prefill all
         engine.step()
-    engine.runner.graphs = graphs
+    graphs = engine.runner.graphs
+    engine.runner.graphs = None if eager else graphs
     try:
         engine.step()
         torch.cuda.synchronize()
@@ -111,22 +91,22 @@ def decode_step_seconds(engine: Engine, batch: int, graphs: DecodeGraphs | None)
             engine.step()  # ends with the sampled ids read back: a sync
         step = (time.perf_counter() - start) / DECODE_STEPS
         # the last step's inputs are still in place: replaying rewrites the same K/V slots
-        replay = timed_cuda(graphs.graphs[graphs.padded_size(batch)].replay) if graphs else float("nan")
+        replay = float("nan") if eager else bench(graphs.graphs[graphs.padded_size(batch)].replay)
         return step, replay
     finally:
+        engine.runner.graphs = graphs
         for i in ids:
             engine.abort_request(i)
 
 
 def bench_decode(engine: Engine, bandwidth: float) -> list[dict]:
-    rows, graphs = [], engine.runner.graphs
+    rows = []
     weights = weight_bytes_per_step(engine)
     for batch in DECODE_BATCHES:
         kv = batch * (CONTEXT + DECODE_STEPS // 2) * kv_bytes_per_token(engine)
         floor = (weights + kv) / bandwidth
-        with_graphs, replay = decode_step_seconds(engine, batch, graphs)
-        eager, _ = decode_step_seconds(engine, batch, None)
-        engine.runner.graphs = graphs
+        with_graphs, replay = decode_step_seconds(engine, batch, eager=False)
+        eager, _ = decode_step_seconds(engine, batch, eager=True)
         rows.append({"batch": batch, "graphs_ms": with_graphs * 1e3, "replay_ms": replay * 1e3,
                      "eager_ms": eager * 1e3, "floor_ms": floor * 1e3, "ratio": with_graphs / floor})
         log(f"  decode batch {batch}: graphs {with_graphs * 1e3:.2f} ms (replay {replay * 1e3:.2f}), "

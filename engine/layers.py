@@ -29,13 +29,17 @@ class RMSNorm(nn.Module):
         if x.is_cuda:
             from kernels.rms_norm import rms_norm
             return rms_norm(x, self.weight, self.eps, residual)
-        if residual is not None:
-            x = x + residual
-            residual = x
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(x.dtype)
-        return out if residual is None else (out, residual)
+        return rms_norm_torch(x, self.weight, self.eps, residual)
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm in torch ops (the CPU's form, and kernels/rms_norm.py's reference)."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    h = x.float()
+    out = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return out if residual is None else (out, residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -114,5 +118,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.is_cuda:
         from kernels.silu_and_mul import silu_and_mul as fused
         return fused(gate_up)
+    return silu_and_mul_torch(gate_up)
+
+
+def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in torch ops (the CPU's form, and kernels/silu_and_mul.py's reference)."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -72,7 +72,7 @@ class ModelRunner:
         hidden, rows = self._forward(batch, layer_hook)
         if not rows:
             return {}, None
-        logits = self.model.compute_logits(hidden if rows is ALL_ROWS else hidden[rows]).float()
+        logits = self.model.compute_logits(hidden[rows]).float()
         requests = [s.request for s in out.scheduled if s.samples]
         ids = [r.request_id for r in requests]
         tokens = self.sampler(logits, ids, [r.params for r in requests],
@@ -127,7 +127,7 @@ class ModelRunner:
             max_query_len=max(batch.query_lens), max_seq_len=max(batch.seq_lens))
 
 
-ALL_ROWS = slice(None)  # sample every row of the step (a decode step; a prefill of 1-token prompts)
+ALL_ROWS = slice(None)  # every row of the step samples (a decode step): a view, no gather
 
 
 @dataclass

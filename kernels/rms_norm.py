@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.layers import rms_norm_torch
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, hidden, eps,
@@ -48,11 +50,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out if residual is None else (out, residual_out)
 
 
-def rms_norm_ref(x, weight, eps, residual=None):
-    """Pure torch: the form engine/layers.py runs on the CPU."""
-    if residual is not None:
-        x = x + residual
-        residual = x
-    h = x.float()
-    out = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return out if residual is None else (out, residual)
+rms_norm_ref = rms_norm_torch  # the CPU engine's own torch form

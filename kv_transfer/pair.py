@@ -94,12 +94,10 @@ class ProcessGroupPair:
     def stream_context(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else _NoStream()
 
-    def send_many(self, tensors: list[torch.Tensor], after: list = ()) -> None:
-        """Queues `tensors` (contiguous) to the peer as one group, after the CUDA events in
-        `after` (of the copies that produced them). gloo: returns once they have left."""
+    def send_many(self, tensors: list[torch.Tensor]) -> None:
+        """Queues `tensors` (contiguous, made on or waited for by the pair's stream) to the peer
+        as one group. gloo: returns once they have left."""
         with self.stream_context():
-            for event in after:
-                self.stream.wait_event(event)
             self._group(self.group.send, tensors)
 
     def recv_many(self, tensors: list[torch.Tensor]) -> None:

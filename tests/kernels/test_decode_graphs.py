@@ -24,6 +24,13 @@ def _generate(engine, prompts, max_tokens):
     return results
 
 
+def count_runs(graphs) -> list[int]:
+    """The batch size of every later `graphs.run`, appended as it happens."""
+    sizes, run = [], graphs.run
+    graphs.run = lambda *args: sizes.append(len(args[0])) or run(*args)
+    return sizes
+
+
 def test_graph_batch_sizes():
     assert graph_batch_sizes(1) == [1]
     assert graph_batch_sizes(5) == [1, 2, 4, 5]
@@ -45,9 +52,7 @@ def test_padded_decode_path_matches_eager_cpu():
     runner = engine.runner
     graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.backend, 4, engine.max_model_len,
                           runner.block_size, runner.device)
-    calls = []
-    run = graphs.run
-    graphs.run = lambda *args: calls.append(len(args[0])) or run(*args)
+    calls = count_runs(graphs)
     runner.graphs = graphs
     padded = _generate(engine, prompts, max_tokens)
     assert [r.token_ids for r in padded] == [r.token_ids for r in eager]
@@ -69,9 +74,7 @@ def test_graphs_match_eager_and_nothing_is_captured_or_compiled_in_steady_state(
     warm = _generate(engine, prompts, max_tokens)
     assert [r.token_ids for r in warm] == [r.token_ids for r in eager]  # 16 prompts, greedy
     compiled, captures = num_compiled_kernels(), graphs.num_captures
-    replays = []
-    run = graphs.run
-    graphs.run = lambda *args: replays.append(len(args[0])) or run(*args)
+    replays = count_runs(graphs)
     again = _generate(engine, _prompts(16, 128000, seed=1), max_tokens[::-1])
     assert len(again) == 16 and len(replays) > 40  # decode steps of 16..1 sequences
     assert (num_compiled_kernels(), graphs.num_captures) == (compiled, captures)

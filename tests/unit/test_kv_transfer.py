@@ -76,6 +76,16 @@ def assert_landed(caches, ticket, layers):
         assert torch.equal(k[ids], kv[0]) and torch.equal(v[ids], kv[1])
 
 
+def assert_next_transfer_lands(caches, receiver, sender, block_ids):
+    """The receiver still serves: a new transfer into `block_ids` settles ok, byte-exact."""
+    ticket, waiter = make_ticket(receiver, block_ids), Waiter()
+    receiver.expect(ticket, waiter)
+    layers = random_layers(ticket)
+    push(sender, ticket, layers)
+    assert waiter.wait().ok
+    assert_landed(caches, ticket, layers)
+
+
 def test_frame_header_round_trip_and_rejects():
     header = FrameHeader(FrameType.KV, os.urandom(16), 5, "bfloat16", (2, 3, 16, 4, 64), 1234, 99)
     packed = header.pack()
@@ -124,7 +134,7 @@ def test_corrupted_payload_fails_only_that_transfer(pair):
 
 
 def test_mismatched_header_closes_connection_and_fails_transfer(pair):
-    _, receiver, sender = pair
+    caches, receiver, sender = pair
     ticket = make_ticket(receiver, [1, 2])
     waiter = Waiter()
     receiver.expect(ticket, waiter)
@@ -134,11 +144,7 @@ def test_mismatched_header_closes_connection_and_fails_transfer(pair):
         s.sendall(kv_frame(ticket.transfer_key, 0, "float32", tuple(wrong.shape), payload) + payload)
         assert closed_by_peer(s)
     assert not waiter.wait().ok and "does not match" in waiter.result.error
-    # the receiver still serves other transfers
-    ticket2, waiter2 = make_ticket(receiver, [7]), Waiter()
-    receiver.expect(ticket2, waiter2)
-    push(sender, ticket2, random_layers(ticket2))
-    assert waiter2.wait().ok
+    assert_next_transfer_lands(caches, receiver, sender, [7])  # the receiver still serves others
 
 
 def test_random_bytes_and_unknown_transfers_are_harmless(pair):
@@ -154,12 +160,7 @@ def test_random_bytes_and_unknown_transfers_are_harmless(pair):
     # a well-formed frame for a transfer nobody expects is read past, the next one lands
     stray = make_ticket(receiver, [0, 1])
     push(sender, stray, random_layers(stray)).result(10)
-    ticket, waiter = make_ticket(receiver, [4, 8]), Waiter()
-    receiver.expect(ticket, waiter)
-    layers = random_layers(ticket)
-    push(sender, ticket, layers)
-    assert waiter.wait().ok
-    assert_landed(caches, ticket, layers)
+    assert_next_transfer_lands(caches, receiver, sender, [4, 8])
     assert receiver.num_bad_connections >= 3
 
 
@@ -174,9 +175,4 @@ def test_frames_of_the_other_connector_out_of_place_close_only_their_connection(
         s.sendall(b"".join(frames))
         assert closed_by_peer(s)
     assert receiver.num_bad_connections == bad_before + 1
-    ticket, waiter = make_ticket(receiver, [2, 3]), Waiter()
-    receiver.expect(ticket, waiter)
-    layers = random_layers(ticket)
-    push(sender, ticket, layers)
-    assert waiter.wait().ok
-    assert_landed(caches, ticket, layers)
+    assert_next_transfer_lands(caches, receiver, sender, [2, 3])
