@@ -133,6 +133,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU for weights, activations and KV
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
     max_graph_batch_size: int = 256  # CUDA: decode batches up to this replay graphs, larger run eagerly
+    async_scheduling: bool = True  # launch a decode step before reading the previous one's tokens
     max_model_len: int | None = None  # None: the model's, capped at 8192
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # the token budget of one step (chunked prefill)

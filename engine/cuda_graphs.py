@@ -3,7 +3,8 @@ once per padded batch size at start-up and replayed, so a decode step costs a fe
 instead of hundreds of Python-issued kernels.
 
 A graph reads its inputs from static device buffers and writes the final hidden states to a
-static output; `run` copies the step's inputs in (from pinned host buffers), pads the batch
+static output; `run` copies the step's inputs in (from pinned host buffers; the input ids
+from the device when the step before sampled them and is still in flight), pads the batch
 to the next captured size and replays. Padding rows have slot -1 (store_kv skips them) and
 a context of one token (block 0, whatever it holds: their outputs are dropped).
 
@@ -43,10 +44,10 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        pin = device.type == "cuda"  # host twins start as copies: padding rows stay valid ids
-        self._host = {name: t.cpu().pin_memory() if pin else t.cpu().clone()
-                      for name, t in self._inputs().items()}
-        self._host_np = {name: t.numpy() for name, t in self._host.items()}
+        # pinned host twins, two sets used in turn: a step is written into one while the
+        # copies of the step before (launched, maybe not yet run) still read the other
+        self._host = [self._host_twins(device) for _ in range(2)]
+        self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # batch size -> its graph's hidden states
         self.num_captures = 0  # must not grow after start-up (checked by the GPU tests)
@@ -54,6 +55,10 @@ class DecodeGraphs:
     def _inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "positions": self.positions, "slot_mapping": self.slot_mapping,
                 "seq_lens": self.seq_lens, "block_tables": self.block_tables}
+
+    def _host_twins(self, device: torch.device) -> dict[str, torch.Tensor]:
+        pin = device.type == "cuda"  # twins start as copies: padding rows stay valid ids
+        return {name: t.cpu().pin_memory() if pin else t.cpu().clone() for name, t in self._inputs().items()}
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The smallest captured batch size holding `num_seqs`, None beyond the largest."""
@@ -89,25 +94,31 @@ class DecodeGraphs:
                  len(self.graphs), self.batch_sizes[0], self.batch_sizes[-1], time.perf_counter() - start,
                  (torch.cuda.memory_reserved() - before) / 2**20)
 
-    def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int],
-            seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """Replays the graph of the padded batch over these one-token sequences: hidden states
-        [num_seqs, hidden_size] (valid until the next `run`)."""
-        n = len(input_ids)
+    def run(self, batch, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replays the graph of the padded batch over a StepBatch of one-token sequences:
+        hidden states [num_seqs, hidden_size] (valid until the next `run`). `input_ids` (on
+        the device) replaces `batch.input_ids` when given."""
+        n = len(batch.seq_lens)
         b = self.padded_size(n)
-        host = self._host_np
-        # the host buffers are rewritten only after the previous step's results were read
-        # back (a sync), so the previous copies out of them have finished
-        host["input_ids"][:n] = input_ids
-        host["positions"][:n] = positions
-        host["slot_mapping"][:n] = slot_mapping
-        host["slot_mapping"][n:b] = -1
-        host["seq_lens"][:n] = seq_lens
-        host["seq_lens"][n:b] = 1
-        for i, table in enumerate(block_tables):
-            host["block_tables"][i, :len(table)] = table  # entries past the context are never read
+        host = self._host[self._turn]
+        self._turn ^= 1
+        # this set's previous copies were queued two steps ago, before the step the host
+        # has since waited for: they are done
+        arrays = {name: t.numpy() for name, t in host.items()}
+        if input_ids is None:
+            arrays["input_ids"][:n] = batch.input_ids
+        arrays["positions"][:n] = batch.positions
+        arrays["slot_mapping"][:n] = batch.slot_mapping
+        arrays["slot_mapping"][n:b] = -1
+        arrays["seq_lens"][:n] = batch.seq_lens
+        arrays["seq_lens"][n:b] = 1
+        for i, table in enumerate(batch.block_tables):
+            arrays["block_tables"][i, :len(table)] = table  # entries past the context are never read
         for name, dev in self._inputs().items():
-            dev[:b].copy_(self._host[name][:b], non_blocking=True)
+            if name == "input_ids" and input_ids is not None:
+                dev[:n].copy_(input_ids)  # device to device, after the step that sampled them
+            else:
+                dev[:b].copy_(host[name][:b], non_blocking=True)
         if b in self.graphs:
             self.graphs[b].replay()
             return self.outputs[b][:n]

@@ -1,5 +1,11 @@
 """The in-process engine: add requests, `step()` them (schedule -> run -> update), or
-`generate()` a list of prompts to completion. Prefill and decode nodes drive the step API."""
+`generate()` a list of prompts to completion. Prefill and decode nodes drive the step API.
+
+Async scheduling (on by default): a decode step is launched without waiting for its tokens;
+the next `step()` launches the one after it (fed those tokens on the device) before reading
+them, so the GPU runs step N+1 while the host updates step N and schedules N+2. A step's
+outputs therefore come from the `step()` call after the one that launched it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .config import EngineConfig, default_max_model_len
 from .kv_cache_manager import KVCacheManager
-from .model_runner import ModelRunner
+from .model_runner import LaunchedStep, ModelRunner
 from .model_source import resolve_model
 from .request import FinishReason, Request, RequestOutput
 from .sampling_params import SamplingParams
@@ -54,6 +60,7 @@ class Engine:
                                    self.max_model_len, self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self._in_flight: LaunchedStep | None = None  # async scheduling: launched, tokens not yet read
         log.info("engine ready: %s, %d KV blocks of %d tokens, max_model_len %d, fingerprint %s",
                  config.model, num_blocks, config.block_size, self.max_model_len, self.fingerprint)
 
@@ -121,12 +128,55 @@ class Engine:
     def step(self, on_layer: Callable[[int, SchedulerOutput], None] | None = None) -> list[RequestOutput]:
         """One engine step: schedule -> run -> update. Returns what each request produced.
         `on_layer(i, scheduled)` runs after layer i of the step (prefill nodes push KV there)."""
+        try:
+            if self._in_flight is not None:
+                return self._step_after_in_flight()
+            return self._step(on_layer)
+        except BaseException:
+            self._in_flight = None  # a failed step: nothing more is read from it, nothing held
+            self.kv.release_held()
+            raise
+
+    def _step(self, on_layer) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
-        block_tables = [self.kv.block_ids(s.request.request_id) for s in scheduled.scheduled]
+        if on_layer is None and self._can_launch(scheduled):
+            self._launch(scheduled)  # its outputs come with the next step
+            return []
         hook = None if on_layer is None else (lambda i: on_layer(i, scheduled))
-        sampled, logits = self.runner.run(scheduled, block_tables, hook)
+        sampled, logits = self.runner.run(scheduled, self._block_tables(scheduled), hook)
+        return self._update(scheduled, sampled, logits)
+
+    def _step_after_in_flight(self) -> list[RequestOutput]:
+        """Launches the decode step after the one in flight (when the batch stays the same),
+        then waits for the one in flight and updates from its tokens."""
+        done, self._in_flight = self._in_flight, None
+        following = self.scheduler.schedule_next_decode(done.scheduled)
+        if following is not None:
+            self._launch(following, after=done)  # the GPU runs it while the host waits and updates
+        sampled = done.sampled()  # waits for `done` only
+        # what was freed while `done` ran is written by no launched step any more (a step in
+        # flight now holds only running requests); what `done` ends waits for `following`
+        self.kv.release_held()
+        if self._in_flight is not None:
+            self.kv.hold_frees()
+        return self._update(done.scheduled, sampled, None)
+
+    def _can_launch(self, scheduled: SchedulerOutput) -> bool:
+        """Whether this step may run without the host waiting: a decode step (each request one
+        new token, sampled), async scheduling on and no logits to keep."""
+        return (self.config.async_scheduling and not self.config.keep_logits
+                and all(s.num_new_tokens == 1 and s.samples for s in scheduled.scheduled))
+
+    def _launch(self, scheduled: SchedulerOutput, after: LaunchedStep | None = None) -> None:
+        self._in_flight = self.runner.launch(scheduled, self._block_tables(scheduled), after)
+        self.kv.hold_frees()  # its requests' blocks may not be reused until it has run
+
+    def _block_tables(self, scheduled: SchedulerOutput) -> list[list[int]]:
+        return [self.kv.block_ids(s.request.request_id) for s in scheduled.scheduled]
+
+    def _update(self, scheduled: SchedulerOutput, sampled: dict[str, int], logits) -> list[RequestOutput]:
         outputs = self.scheduler.update(scheduled, sampled, logits)
         for output in outputs:
             if output.finished:
@@ -134,7 +184,8 @@ class Engine:
         return outputs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether a request waits or runs, or a launched step's outputs are still to come."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- offline API ----------------------------------------------------------------------
 

@@ -20,6 +20,9 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.block_tables: dict[str, list[Block]] = {}  # request_id -> its blocks, in order
         self.num_cached_blocks: dict[str, int] = {}  # request_id -> leading blocks already cached
+        # while a launched step may still write KV (async scheduling), freed tables wait here:
+        # a block goes back to the pool only once no step in flight can write it
+        self.held: list[list[Block]] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -97,7 +100,22 @@ class KVCacheManager:
         self.num_cached_blocks[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
-        """Releases the request's blocks, last block first (see BlockPool.free)."""
+        """Releases the request's blocks, last block first (see BlockPool.free); while frees
+        are held, they reach the pool at `release_held`."""
         table = self.block_tables.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
-        self.pool.free(table[::-1])
+        if self.held is not None:
+            self.held.append(table)
+        else:
+            self.pool.free(table[::-1])
+
+    def hold_frees(self) -> None:
+        """A step was launched and not yet waited for: later frees wait for `release_held`."""
+        if self.held is None:
+            self.held = []
+
+    def release_held(self) -> None:
+        """Nothing in flight writes the held blocks any more: back to the pool, in free order."""
+        held, self.held = self.held or [], None
+        for table in held:
+            self.pool.free(table[::-1])

@@ -4,7 +4,8 @@ The batch is flat (no padding): the new tokens of every scheduled request one af
 `cu_seqlens_q` marking where each request's tokens start, and `slot_mapping` saying where
 each token's K/V goes in the paged cache. On CUDA a decode step (one new token per request)
 replays a captured graph instead (cuda_graphs.py); the step's one host sync is reading back
-the sampled token ids.
+the sampled token ids. `launch` starts a decode step without that sync (async scheduling):
+its tokens stay on the device as the next step's inputs and reach the host later.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from .attention import AttentionMetadata, get_attention_backend
 from .config import EngineConfig, ModelConfig
 from .cuda_graphs import DecodeGraphs
+from .host_copy import to_device
 from .kv_cache_sizing import kv_cache_bytes
 from .model_source import ModelSource
 from .sampler import Sampler
@@ -80,34 +82,54 @@ class ModelRunner:
         kept = dict(zip(ids, logits.cpu())) if self.keep_logits else None
         return dict(zip(ids, tokens)), kept
 
-    def _gather(self, out: SchedulerOutput, block_tables: list[list[int]]) -> "StepBatch":
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, block_tables: list[list[int]],
+               after: "LaunchedStep | None" = None) -> "LaunchedStep":
+        """Starts a decode step (one new token per request, every row sampled) and returns
+        without waiting for it. `after`: the launched step just before this one, whose tokens
+        are not on the host yet; each request is then one token further than the host knows,
+        and its input is the token `after` sampled for it, read on the device."""
+        batch = self._gather(out, block_tables, num_pending=1 if after is not None else 0)
+        input_ids = None if after is None else after.token_ids_of(out, self.device)
+        hidden, rows = self._forward(batch, None, input_ids)
+        requests = [s.request for s in out.scheduled]
+        num_sampled = [len(r.output_token_ids) + (after is not None) for r in requests]
+        token_ids = self.sampler(self.model.compute_logits(hidden[rows]).float(),
+                                 [r.request_id for r in requests], [r.params for r in requests], num_sampled)
+        return LaunchedStep(out, token_ids)
+
+    def _gather(self, out: SchedulerOutput, block_tables: list[list[int]], num_pending: int = 0) -> "StepBatch":
+        """The flat batch. `num_pending` (0 or 1): tokens each request has beyond what the host
+        knows (sampled by a step in flight); its input ids are then left for the device."""
         batch = StepBatch(block_tables=block_tables)
         bs = self.block_size
         for s, table in zip(out.scheduled, block_tables):
             request = s.request
-            start, end = request.num_computed_tokens, request.num_computed_tokens + s.num_new_tokens
-            batch.input_ids += request.token_ids(start, end)
+            start = request.num_computed_tokens + num_pending
+            end = start + s.num_new_tokens
+            if not num_pending:
+                batch.input_ids += request.token_ids(start, end)
             batch.positions += range(start, end)
             batch.slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
             batch.query_lens.append(s.num_new_tokens)
             batch.seq_lens.append(end)
-            if s.samples:
-                batch.sample_rows.append(len(batch.input_ids) - 1)
+            if s.samples or num_pending:
+                batch.sample_rows.append(len(batch.positions) - 1)
         return batch
 
-    def _forward(self, batch: "StepBatch", layer_hook):
-        """Hidden states of the step and the rows to sample (ALL_ROWS: every row)."""
-        num_seqs = len(batch.seq_lens)
-        if (layer_hook is None and self.graphs is not None and len(batch.input_ids) == num_seqs
+    def _forward(self, batch: "StepBatch", layer_hook, input_ids: torch.Tensor | None = None):
+        """Hidden states of the step and the rows to sample (ALL_ROWS: every row).
+        `input_ids` (on the device) replaces `batch.input_ids` when given."""
+        num_seqs, num_tokens = len(batch.seq_lens), len(batch.positions)
+        if (layer_hook is None and self.graphs is not None and num_tokens == num_seqs
                 and len(batch.sample_rows) == num_seqs and self.graphs.padded_size(num_seqs)):
-            hidden = self.graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens,
-                                     batch.block_tables)
-            return hidden, ALL_ROWS
+            return self.graphs.run(batch, input_ids), ALL_ROWS
         dev = self.device
-        hidden = self.model(torch.tensor(batch.input_ids, dtype=torch.int64, device=dev),
-                            torch.tensor(batch.positions, dtype=torch.int64, device=dev),
+        if input_ids is None:
+            input_ids = to_device(batch.input_ids, torch.int64, dev)
+        hidden = self.model(input_ids, to_device(batch.positions, torch.int64, dev),
                             self.kv_caches, self.metadata(batch), self.backend, layer_hook)
-        if len(batch.sample_rows) == len(batch.input_ids):
+        if len(batch.sample_rows) == num_tokens:
             return hidden, ALL_ROWS
         return hidden, batch.sample_rows
 
@@ -119,10 +141,10 @@ class ModelRunner:
             cu_seqlens_q.append(cu_seqlens_q[-1] + n)
         dev = self.device
         return AttentionMetadata(
-            slot_mapping=torch.tensor(batch.slot_mapping, dtype=torch.int64, device=dev),
-            cu_seqlens_q=torch.tensor(cu_seqlens_q, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            slot_mapping=to_device(batch.slot_mapping, torch.int64, dev),
+            cu_seqlens_q=to_device(cu_seqlens_q, torch.int32, dev),
+            seq_lens=to_device(batch.seq_lens, torch.int32, dev),
+            block_tables=to_device(padded, torch.int32, dev),
             query_lens_cpu=batch.query_lens, seq_lens_cpu=batch.seq_lens,
             max_query_len=max(batch.query_lens), max_seq_len=max(batch.seq_lens))
 
@@ -130,12 +152,43 @@ class ModelRunner:
 ALL_ROWS = slice(None)  # every row of the step samples (a decode step): a view, no gather
 
 
+class LaunchedStep:
+    """A decode step launched and not waited for: its sampled token ids are on the device
+    (the next step's inputs) and on their way to pinned host memory."""
+
+    def __init__(self, scheduled: SchedulerOutput, token_ids: torch.Tensor):
+        self.scheduled = scheduled
+        self.token_ids = token_ids  # [num_seqs] int64 on the device
+        self._ready = None
+        if token_ids.is_cuda:
+            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._host.copy_(token_ids, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = token_ids
+
+    def sampled(self) -> dict[str, int]:
+        """{request_id: sampled token id}; waits for this step only (not for later ones)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return dict(zip((s.request.request_id for s in self.scheduled.scheduled), self._host.tolist()))
+
+    def token_ids_of(self, out: SchedulerOutput, device: torch.device) -> torch.Tensor:
+        """The token this step sampled for each request of `out` (a subset, in the same order)."""
+        row = {id(s.request): i for i, s in enumerate(self.scheduled.scheduled)}
+        rows = [row[id(s.request)] for s in out.scheduled]
+        if len(rows) == len(row):
+            return self.token_ids
+        return self.token_ids.index_select(0, to_device(rows, torch.int64, device))
+
+
 @dataclass
 class StepBatch:
     """The flat batch of one step, on the host."""
 
     block_tables: list[list[int]]
-    input_ids: list[int] = field(default_factory=list)  # [num_tokens]
+    input_ids: list[int] = field(default_factory=list)  # [num_tokens]; empty when on the device
     positions: list[int] = field(default_factory=list)  # [num_tokens]
     slot_mapping: list[int] = field(default_factory=list)  # [num_tokens]
     query_lens: list[int] = field(default_factory=list)  # [num_seqs] new tokens of each sequence

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .host_copy import to_device
 from .sampling_params import SamplingParams
 
 
@@ -32,12 +33,14 @@ class Sampler:
         if not rows:
             return out
         row_params = [params[i] for i in rows]
-        probs = filtered_probs(logits[rows].float(), row_params)
+        index = to_device(rows, torch.int64, self.device)
+        probs = filtered_probs(logits.index_select(0, index).float(), row_params)
         noise = torch.empty_like(probs)
         for j, (i, p) in enumerate(zip(rows, row_params)):
             skip = num_sampled[i] if num_sampled else 0
             noise[j].exponential_(generator=self._generator(request_ids[i], p, skip, vocab=noise.shape[1]))
-        out[rows] = (probs / noise).argmax(dim=-1)  # the exponential race: a draw from probs
+        # the exponential race: a draw from probs
+        out.index_copy_(0, index, (probs / noise).argmax(dim=-1))
         return out
 
     def _generator(self, request_id: str, params: SamplingParams, skip: int, vocab: int) -> torch.Generator:
@@ -55,7 +58,7 @@ class Sampler:
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k and top-p on the sorted logits, then min-p; returns probs."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)
+    temperature = to_device([p.temperature for p in params], torch.float32, device)
     logits = logits / temperature[:, None]
     vocab = logits.shape[-1]
     top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
@@ -63,17 +66,17 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     if min(top_k) < vocab or min(top_p) < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=device)[None, :]
-        drop = ranks >= torch.tensor(top_k, device=device)[:, None]
+        drop = ranks >= to_device(top_k, torch.int64, device)[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         sorted_probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens ranked above it already reach top_p (the first stays)
         above = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop = above >= torch.tensor(top_p, device=device)[:, None]
+        drop = above >= to_device(top_p, torch.float32, device)[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0 for p in params):  # decided on the host: no device sync
-        min_p = torch.tensor([p.min_p for p in params], device=device)
+        min_p = to_device([p.min_p for p in params], torch.float32, device)
         drop = probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)

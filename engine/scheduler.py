@@ -100,6 +100,33 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
 
+    def schedule_next_decode(self, in_flight: SchedulerOutput) -> SchedulerOutput | None:
+        """The decode step after `in_flight`, a step launched whose sampled tokens the host has
+        not read yet (async scheduling): every running request one token further, its input
+        the token `in_flight` samples for it (still on the device). None when that may not be
+        the step `schedule` would make: a request joined or could join, or blocks run short
+        (nothing is preempted here); or when nothing would run. A request whose in-flight
+        token is its last by length is left out."""
+        in_step = {id(s.request) for s in in_flight.scheduled}
+        if any(id(r) not in in_step for r in self.running):
+            return None
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None
+        out = SchedulerOutput()
+        for request in self.running:
+            if self._ends_by_length(request, num_pending=1):
+                continue  # its in-flight token is its last: the update of `in_flight` ends it
+            if not self.kv.allocate_slots(request, 2):
+                return None  # blocks allocated so far are the ones the next steps need anyway
+            out.scheduled.append(ScheduledRequest(request, 1))
+        return out if out.scheduled else None
+
+    def _ends_by_length(self, request: Request, num_pending: int = 0) -> bool:
+        """Whether the request is at its length limit once `num_pending` more tokens are in."""
+        max_tokens = request.params.max_tokens
+        return ((max_tokens is not None and len(request.output_token_ids) + num_pending >= max_tokens)
+                or request.num_tokens + num_pending >= self.max_model_len)
+
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
         request.num_computed_tokens = 0
@@ -114,6 +141,8 @@ class Scheduler:
         outputs = []
         for s in out.scheduled:
             request = s.request
+            if request.is_finished:  # aborted, or ended by the step before, while this one ran
+                continue
             self.num_prompt_tokens_computed += max(
                 0, min(request.num_prompt_tokens - request.num_computed_tokens, s.num_new_tokens))
             request.num_computed_tokens += s.num_new_tokens
@@ -138,9 +167,7 @@ class Scheduler:
             return FinishReason.STOP
         if not params.ignore_eos and token_id in self.eos_token_ids:
             return FinishReason.STOP
-        if params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens:
-            return FinishReason.LENGTH
-        if request.num_tokens >= self.max_model_len:
+        if self._ends_by_length(request):
             return FinishReason.LENGTH
         return None
 

@@ -37,6 +37,8 @@ HELP = {
                               "between nodes on one GPU)",
     "enforce_eager": "no CUDA graphs for decode steps",
     "max_graph_batch_size": "decode batches up to this size replay CUDA graphs captured at start-up",
+    "async_scheduling": "launch each decode step before the host has read the previous step's "
+                        "tokens, so the GPU does not wait for the host (false: one step at a time)",
     "max_num_batched_tokens": "token budget of one engine step (chunked prefill)",
     "port": "gRPC port (0: any free port)",
     "metrics_port": "Prometheus /metrics port (0: any free port)",

@@ -9,6 +9,7 @@ from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from kernels.compile_count import num_compiled_kernels
 from tests.kernels.paged_inputs import rel_err
+from tests.unit.test_async_scheduling import check_async_matches_sync, count_launches
 
 
 def _prompts(num, vocab, seed=0):
@@ -27,7 +28,7 @@ def _generate(engine, prompts, max_tokens):
 def count_runs(graphs) -> list[int]:
     """The batch size of every later `graphs.run`, appended as it happens."""
     sizes, run = [], graphs.run
-    graphs.run = lambda *args: sizes.append(len(args[0])) or run(*args)
+    graphs.run = lambda batch, input_ids=None: sizes.append(len(batch.seq_lens)) or run(batch, input_ids)
     return sizes
 
 
@@ -48,17 +49,26 @@ def test_padded_decode_path_matches_eager_cpu():
     kw = dict(model="dummy:tiny", device="cpu", attention_backend="triton", num_kv_blocks=64,
               max_num_batched_tokens=64, keep_logits=True)
     eager = _generate(Engine(**kw), prompts, max_tokens)
-    engine = Engine(**kw)
-    runner = engine.runner
-    graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.backend, 4, engine.max_model_len,
-                          runner.block_size, runner.device)
-    calls = count_runs(graphs)
-    runner.graphs = graphs
-    padded = _generate(engine, prompts, max_tokens)
+    padded, calls = _generate_padded(Engine(**kw), prompts, max_tokens)
     assert [r.token_ids for r in padded] == [r.token_ids for r in eager]
     worst = max(rel_err(x, y) for a, b in zip(padded, eager) for x, y in zip(a.logits, b.logits))
     assert worst < 1e-5, worst
     assert calls[0] == 4 and sorted(set(calls)) == [1, 2, 3, 4], calls  # 3: padded to 4
+    # launched ahead (keep_logits off): inputs come from the step in flight, on the device
+    engine = Engine(**{**kw, "keep_logits": False})
+    followed = count_launches(engine)
+    ahead, _ = _generate_padded(engine, prompts, max_tokens)
+    assert [r.token_ids for r in ahead] == [r.token_ids for r in eager]
+    assert sum(followed) >= 3, followed
+
+
+def _generate_padded(engine, prompts, max_tokens):
+    """`_generate` with a CPU DecodeGraphs of sizes up to 4 (the padded path, run eagerly)."""
+    runner = engine.runner
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.backend, 4, engine.max_model_len,
+                                 runner.block_size, runner.device)
+    calls = count_runs(runner.graphs)
+    return _generate(engine, prompts, max_tokens), calls
 
 
 @pytest.mark.gpu
@@ -67,12 +77,14 @@ def test_graphs_match_eager_and_nothing_is_captured_or_compiled_in_steady_state(
     max_tokens = [16 + 3 * i for i in range(16)]
     kw = dict(model="dummy:llama3.2-1b", device="cuda", num_kv_blocks=2048, max_num_seqs=64,
               max_num_batched_tokens=512)
-    eager = _generate(Engine(enforce_eager=True, **kw), prompts, max_tokens)
-    engine = Engine(**kw)
+    eager = _generate(Engine(enforce_eager=True, async_scheduling=False, **kw), prompts, max_tokens)
+    engine = Engine(**kw)  # graphs, async scheduling
     graphs = engine.runner.graphs
     assert graphs is not None and graphs.num_captures == len(graph_batch_sizes(64))
+    followed = count_launches(engine)
     warm = _generate(engine, prompts, max_tokens)
     assert [r.token_ids for r in warm] == [r.token_ids for r in eager]  # 16 prompts, greedy
+    assert sum(followed) > 40  # decode steps launched behind steps in flight
     compiled, captures = num_compiled_kernels(), graphs.num_captures
     replays = count_runs(graphs)
     again = _generate(engine, _prompts(16, 128000, seed=1), max_tokens[::-1])
@@ -92,3 +104,10 @@ def test_kv_cache_takes_the_gpu_share():
     del engine
     with pytest.raises(ValueError, match="no room for the KV cache"):
         Engine(model="dummy:llama3.2-1b", device="cuda", gpu_memory_utilization=0.02)
+
+
+@pytest.mark.gpu
+def test_async_scheduling_gives_the_tokens_of_one_step_at_a_time_on_gpu():
+    """Stops, lengths, seeded sampling and preemption with graphs: launched ahead or not, the
+    same tokens (tests/unit/test_async_scheduling.py on the GPU)."""
+    check_async_matches_sync(device="cuda")

@@ -71,7 +71,8 @@ def test_fully_cached_prompt_still_computes_its_last_token(engine):
 def check_invariants(engine):
     pool, tables = engine.kv.pool, engine.kv.block_tables
     holders = {}
-    for request_id, table in tables.items():
+    held = {f"held-{i}": table for i, table in enumerate(engine.kv.held or [])}  # freed, a step in flight
+    for request_id, table in {**tables, **held}.items():
         for index, block in enumerate(table):
             holders.setdefault(block.block_id, []).append((request_id, index))
     for block in pool.blocks:

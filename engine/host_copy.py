@@ -1,0 +1,19 @@
+"""Host values onto the GPU without waiting for it.
+
+`torch.tensor(values, device="cuda")` copies from pageable memory, which makes the host wait
+until the GPU has finished everything queued before. A step launched while the previous one
+still runs (async scheduling) must not wait, so small host inputs go through pinned memory
+and an asynchronous copy, in stream order (torch keeps the pinned block until it is done).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` (a list, or nested lists) as a tensor on `device`, without a host sync."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
