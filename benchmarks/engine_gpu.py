@@ -158,7 +158,8 @@ def bench_offline(engine: Engine, num: int = 128, prompt_len: int = 512, max_tok
 def teacher_forced_agreement(hf, prompts: list[list[int]], outputs: list[list[int]]) -> tuple[float, float]:
     """transformers run over each prompt + our greedy output: the share of output positions
     where our token is its argmax too, and where it is not, how far ours trails its top logit
-    at most, in bf16 steps at the top logit (about 1-2: a near-tie rounded the other way)."""
+    at most, in bf16 steps at the top logit (a few: near-ties rounded the other way;
+    benchmarks/greedy_vs_fp32.py tells which side an fp32 run takes)."""
     seqs = torch.tensor([p + o for p, o in zip(prompts, outputs)], device="cuda")
     start = len(prompts[0])
     with torch.inference_mode():
