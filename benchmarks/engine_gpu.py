@@ -160,14 +160,21 @@ def teacher_forced_agreement(hf, prompts: list[list[int]], outputs: list[list[in
     where our token is its argmax too, and where it is not, how far ours trails its top logit
     at most, in bf16 steps at the top logit (a few: near-ties rounded the other way;
     benchmarks/greedy_vs_fp32.py tells which side an fp32 run takes)."""
-    seqs = torch.tensor([p + o for p, o in zip(prompts, outputs)], device="cuda")
-    start = len(prompts[0])
-    with torch.inference_mode():
-        logits = hf(seqs).logits[:, start - 1:-1].float()  # [num, num_outputs, vocab]
+    ours, logits = forced_logits(hf, prompts, outputs)
     top = logits.max(dim=-1).values
-    gap = top - logits.gather(-1, seqs[:, start:, None]).squeeze(-1)
+    gap = top - logits.gather(-1, ours[..., None]).squeeze(-1)
     steps = gap / (top.abs() * 2.0 ** -7)  # bf16 keeps 8 significant bits: spacing 2^-7 of [1, 2)
     return (gap == 0).float().mean().item(), steps.max().item()
+
+
+def forced_logits(hf, prompts: list[list[int]], outputs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers over each prompt + output (prompts of one length, outputs too): the outputs
+    [num, num_outputs] and the float32 logits predicting each of them [num, num_outputs, vocab]."""
+    seqs = torch.tensor([p + o for p, o in zip(prompts, outputs)], device="cuda")
+    start = len(prompts[0])
+    with torch.inference_mode():  # 4 sequences at a time: the logits of all positions are large
+        logits = torch.cat([hf(seqs[i:i + 4]).logits[:, start - 1:-1].float() for i in range(0, len(seqs), 4)])
+    return seqs[:, start:], logits
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

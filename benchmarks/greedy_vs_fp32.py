@@ -11,7 +11,6 @@ runs differ, and fp32's top-1 - top-2 logit margin there against everywhere.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
@@ -19,17 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.engine_gpu import forced_logits, random_prompts  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.hf_reference import hf_model_sharing  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 NUM, PROMPT_LEN, OUTPUT_LEN = 16, 512, 128
-
-
-def forced_logits(hf, seqs: torch.Tensor) -> torch.Tensor:
-    """fp32 logits at each output position of `seqs`: [num, OUTPUT_LEN, vocab]."""
-    with torch.inference_mode():
-        return torch.cat([hf(seqs[i:i + 4]).logits[:, PROMPT_LEN - 1:-1].float() for i in range(0, len(seqs), 4)])
 
 
 def main() -> None:
@@ -38,17 +32,15 @@ def main() -> None:
     args = ap.parse_args()
     engine = Engine(model=args.model, device="cuda", dtype="bfloat16", max_num_seqs=NUM,
                     num_kv_blocks=NUM * (PROMPT_LEN + OUTPUT_LEN) // 16 + 64)
-    rng = random.Random(7)
-    vocab = engine.model_config.vocab_size
-    prompts = [[rng.randrange(100, vocab) for _ in range(PROMPT_LEN)] for _ in range(NUM)]
+    prompts = random_prompts(engine.model_config.vocab_size, NUM, PROMPT_LEN, seed=7)
     ours = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=OUTPUT_LEN, ignore_eos=True))
-    seqs = torch.tensor([p + c.token_ids for p, c in zip(prompts, ours)], device="cuda")
-    mine = seqs[:, PROMPT_LEN:]  # our greedy tokens [NUM, OUTPUT_LEN]
+    outputs = [c.token_ids for c in ours]
     hf = hf_model_sharing(engine.runner.model, engine.model_config)
-    hf_bf16 = forced_logits(hf, seqs).argmax(dim=-1)
-    del engine
+    mine, logits = forced_logits(hf, prompts, outputs)  # mine: our greedy tokens [NUM, OUTPUT_LEN]
+    hf_bf16 = logits.argmax(dim=-1)
+    del engine, logits
     torch.cuda.empty_cache()
-    logits = forced_logits(hf.float(), seqs)  # fp32 copies of the weights
+    _, logits = forced_logits(hf.float(), prompts, outputs)  # fp32 copies of the weights
     fp32 = logits.argmax(dim=-1)
     top2 = logits.topk(2, dim=-1).values
     margin = top2[..., 0] - top2[..., 1]

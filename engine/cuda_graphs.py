@@ -47,6 +47,7 @@ class DecodeGraphs:
         # pinned host twins, two sets used in turn: a step is written into one while the
         # copies of the step before (launched, maybe not yet run) still read the other
         self._host = [self._host_twins(device) for _ in range(2)]
+        self._host_np = [{name: t.numpy() for name, t in host.items()} for host in self._host]
         self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # batch size -> its graph's hidden states
@@ -100,11 +101,10 @@ class DecodeGraphs:
         the device) replaces `batch.input_ids` when given."""
         n = len(batch.seq_lens)
         b = self.padded_size(n)
-        host = self._host[self._turn]
+        host, arrays = self._host[self._turn], self._host_np[self._turn]
         self._turn ^= 1
         # this set's previous copies were queued two steps ago, before the step the host
         # has since waited for: they are done
-        arrays = {name: t.numpy() for name, t in host.items()}
         if input_ids is None:
             arrays["input_ids"][:n] = batch.input_ids
         arrays["positions"][:n] = batch.positions

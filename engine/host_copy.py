@@ -1,4 +1,4 @@
-"""Host values onto the GPU without waiting for it.
+"""Copies between host and GPU that do not make the host wait for the GPU.
 
 `torch.tensor(values, device="cuda")` copies from pageable memory, which makes the host wait
 until the GPU has finished everything queued before. A step launched while the previous one
@@ -17,3 +17,15 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(tensor: torch.Tensor):
+    """A host copy of `tensor` taken in stream order (pinned, asynchronous), and `ready()`,
+    which blocks until it is complete. A CPU tensor is its own copy."""
+    if tensor.device.type != "cuda":
+        return tensor.contiguous(), lambda: None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event.synchronize

@@ -18,7 +18,7 @@ import torch
 from .attention import AttentionMetadata, get_attention_backend
 from .config import EngineConfig, ModelConfig
 from .cuda_graphs import DecodeGraphs
-from .host_copy import to_device
+from .host_copy import to_device, to_host
 from .kv_cache_sizing import kv_cache_bytes
 from .model_source import ModelSource
 from .sampler import Sampler
@@ -74,13 +74,11 @@ class ModelRunner:
         hidden, rows = self._forward(batch, layer_hook)
         if not rows:
             return {}, None
-        logits = self.model.compute_logits(hidden[rows]).float()
         requests = [s.request for s in out.scheduled if s.samples]
+        logits, token_ids = self._sample(hidden[rows], requests)
         ids = [r.request_id for r in requests]
-        tokens = self.sampler(logits, ids, [r.params for r in requests],
-                              [len(r.output_token_ids) for r in requests]).tolist()
-        kept = dict(zip(ids, logits.cpu())) if self.keep_logits else None
-        return dict(zip(ids, tokens)), kept
+        kept = dict(zip(ids, logits.float().cpu())) if self.keep_logits else None
+        return dict(zip(ids, token_ids.tolist())), kept
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, block_tables: list[list[int]],
@@ -89,14 +87,20 @@ class ModelRunner:
         without waiting for it. `after`: the launched step just before this one, whose tokens
         are not on the host yet; each request is then one token further than the host knows,
         and its input is the token `after` sampled for it, read on the device."""
-        batch = self._gather(out, block_tables, num_pending=1 if after is not None else 0)
+        num_pending = 1 if after is not None else 0
+        batch = self._gather(out, block_tables, num_pending)
         input_ids = None if after is None else after.token_ids_of(out, self.device)
         hidden, rows = self._forward(batch, None, input_ids)
-        requests = [s.request for s in out.scheduled]
-        num_sampled = [len(r.output_token_ids) + (after is not None) for r in requests]
-        token_ids = self.sampler(self.model.compute_logits(hidden[rows]).float(),
-                                 [r.request_id for r in requests], [r.params for r in requests], num_sampled)
+        _, token_ids = self._sample(hidden[rows], [s.request for s in out.scheduled], num_pending)
         return LaunchedStep(out, token_ids)
+
+    def _sample(self, hidden: torch.Tensor, requests: list, num_pending: int = 0):
+        """Logits [num_rows, vocab] in the model's dtype (greedy rows take their argmax as
+        they are; the sampler widens the others) and the sampled ids [num_rows], on the device."""
+        logits = self.model.compute_logits(hidden)
+        num_sampled = [len(r.output_token_ids) + num_pending for r in requests]
+        return logits, self.sampler(logits, [r.request_id for r in requests], [r.params for r in requests],
+                                    num_sampled)
 
     def _gather(self, out: SchedulerOutput, block_tables: list[list[int]], num_pending: int = 0) -> "StepBatch":
         """The flat batch. `num_pending` (0 or 1): tokens each request has beyond what the host
@@ -159,19 +163,11 @@ class LaunchedStep:
     def __init__(self, scheduled: SchedulerOutput, token_ids: torch.Tensor):
         self.scheduled = scheduled
         self.token_ids = token_ids  # [num_seqs] int64 on the device
-        self._ready = None
-        if token_ids.is_cuda:
-            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
-            self._host.copy_(token_ids, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = token_ids
+        self._host, self._ready = to_host(token_ids)
 
     def sampled(self) -> dict[str, int]:
         """{request_id: sampled token id}; waits for this step only (not for later ones)."""
-        if self._ready is not None:
-            self._ready.synchronize()
+        self._ready()
         return dict(zip((s.request.request_id for s in self.scheduled.scheduled), self._host.tolist()))
 
     def token_ids_of(self, out: SchedulerOutput, device: torch.device) -> torch.Tensor:

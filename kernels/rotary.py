@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.layers import apply_rope
+
 
 @triton.jit
 def _rotate_heads(ptr, stride_head, num_heads, cos, sin, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -62,11 +64,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache:
 
 
 def rotary_ref(q, k, cos_cache, sin_cache, positions) -> None:
-    """Pure torch, in place, in float32."""
+    """The CPU engine's torch form (engine/layers.py: apply_rope), in float32, in place."""
     cos = cos_cache[positions][:, None, :]  # [num_tokens, 1, head_dim]
     sin = sin_cache[positions][:, None, :]
-    for x in (q, k):
-        half = x.shape[-1] // 2
-        xf = x.float()
-        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-        x.copy_((xf * cos + rotated * sin).to(x.dtype))
+    q_rotated, k_rotated = apply_rope(q.float(), k.float(), cos, sin)
+    q.copy_(q_rotated)
+    k.copy_(k_rotated)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.host_copy import to_host
+
 from .connector import KVSender, KVTicket, TransferError
 from .frame import HEADER_SIZE, FrameHeader, abort_frame, done_frame, kv_frame, summary_checksum
 from .tcp import DTYPE_NAMES, split_endpoint, tune_socket
@@ -93,16 +95,7 @@ class TcpKVSender(KVSender):
             self._outgoing.pop(out.ticket.transfer_id, None)
             self.num_bytes_sent += out.num_bytes
 
-    @staticmethod
-    def _stage(kv: torch.Tensor):
-        """A host copy of `kv`, taken in stream order; `ready()` blocks until it is complete."""
-        if kv.device.type != "cuda":
-            return kv.contiguous(), lambda: None
-        staged = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
-        staged.copy_(kv, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return staged, event.synchronize
+    _stage = staticmethod(to_host)  # a host copy of kv in stream order, and ready()
 
 
 class _Channel:
