@@ -39,7 +39,8 @@ from engine.engine import Engine  # noqa: E402
 from engine.model_source import resolve_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from kv_transfer.connector import KVTicket  # noqa: E402
-from kv_transfer.tcp import TcpKVReceiver, TcpKVSender  # noqa: E402
+from kv_transfer.tcp import TcpKVReceiver  # noqa: E402
+from kv_transfer.tcp_sender import TcpKVSender  # noqa: E402
 from pdserve.client import generate_request  # noqa: E402
 from pdserve.cluster import Cluster  # noqa: E402
 from protos import pdserve_pb2_grpc as pb_grpc  # noqa: E402

@@ -5,8 +5,11 @@
      its blocks one run, and scattered) and 16 concurrent 1k-token requests; against raw NCCL
      send/recv of the same tensors between the same processes (buffers allocated before the
      clock starts). Time: from the first send to the receiver's last callback or completed
-     receive (CLOCK_MONOTONIC is system-wide). Raw NCCL runs two ways, one op per tensor and
-     coalesced groups of the connector's group size; the ratios are against the faster.
+     receive (CLOCK_MONOTONIC is system-wide). Raw NCCL runs three ways (one op per tensor,
+     tensors coalesced in groups of the connector's group size, each such group as one
+     message); the ratios are against the fastest. With --timeline, each nccl run prints when
+     each group was posted on both sides and how long the posting threads were busy;
+     PDSERVE_KV_PROFILE=1 prints a cProfile of both processes.
   2. exposed transfer: a cluster (router, prefill on cuda:0, a decode node on cuda:1 per
      connector) serving 4k-token prompts, against the in-process engine's prefill alone on
      cuda:0 (a 1-token generate). The prefill node reports `kv_transfer_seconds`, the time
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -33,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.kv_pool import allocate_kv_caches  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
 from kv_transfer.connector import KVTicket  # noqa: E402
 from kv_transfer.pair import PairOffer, ProcessGroupPair  # noqa: E402
@@ -53,16 +58,67 @@ def block_shape():
     return (BLOCK_SIZE, CFG.num_kv_heads, CFG.head_dim)
 
 
+# ---- diagnostics: when each group was posted, a profile, what landed ------------------------
+
+TIMELINE = False  # --timeline
+SENT: list = []  # the sender's timeline: (time, layers, seconds) per group
+SENT_NCCL: list = []  # the same per NCCL post
+GROUP_SIZES: list = []  # layers per group of the nccl connector, in the current case
+
+
+def timeline(cls, name: str, marks: list) -> list:
+    """Appends (time.monotonic(), layers, seconds in the call) to `marks` after each call of
+    cls.name from now on."""
+    method = getattr(cls, name)
+
+    def spy(self, items):
+        start = time.monotonic()
+        method(self, items)
+        marks.append((time.monotonic(), len(items), time.monotonic() - start))
+    setattr(cls, name, spy)
+    return marks
+
+
+def start_profile():
+    """With PDSERVE_KV_PROFILE set: a cProfile of this process's threads (Python 3.12+:
+    cProfile sees every thread), printed to stderr at the end."""
+    if not os.environ.get("PDSERVE_KV_PROFILE"):
+        return None
+    import cProfile
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
+
+
+def print_profile(profile) -> None:
+    if profile is not None:
+        import pstats
+        profile.disable()
+        print(f"---- profile of pid {os.getpid()} ({sys.argv[1:]})", file=sys.stderr)
+        pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+
+
+def checksum(tensors) -> int:
+    """Exact and order-free: the sum of the tensors' 16-bit words."""
+    return sum(int(t.contiguous().view(torch.int16).to(torch.int64).sum()) for t in tensors)
+
+
+def blocks_checksum(caches, block_ids) -> int:
+    ids = torch.tensor(block_ids, device=caches[0][0].device)
+    return checksum(cache[ids] for pair in caches for cache in pair)
+
+
 # ---- the receiver process (cuda:1) ------------------------------------------------------
 
 def serve_receiver() -> None:
     """Lines of JSON on stdin -> lines of JSON on stdout."""
+    from kv_transfer.nccl import PairPayloads
     from kv_transfer.tcp import TcpKVReceiver
+    posted, nccl = timeline(PairPayloads, "recv_group", []), timeline(ProcessGroupPair, "recv_many", [])
     device = torch.device(DEVICES["recv"])
-    caches = [tuple(torch.zeros((NUM_BLOCKS, *block_shape()), dtype=DTYPE, device=device) for _ in range(2))
-              for _ in range(CFG.num_layers)]
+    caches = allocate_kv_caches(CFG.num_layers, block_shape(), NUM_BLOCKS, DTYPE, device)
     receiver = TcpKVReceiver(caches, pair_timeout=60)
-    raw_pair = None
+    raw_pair, profile = None, start_profile()
     emit({"endpoint": receiver.endpoint})
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -74,15 +130,23 @@ def serve_receiver() -> None:
                 results.append((time.monotonic(), result.ok, result.error))
                 if len(results) == n:
                     all_done.set()
+            for cache in (c for pair in caches for c in pair):  # nothing left from the last run
+                cache.zero_()
+            sync()
             for t in tickets:
                 receiver.expect(t, on_done)
+            posted.clear()
+            nccl.clear()
             emit({"expecting": len(tickets)})
             all_done.wait(120)
             emit({"done": max(r[0] for r in results), "ok": all(r[1] for r in results),
-                  "errors": [r[2] for r in results if r[2]][:3]})
+                  "errors": [r[2] for r in results if r[2]][:3], "posted": posted,
+                  "nccl ms": 1e3 * sum(m[2] for m in nccl),
+                  "landed": [blocks_checksum(caches, t.block_ids) for t in tickets]})
         elif cmd["cmd"] == "raw":
             if raw_pair is None:  # NCCL connects on the first op: one small one, both sides
                 raw_pair = ProcessGroupPair.create(PairOffer(**cmd["offer"]), 1, device, 60)
+                raw_pair.use_stream()  # this (main) thread posts its ops
                 raw_pair.recv_many([torch.empty(1, device=device)])
             buffers = [torch.empty(s, dtype=DTYPE, device=device) for s in cmd["shapes"]]
             emit({"ready": len(buffers)})  # posting may block until the sends start: no waiting before
@@ -92,7 +156,7 @@ def serve_receiver() -> None:
                 raw_pair.stream.synchronize()
             emit({"done": time.monotonic()})
         else:
-            return
+            return print_profile(profile)
 
 
 def emit(obj) -> None:
@@ -144,14 +208,27 @@ def connector_seconds(peer: Peer, sender, connector: str, block_ids, layers) -> 
     sync()
     start = time.monotonic()
     for layer in range(CFG.num_layers):  # as a prefill step hands them over: layer by layer
-        for t, kv in zip(tickets, layers):
-            sender.send_layer(t, layer, kv[layer])
+        sender.send_layers(layer, [(t, kv[layer]) for t, kv in zip(tickets, layers)])
     futures = [sender.finish(t, 1) for t in tickets]
+    handed_over = time.monotonic()
     reply = peer.read()
     for f in futures:
         f.result(60)
     if not reply["ok"]:
         raise RuntimeError(f"{connector}: transfer failed: {reply['errors']}")
+    if reply["landed"] != [checksum(kv[i] for kv in ls for i in (0, 1)) for ls in layers]:
+        raise RuntimeError(f"{connector}: the blocks do not hold the bytes sent")
+    if connector == "nccl" and TIMELINE:
+        ms = lambda marks: " ".join(f"{1e3 * (t - start):.2f}/{n}" for t, n, _ in marks)  # noqa: E731
+        busy = lambda marks: 1e3 * sum(m[2] for m in marks)  # noqa: E731
+        print(f"  handed over by {1e3 * (handed_over - start):.2f} ms\n"
+              f"  sender posted (ms/layers): {ms(SENT)}\n  receiver posted: {ms(reply['posted'])}\n"
+              f"  done {1e3 * (reply['done'] - start):.2f} ms; busy ms: sender {busy(SENT)} "
+              f"(send_many {busy(SENT_NCCL)}), receiver {busy(reply['posted'])} (recv_many "
+              f"{reply['nccl ms']})", file=sys.stderr)
+    GROUP_SIZES.extend(n for _, n, _ in SENT)
+    SENT.clear()
+    SENT_NCCL.clear()
     return reply["done"] - start
 
 
@@ -170,16 +247,25 @@ def raw_groups(tensors, grouped: bool) -> list[list]:
     return groups
 
 
-def raw_seconds(peer: Peer, pair_state: dict, layers, grouped: bool) -> float:
-    """Raw NCCL moving the same tensors (K and V of each layer of each request) between the same
-    processes: no frames, no tickets, no scatter."""
+RAW_WAYS = ("per-tensor", "coalesced", "one message per group")
+
+
+def raw_seconds(peer: Peer, pair_state: dict, layers, how: str) -> float:
+    """Raw NCCL moving the same bytes between the same processes, no frames, no tickets, no
+    scatter, in one of three ways: K and V of each layer of each request one op each; those
+    tensors coalesced in groups of the connector's GROUP_BYTES; or each such group's bytes
+    concatenated beforehand (off the clock) and sent as one message."""
     tensors = [kv[layer][i] for layer in range(CFG.num_layers) for kv in layers for i in (0, 1)]
+    grouped = how == "coalesced"
+    if how == "one message per group":
+        tensors = [torch.cat([t.view(-1) for t in group]) for group in raw_groups(tensors, True)]
     cmd = {"cmd": "raw", "offer": None, "grouped": grouped, "shapes": [list(t.shape) for t in tensors]}
     if "pair" not in pair_state:
         offer, store = ProcessGroupPair.offer("127.0.0.1", torch.device(DEVICES["send"]))
         peer.send({**cmd, "offer": dataclasses.asdict(offer)})
         pair_state["pair"] = pair = ProcessGroupPair.create(offer, 0, torch.device(DEVICES["send"]), 60,
                                                             store=store)
+        pair.use_stream()  # this (main) thread posts its ops
         pair.send_many([torch.zeros(1, device=DEVICES["send"])])
     else:
         pair = pair_state["pair"]
@@ -193,9 +279,11 @@ def raw_seconds(peer: Peer, pair_state: dict, layers, grouped: bool) -> float:
 
 
 def throughput(reps: int) -> list[dict]:
-    from kv_transfer.nccl import NcclKVSender
-    from kv_transfer.tcp import TcpKVSender
+    from kv_transfer.nccl import NcclKVSender, _PairChannel
+    from kv_transfer.tcp_sender import TcpKVSender
     peer, pair_state, rows = Peer(), {}, []
+    timeline(_PairChannel, "_send_layers", SENT)  # its group sizes: whatever was queued when it got to them
+    timeline(ProcessGroupPair, "send_many", SENT_NCCL)
     senders = {"nccl": NcclKVSender(DEVICES["send"], 30, 60), "tcp": TcpKVSender(30)}
     try:
         for name, (n, tokens, scattered) in {"1 x 4k, one run": (1, 4096, False),
@@ -204,14 +292,16 @@ def throughput(reps: int) -> list[dict]:
             print(f"throughput: {name}", file=sys.stderr, flush=True)
             block_ids, layers = make_case(n, tokens, scattered)
             num_bytes = sum(kv.nbytes for ls in layers for kv in ls)
-            times = {f"raw {how}": [raw_seconds(peer, pair_state, layers, how == "grouped")
-                                    for _ in range(reps + 1)][1:] for how in ("per-tensor", "grouped")}
+            times = {f"raw {how}": [raw_seconds(peer, pair_state, layers, how) for _ in range(reps + 1)][1:]
+                     for how in RAW_WAYS}
+            GROUP_SIZES.clear()
             for c, sender in senders.items():
                 times[c] = [connector_seconds(peer, sender, c, block_ids, layers) for _ in range(reps + 1)][1:]
             gbps = {k: num_bytes / statistics.median(v) / 2**30 for k, v in times.items()}
-            best_raw = max(gbps["raw per-tensor"], gbps["raw grouped"])  # the ratios are against the faster
+            best_raw = max(gbps[f"raw {how}"] for how in RAW_WAYS)  # the ratios are against the fastest
             rows.append({"case": name, "MiB": num_bytes / 2**20, **{f"{k} GiB/s": g for k, g in gbps.items()},
-                         "nccl / raw": gbps["nccl"] / best_raw, "tcp / raw": gbps["tcp"] / best_raw})
+                         "nccl / raw": gbps["nccl"] / best_raw, "tcp / raw": gbps["tcp"] / best_raw,
+                         "nccl layers / group": statistics.mean(GROUP_SIZES)})
             del layers
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -288,8 +378,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--timeline", action="store_true", help="when each nccl group was posted")
     parser.add_argument("--cpu", action="store_true", help="a smoke test on CPU (gloo), no pipeline")
     args = parser.parse_args()
+    global TIMELINE
+    TIMELINE = args.timeline
     if args.cpu:
         global SCALE
         DEVICES.update(send="cpu", recv="cpu")
@@ -297,7 +390,9 @@ def main() -> None:
     if args.serve_receiver:
         return serve_receiver()
     assert args.cpu or torch.cuda.device_count() >= 2, "needs two GPUs"
+    profile = start_profile()
     rows = throughput(args.reps)
+    print_profile(profile)
     pipeline = [] if args.skip_pipeline else exposed_transfer(args.reps)
     if args.json:
         Path(args.json).write_text(json.dumps({"throughput": rows, "pipeline": pipeline}, indent=1))

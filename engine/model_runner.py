@@ -20,6 +20,7 @@ from .config import EngineConfig, ModelConfig
 from .cuda_graphs import DecodeGraphs
 from .host_copy import to_device, to_host
 from .kv_cache_sizing import kv_cache_bytes
+from .kv_pool import allocate_kv_caches
 from .model_source import ModelSource
 from .sampler import Sampler
 from .scheduler import SchedulerOutput
@@ -42,10 +43,9 @@ class ModelRunner:
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.sampler = Sampler(self.device, config.seed)
         self.num_blocks = config.num_kv_blocks or max(1, kv_cache_bytes(self, config) // self.block_bytes())
-        shape = (self.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(model_config.num_layers)]
+        self.kv_caches = allocate_kv_caches(  # views of one pool (engine/kv_pool.py)
+            model_config.num_layers, (self.block_size, model_config.num_kv_heads, model_config.head_dim),
+            self.num_blocks, self.dtype, self.device)
         self.graphs = self._capture_graphs(config)
 
     def _capture_graphs(self, config: EngineConfig) -> DecodeGraphs | None:

@@ -5,7 +5,7 @@ Like vLLM's KVConnectorBase_V1, a connector has two sides that never share memor
 * The decode node reserves blocks for a prompt and registers a `KVTicket` with its
   `KVReceiver` (`expect`). The ticket travels to the prefill node inside the Prefill RPC.
 * The prefill node's engine thread hands each layer's K/V of the prompt's blocks to its
-  `KVSender` (`send_layer`) as soon as that layer has run on the last prefill chunk, so the
+  `KVSender` (`send_layers`) as soon as that layer has run on the last prefill chunk, so the
   transfer overlaps the layers still to run; then `finish` sends the first sampled token and
   a checksum summary. `send_layer` and `finish` never block on the network.
 * The receiver writes each layer into the reserved blocks, checks every checksum, and calls
@@ -77,6 +77,13 @@ class KVSender(abc.ABC):
         """Queues one layer, `kv` a tensor of `ticket.layer_shape` gathered from the cache (so
         not a view of it). A CUDA tensor is staged to pinned host memory in stream order; a
         host tensor is sent as is, so the caller must not modify it afterwards."""
+
+    def send_layers(self, layer: int, items: list[tuple[KVTicket, object]]) -> None:
+        """One layer of several transfers at once (the requests of one prefill batch): as
+        `send_layer` for each (ticket, kv), with less host time per transfer where the
+        connector can."""
+        for ticket, kv in items:
+            self.send_layer(ticket, layer, kv)
 
     @abc.abstractmethod
     def finish(self, ticket: KVTicket, first_token_id: int) -> concurrent.futures.Future:

@@ -8,9 +8,11 @@ the prompt, `[2, num_blocks, block_size, num_kv_heads, head_dim]`. The DONE fram
 transfer; its payload is `u32 first_token_id | u32 num_layers | u32 CRC32C of the KV frames'
 checksums in layer order`. ABORT (no payload) says the sender gave up. PAIR opens a connection
 of the `nccl` connector (kv_transfer/pair.py): its payload is the sender's process-group offer,
-and the KV frames after it carry no payload on the socket (it comes over the process group).
-GROUP (no payload; `layer` holds the count N) announces that N KV headers follow, whose
-payloads come over the process group as one message: their bytes concatenated in header order.
+and its layers then go in GROUP frames instead of KV frames.
+GROUP announces N layers whose payloads come over the process group as one message (`layer`
+holds N): its payload is N entries of `16 bytes transfer id | u32 layer | u64 num_bytes`,
+and the layers' bytes move as one message, concatenated in entry order. Dtype and shape are the
+ticket's (the sender checked them), so an entry is 28 bytes, not a 72-byte header.
 Nothing here is ever unpickled: the receiver checks the header against its ticket, then reads
 plain numbers.
 """
@@ -29,10 +31,11 @@ MAX_NDIM = 6
 HEADER = struct.Struct("<4sHBB16sIB3x6IQII")
 HEADER_SIZE = HEADER.size  # 72
 DONE = struct.Struct("<III")
+GROUP_ENTRY = struct.Struct("<16sIQ")  # transfer id, layer, num_bytes
 DTYPE_CODES = {"float32": 1, "bfloat16": 2, "float16": 3}
 DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
-MAX_GROUP = 256  # KV headers one GROUP frame may announce
+MAX_GROUP = 256  # layers one GROUP frame may announce
 
 
 class FrameType(enum.IntEnum):
@@ -40,7 +43,7 @@ class FrameType(enum.IntEnum):
     DONE = 2
     ABORT = 3
     PAIR = 4  # the nccl connector: payloads of this connection go over a process group
-    GROUP = 5  # the nccl connector: the next `layer` KV headers' payloads move as one group
+    GROUP = 5  # the nccl connector: `layer` layers whose payloads move as one group
 
 
 class FrameError(ValueError):
@@ -112,9 +115,22 @@ def pair_frame(offer: bytes) -> bytes:
     return header.pack() + offer
 
 
-def group_frame(num_layers: int) -> bytes:
-    assert 0 < num_layers <= MAX_GROUP, num_layers
-    return FrameHeader(FrameType.GROUP, bytes(16), layer=num_layers).pack()
+def group_frame(entries: list[tuple[bytes, int, int]]) -> bytes:
+    """A whole GROUP frame for `entries`: (transfer id, layer, num_bytes) each."""
+    assert 0 < len(entries) <= MAX_GROUP, len(entries)
+    payload = b"".join(GROUP_ENTRY.pack(*entry) for entry in entries)
+    header = FrameHeader(FrameType.GROUP, bytes(16), layer=len(entries), num_bytes=len(payload),
+                         payload_checksum=checksum(payload))
+    return header.pack() + payload
+
+
+def group_entries(header: FrameHeader, payload) -> list[tuple[bytes, int, int]]:
+    """The entries of a GROUP frame's payload; raises FrameError on a bad count or checksum."""
+    if not 0 < header.layer <= MAX_GROUP or header.num_bytes != header.layer * GROUP_ENTRY.size:
+        raise FrameError(f"GROUP frame of {header.layer} layers and {header.num_bytes} bytes")
+    if checksum(payload) != header.payload_checksum:
+        raise FrameError("checksum mismatch in GROUP frame")
+    return list(GROUP_ENTRY.iter_unpack(payload))
 
 
 def abort_frame(transfer_id: bytes) -> bytes:

@@ -5,15 +5,19 @@ gloo between CPU processes (the same code, so CI runs it).
 A sender's connection to a receiver starts with a PAIR frame; both ends then join the pair's
 process group. Layers go in groups: whatever layers are queued when the sender's thread gets
 to them (one, as a prefill hands them over; many, from several transfers or a prefill that
-outran the wire), up to GROUP_BYTES. A group is a GROUP frame with one KV frame header per
-layer on the socket (shape, dtype, layer; no payload checksum: NCCL/gloo carry their own
-integrity), then all its bytes in one send on the process group, concatenated on the pair's
-stream: one handshake and one Python round per group, not per tensor. The receiver reads the
-headers, checks each against its ticket, receives the group into a staging buffer, and copies
-each layer's K and V into the reserved blocks (one batched copy for the layers whose blocks
-are one run of ids, a scatter for the others). On CUDA nothing waits on the CPU until DONE:
-the receives and copies are ordered on the pair's stream, and a completion thread settles the
-transfer once they have run, or fails it at the ticket's deadline.
+outran the wire), up to GROUP_BYTES. A group is a GROUP frame on the socket (a 28-byte entry
+per layer: transfer id, layer, byte count; no payload checksum: NCCL/gloo carry their own
+integrity), then all its bytes as one message on the process group, concatenated on the
+pair's stream: one NCCL op and one Python round per group, not per tensor (an NCCL op costs
+40-80 us of host time, `benchmarks/nccl_ops.py`; the copy a few us of device time). The
+pair's stream does not wait for a send, so the next group's copy overlaps it.
+
+The receiver checks each entry against its ticket, receives the group into a staging buffer,
+and writes every block of it with one `index_copy_` into the KV pool (engine/kv_pool.py: the
+caches of all layers are views of one tensor, one row per block of K or V). On CUDA that copy
+runs on a copy stream, so the next group's receive does not wait for it, and nothing waits on
+the CPU until DONE: a completion thread settles the transfer once its copies have run, or
+fails it at the ticket's deadline.
 
 Who frees what is as for `tcp` (kv_transfer/connector.py). A pair that timed out or whose
 connection broke is aborted and forgotten; the next transfer makes a new one.
@@ -27,10 +31,8 @@ import time
 import torch
 
 from .connector import KVTicket, TransferResult
-from .frame import (HEADER_SIZE, MAX_GROUP, FrameError, FrameHeader, FrameType, done_frame, group_frame,
-                    pair_frame, summary_checksum)
+from .frame import GROUP_ENTRY, MAX_GROUP, FrameError, done_frame, group_frame, pair_frame, summary_checksum
 from .pair import Completions, ProcessGroupPair
-from .tcp import TORCH_DTYPES
 from .tcp_sender import TcpKVSender, _Channel, _Outgoing
 
 log = logging.getLogger(__name__)
@@ -50,20 +52,25 @@ class NcclKVSender(TcpKVSender):
         self.transfer_timeout = transfer_timeout
 
     def send_layer(self, ticket: KVTicket, layer: int, kv: torch.Tensor) -> None:
-        assert kv.device == self.device, (kv.device, self.device)
-        super().send_layer(ticket, layer, kv)
+        self.send_layers(layer, [(ticket, kv)])
+
+    def send_layers(self, layer: int, items: list[tuple[KVTicket, torch.Tensor]]) -> None:
+        """The tensors stay where they are (a view is made contiguous first); on CUDA one event
+        marks when the work that made all of them is done."""
+        staged = []
+        for ticket, kv in items:
+            self._check(ticket, kv)
+            assert kv.device == self.device, (kv.device, self.device)
+            staged.append((ticket, kv.contiguous()))
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))  # the device spares a slow lookup
+        for ticket, kv in staged:
+            self._channel(ticket).put(("kv", self._state(ticket), layer, kv, ready))
 
     def _new_channel(self, endpoint: str) -> _Channel:
         return _PairChannel(self, endpoint)
-
-    @staticmethod
-    def _stage(kv: torch.Tensor):
-        """`kv` stays where it is; on CUDA an event marks when the copy that made it is done."""
-        if kv.device.type != "cuda":
-            return kv.contiguous(), None
-        event = torch.cuda.Event()
-        event.record()
-        return kv.contiguous(), event
 
 
 class _PairChannel(_Channel):
@@ -88,6 +95,7 @@ class _PairChannel(_Channel):
         self.sock.sendall(pair_frame(offer.pack()))
         self.pair = ProcessGroupPair.create(offer, 0, self.sender.device, self.sender.transfer_timeout,
                                             store=store)
+        self.pair.use_stream()  # this channel's thread posts every op of the pair
         log.info("kv pair with %s: %s group up", self.endpoint, offer.backend)
 
     def _write(self, *parts) -> None:
@@ -96,30 +104,28 @@ class _PairChannel(_Channel):
         super()._write(*parts)
 
     def _send_layers(self, layers: list[tuple]) -> None:
-        """One GROUP frame with the layers' KV headers, then their bytes as one send: a lone
-        layer as it is, several concatenated (one device copy, not a process-group op per
-        tensor)."""
+        """One GROUP frame with an entry per layer, then the group's bytes as one message: a
+        lone layer as it lies, several concatenated on the pair's stream. That device copy
+        costs far less than the host time of an NCCL op per tensor, which bounds throughput."""
         if not layers:
             return
         if any(out.num_bytes == 0 for out, *_ in layers):  # a transfer's first frame
             self._drop_if_closed()
-        headers = [FrameHeader(FrameType.KV, out.ticket.transfer_key, layer, out.ticket.dtype,
-                               tuple(staged.shape), out.ticket.layer_bytes).pack()
-                   for out, layer, staged, _ in layers]
-        self._write(group_frame(len(layers)) + b"".join(headers))
-        with self.pair.stream_context():
-            for *_, ready in layers:
-                if ready is not None:
-                    self.pair.stream.wait_event(ready)
-            chunks = [staged.view(-1).view(torch.uint8) for _, _, staged, _ in layers]
-            flat = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # [group bytes]
+        self._write(group_frame([(out.ticket.transfer_key, layer, out.ticket.layer_bytes)
+                                 for out, layer, _, _ in layers]))
+        waited = None
+        for *_, ready in layers:
+            if ready is not None and ready is not waited:  # layers sent together share one
+                self.pair.stream.wait_event(ready)
+                waited = ready
+        flat = layers[0][2] if len(layers) == 1 else torch.cat([staged.view(-1) for _, _, staged, _ in layers])
         self.pair.send_many([flat])
         now = time.monotonic()
         for out, layer, staged, _ in layers:
             out.layer_checksums[layer] = 0
-            out.num_bytes += HEADER_SIZE + out.ticket.layer_bytes
+            out.num_bytes += GROUP_ENTRY.size + out.ticket.layer_bytes
             out.first_layer_at = out.first_layer_at or now
-            out.staged += [staged, flat]  # alive until the pair's stream is past the send
+            out.staged += (staged, flat)  # alive until the pair's stream is past the send
 
     def _send_done(self, out: _Outgoing, first_token_id: int) -> None:
         if out.error is not None or self.pair is None:
@@ -153,53 +159,78 @@ class _PairChannel(_Channel):
 
 
 class PairPayloads:
-    """Receiver side of one pair connection: takes KV payloads off the process group."""
+    """Receiver side of one pair connection: takes KV payloads off the process group. On CUDA
+    a group's scatter into the blocks runs on a copy stream, so the next group's receive
+    (on the pair's stream) need not wait for it."""
 
     def __init__(self, pair: ProcessGroupPair, receiver, conn):
         self.pair, self.receiver, self.conn = pair, receiver, conn
-        self.completions = Completions("kv-pair-landed") if pair.stream is not None else None
+        self.rows = receiver.pool_rows  # [num_layers * 2 * num_blocks, block_numel]: engine/kv_pool.py
+        cuda = pair.stream is not None
+        self.copy_stream = torch.cuda.Stream(receiver.device) if cuda else None
+        self.completions = Completions("kv-pair-landed") if cuda else None
 
     @classmethod
     def join(cls, offer, receiver, conn) -> "PairPayloads":
+        if receiver.pool_rows is None:
+            raise ValueError("the nccl connector needs the KV caches as views of one pool "
+                             "(engine.kv_pool.allocate_kv_caches)")
         pair = ProcessGroupPair.create(offer, 1, receiver.device, receiver.pair_timeout)
+        pair.use_stream()  # the connection's reader thread posts every op of the pair
         log.info("kv pair from %s: %s group up", conn.addr, offer.backend)
         return cls(pair, receiver, conn)
 
-    def recv_group(self, entries: list[tuple]) -> None:
-        """The bytes of one GROUP (or of a lone KV header) in one receive, then K and V of each
-        layer into the reserved blocks: one batched copy for the layers whose blocks are one
-        run of ids, a scatter for the others. `entries`: (incoming, header) each; incoming None
-        is a transfer nobody expects any more, whose bytes are dropped."""
-        sizes = [header.num_bytes for _, header in entries]
-        if sum(sizes) > max(GROUP_BYTES, self.receiver.max_frame_bytes):
-            raise FrameError(f"a group of {sum(sizes)} bytes")
-        with self.pair.stream_context():  # staging is the group stream's: reused in its order
-            flat = torch.empty(sum(sizes), dtype=torch.uint8, device=self.receiver.device)
+    def recv_group(self, entries: list[tuple[bytes, int, int]]) -> None:
+        """One GROUP's bytes in one receive into staging, then every block of its layers into
+        the reserved blocks with one `index_copy_` (a pool row per block of K or V). `entries`:
+        (transfer id, layer, num_bytes) each. The receive is posted first and each entry is
+        checked against its ticket while the bytes move: nothing reaches a block before that.
+        A transfer nobody expects any more has its bytes dropped."""
+        row_bytes = self.rows.shape[1] * self.rows.element_size()
+        if any(num_bytes % (2 * row_bytes) for *_, num_bytes in entries):
+            raise FrameError("a layer that is not K and V of whole blocks of this cache")
+        num_rows = [num_bytes // row_bytes for *_, num_bytes in entries]
+        if sum(num_rows) * row_bytes > max(GROUP_BYTES, self.receiver.max_frame_bytes):
+            raise FrameError(f"a group of {sum(num_rows) * row_bytes} bytes")
+        # [group rows, block_numel]: each layer's K blocks, then its V blocks, as sent. On the
+        # pair's stream (this thread's): its memory is reused in that stream's order
+        flat = torch.empty((sum(num_rows), self.rows.shape[1]), dtype=self.rows.dtype, device=self.rows.device)
         self.pair.recv_many([flat])
-        with self.pair.stream_context():
-            runs_to, runs_from = [], []
-            for (incoming, header), chunk in zip(entries, flat.split(sizes)):
-                if incoming is None:
-                    continue
-                kv = chunk.view(TORCH_DTYPES[header.dtype]).view(header.shape)  # [2, num_blocks, ...]
-                runs = incoming.runs
-                for cache, part in zip(self.receiver.kv_caches[header.layer], kv):
-                    if len(runs) == 1:
-                        runs_to.append(cache[runs[0][0]:runs[0][1]])
-                        runs_from.append(part)
-                    else:
-                        cache.index_copy_(0, incoming.block_ids, part)
-            if runs_to:
-                torch._foreach_copy_(runs_to, runs_from)
-        for incoming, header in entries:
+        admitted = [(self.receiver._admit_layer(self.conn, *entry), *entry[1:]) for entry in entries]
+        kept = [(incoming, layer) for incoming, layer, _ in admitted if incoming is not None]
+        if len(kept) < len(entries):
+            flat = torch.cat([chunk for (incoming, *_), chunk in zip(admitted, flat.split(num_rows))
+                              if incoming is not None])
+        if kept:
+            for incoming in {id(incoming): incoming for incoming, _ in kept}.values():
+                if incoming.made is not None:
+                    self.pair.stream.wait_event(incoming.made)
+            self._scatter(flat, torch.cat([incoming.pool_rows[layer] for incoming, layer in kept]))
+        for incoming, layer, num_bytes in admitted:
             if incoming is not None:
-                incoming.layer_checksums[header.layer] = header.payload_checksum
-                incoming.num_bytes += HEADER_SIZE + header.num_bytes
+                incoming.layer_checksums[layer] = 0
+                incoming.num_bytes += GROUP_ENTRY.size + num_bytes
+
+    def _scatter(self, staged: torch.Tensor, rows: torch.Tensor) -> None:
+        """rows[i] of the pool <- staged[i]; on CUDA on the copy stream, after the receive."""
+        if self.copy_stream is None:
+            self.rows.index_copy_(0, rows, staged)
+            return
+        received = torch.cuda.Event()
+        received.record(self.pair.stream)
+        self.copy_stream.wait_event(received)
+        with torch.cuda.stream(self.copy_stream):
+            self.rows.index_copy_(0, rows, staged)
+        staged.record_stream(self.copy_stream)  # made on the pair's stream, read on this one
+        rows.record_stream(self.copy_stream)
 
     def settle_when_landed(self, incoming, result: TransferResult) -> None:
-        event = self.pair.done_event()
-        if event is None:
+        """Settles once every layer of `incoming` is in its blocks: on CUDA, once the copy
+        stream has run its scatters (each waited for its receive)."""
+        if self.copy_stream is None:
             return self.receiver._settle(incoming, result)
+        event = torch.cuda.Event()
+        event.record(self.copy_stream)
         deadline = time.monotonic() + max(0.0, incoming.ticket.deadline - time.time())
 
         def landed(error: BaseException | None) -> None:

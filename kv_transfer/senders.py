@@ -24,6 +24,13 @@ class SenderByConnector(KVSender):
     def send_layer(self, ticket: KVTicket, layer: int, kv) -> None:
         self._sender(ticket).send_layer(ticket, layer, kv)
 
+    def send_layers(self, layer: int, items: list[tuple[KVTicket, object]]) -> None:
+        by_connector: dict[str, list] = {}
+        for ticket, kv in items:
+            by_connector.setdefault(ticket.connector, []).append((ticket, kv))
+        for connector_items in by_connector.values():
+            self._sender(connector_items[0][0]).send_layers(layer, connector_items)
+
     def finish(self, ticket: KVTicket, first_token_id: int) -> concurrent.futures.Future:
         return self._sender(ticket).finish(ticket, first_token_id)
 

@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.kv_pool import pool_rows
+
 from .connector import KVReceiver, KVTicket, TransferResult
-from .frame import DONE, HEADER_SIZE, MAX_GROUP, FrameError, FrameHeader, FrameType, checksum, summary_checksum
+from .frame import (DONE, GROUP_ENTRY, HEADER_SIZE, MAX_GROUP, FrameError, FrameHeader, FrameType, checksum,
+                    group_entries, summary_checksum)
 from .pair import MAX_OFFER_BYTES, PairOffer
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ class _Incoming:
     on_done: Callable[[TransferResult], None]
     block_ids: torch.Tensor  # on the cache's device
     runs: list[tuple[int, int]]  # the block ids as [start, end) runs of consecutive ids
+    pool_rows: torch.Tensor | None  # [num_layers, 2 * num_blocks]: its blocks' rows in the pool, K's then V's
+    made: object | None  # CUDA: an event after pool_rows was made
     layer_checksums: dict[int, int] = field(default_factory=dict)
     num_bytes: int = 0
 
@@ -67,6 +72,7 @@ class TcpKVReceiver(KVReceiver):
         self.in_place = self.device.type == "cpu" if in_place is None else in_place
         # a frame for an unknown transfer is discarded only up to one whole layer of the cache
         self.max_frame_bytes = 2 * kv_caches[0][0].nbytes
+        self.pool_rows = pool_rows(kv_caches)  # one row per block of K or V; the nccl connector needs it
         self._server = socket.create_server((host, port))
         self.port = self._server.getsockname()[1]
         self.endpoint = f"{advertise_host or host}:{self.port}"
@@ -80,9 +86,25 @@ class TcpKVReceiver(KVReceiver):
         threading.Thread(target=self._accept, name="kv-accept", daemon=True).start()
 
     def expect(self, ticket: KVTicket, on_done: Callable[[TransferResult], None]) -> None:
+        """Raises ValueError for a ticket that does not fit this node's cache."""
+        cache = self.kv_caches[0][0]
+        if (TORCH_DTYPES[ticket.dtype] != cache.dtype or ticket.layer_shape[2:] != tuple(cache.shape[1:])
+                or ticket.num_layers != len(self.kv_caches)):
+            raise ValueError(f"ticket of {ticket.num_layers} layers of {ticket.dtype} blocks "
+                             f"{ticket.layer_shape[2:]} for a cache of {len(self.kv_caches)} layers of "
+                             f"{cache.dtype} blocks {tuple(cache.shape[1:])}")
+        if not all(0 <= b < cache.shape[0] for b in ticket.block_ids):
+            raise ValueError(f"ticket's block ids are outside the cache's {cache.shape[0]} blocks")
         ids = torch.tensor(ticket.block_ids, dtype=torch.int64, device=self.device)
+        rows, made = None, None
+        if self.pool_rows is not None:  # [num_layers, 2 * num_blocks]: (2 * layer + kv) * pool blocks + id
+            starts = torch.arange(2 * ticket.num_layers, device=self.device)[:, None] * cache.shape[0]
+            rows = (starts + ids).view(ticket.num_layers, -1)
+            if self.device.type == "cuda":  # made on this thread's stream, used on a pair's
+                made = torch.cuda.Event()
+                made.record(torch.cuda.current_stream(self.device))
         with self._lock:
-            self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, ids, _runs(ticket.block_ids))
+            self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, ids, _runs(ticket.block_ids), rows, made)
 
     def forget(self, transfer_id: str) -> None:
         """Over a process group, a transfer forgotten midway may leave a receive that never
@@ -140,8 +162,7 @@ class TcpKVReceiver(KVReceiver):
                 if head is None:
                     return  # clean close between frames
                 header = FrameHeader.unpack(bytes(head))
-                on_socket = conn.pair is None or header.type is not FrameType.KV  # else: on the group
-                if on_socket and len(conn.buffer) < header.num_bytes <= self.max_frame_bytes:
+                if len(conn.buffer) < header.num_bytes <= self.max_frame_bytes:
                     conn.buffer = bytearray(header.num_bytes)
                 self._on_frame(conn, header)
         except (FrameError, ConnectionError, OSError, RuntimeError, ValueError) as e:
@@ -160,9 +181,9 @@ class TcpKVReceiver(KVReceiver):
             return self._open_pair(conn, header)
         if header.type is FrameType.GROUP:
             return self._recv_group(conn, header)
+        if conn.pair is not None and header.type is FrameType.KV:
+            raise FrameError("KV frame on a pair connection (its layers come in GROUP frames)")
         incoming = self._admit(conn, header)
-        if conn.pair is not None and header.type is FrameType.KV:  # a group of one
-            return conn.payloads.recv_group([(incoming, header)])
         if incoming is None:  # cancelled or expired: read past it
             _recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
             return
@@ -180,10 +201,11 @@ class TcpKVReceiver(KVReceiver):
         else:
             self._fail(incoming, "the sender aborted the transfer")
 
-    def _admit(self, conn: "_Connection", header: FrameHeader) -> _Incoming | None:
+    def _admit(self, conn: "_Connection", header: FrameHeader, in_group: bool = False) -> _Incoming | None:
         """The transfer `header` belongs to, checked against its ticket, or None when nobody
         expects it any more (its payload is dropped). Raises FrameError on a frame that does
-        not match its ticket: the stream cannot be trusted, so the connection closes."""
+        not match its ticket: the stream cannot be trusted, so the connection closes. A GROUP
+        entry (`in_group`) carries no dtype or shape: they are the ticket's."""
         with self._lock:
             incoming = self._tickets.get(header.transfer_id)
         if incoming is None:
@@ -191,7 +213,7 @@ class TcpKVReceiver(KVReceiver):
                 raise FrameError(f"frame of {header.num_bytes} bytes for an unknown transfer")
             return None
         try:
-            self._check(incoming, header)
+            self._check(incoming, header, in_group)
         except FrameError as e:
             self._fail(incoming, str(e))
             raise
@@ -202,18 +224,16 @@ class TcpKVReceiver(KVReceiver):
         return incoming
 
     def _recv_group(self, conn: "_Connection", header: FrameHeader) -> None:
-        """A GROUP frame (pair connections only): N KV headers, then their payloads as one
-        group over the process group."""
-        if conn.pair is None or not 0 < header.layer <= MAX_GROUP or header.num_bytes:
+        """A GROUP frame (pair connections only): N (transfer, layer, num_bytes) entries, then
+        their payloads as one group over the process group (nccl.PairPayloads)."""
+        if conn.pair is None or header.num_bytes > MAX_GROUP * GROUP_ENTRY.size:
             raise FrameError("unexpected GROUP frame")
-        heads = _recv_exact(conn.sock, memoryview(bytearray(header.layer * HEADER_SIZE)), eof_ok=False)
-        entries = []
-        for start in range(0, len(heads), HEADER_SIZE):
-            kv = FrameHeader.unpack(bytes(heads[start:start + HEADER_SIZE]))
-            if kv.type is not FrameType.KV:
-                raise FrameError(f"{kv.type.name} frame inside a GROUP")
-            entries.append((self._admit(conn, kv), kv))
-        conn.payloads.recv_group(entries)
+        payload = _recv_exact(conn.sock, memoryview(bytearray(header.num_bytes)), eof_ok=False)
+        conn.payloads.recv_group(group_entries(header, payload))
+
+    def _admit_layer(self, conn: "_Connection", transfer_id: bytes, layer: int, num_bytes: int) -> _Incoming | None:
+        """`_admit` for one entry of a GROUP frame."""
+        return self._admit(conn, FrameHeader(FrameType.KV, transfer_id, layer, num_bytes=num_bytes), True)
 
     def _open_pair(self, conn: "_Connection", header: FrameHeader) -> None:
         """A PAIR frame: this connection's KV payloads come over a process group from now on."""
@@ -226,12 +246,12 @@ class TcpKVReceiver(KVReceiver):
         conn.payloads = PairPayloads.join(PairOffer.unpack(payload), self, conn)
         conn.pair = conn.payloads.pair
 
-    def _check(self, incoming: _Incoming, header: FrameHeader) -> None:
+    def _check(self, incoming: _Incoming, header: FrameHeader, in_group: bool = False) -> None:
         ticket = incoming.ticket
         if header.type is FrameType.KV:
             if not 0 <= header.layer < ticket.num_layers or header.layer in incoming.layer_checksums:
                 raise FrameError(f"unexpected layer {header.layer}")
-            if header.dtype != ticket.dtype or header.shape != ticket.layer_shape:
+            if not in_group and (header.dtype != ticket.dtype or header.shape != ticket.layer_shape):
                 raise FrameError(f"frame {header.dtype} {header.shape} does not match the ticket's "
                                  f"{ticket.dtype} {ticket.layer_shape}")
             if header.num_bytes != ticket.layer_bytes:
@@ -346,5 +366,3 @@ def _recv_exact(conn: socket.socket, view: memoryview, eof_ok: bool = True):
         got += n
     return view
 
-
-from .tcp_sender import TcpKVSender  # noqa: E402,F401  (re-exported: `from kv_transfer.tcp import TcpKVSender`)

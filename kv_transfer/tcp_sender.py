@@ -46,8 +46,7 @@ class TcpKVSender(KVSender):
         self.num_bytes_sent = 0
 
     def send_layer(self, ticket: KVTicket, layer: int, kv: torch.Tensor) -> None:
-        assert tuple(kv.shape) == ticket.layer_shape, (tuple(kv.shape), ticket.layer_shape)
-        assert DTYPE_NAMES[kv.dtype] == ticket.dtype, (kv.dtype, ticket.dtype)
+        self._check(ticket, kv)
         staged, ready = self._stage(kv)
         self._channel(ticket).put(("kv", self._state(ticket), layer, staged, ready))
 
@@ -69,9 +68,17 @@ class TcpKVSender(KVSender):
         for channel in channels:
             channel.stop()
 
+    @staticmethod
+    def _check(ticket: KVTicket, kv: torch.Tensor) -> None:
+        assert tuple(kv.shape) == ticket.layer_shape, (tuple(kv.shape), ticket.layer_shape)
+        assert DTYPE_NAMES[kv.dtype] == ticket.dtype, (kv.dtype, ticket.dtype)
+
     def _state(self, ticket: KVTicket) -> _Outgoing:
         with self._lock:
-            return self._outgoing.setdefault(ticket.transfer_id, _Outgoing(ticket))
+            out = self._outgoing.get(ticket.transfer_id)
+            if out is None:
+                out = self._outgoing[ticket.transfer_id] = _Outgoing(ticket)
+            return out
 
     def _channel(self, ticket: KVTicket) -> "_Channel":
         with self._lock:

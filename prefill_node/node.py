@@ -34,7 +34,7 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     from engine.engine_loop import EngineLoop
     from kv_transfer.nccl import NcclKVSender
     from kv_transfer.senders import SenderByConnector
-    from kv_transfer.tcp import TcpKVSender
+    from kv_transfer.tcp_sender import TcpKVSender
 
     server = Server(service_name("PrefillService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)

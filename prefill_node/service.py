@@ -57,13 +57,16 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
 
     def _push_layer(self, layer: int, scheduled: SchedulerOutput) -> None:
         k_cache, v_cache = self.engine.runner.kv_caches[layer]
+        items = []
         for s in scheduled.scheduled:
             ticket = self.tickets.get(s.request.request_id)
             if ticket is None or not s.samples:  # not the prompt's last chunk
                 continue
             ids = torch.tensor(self.engine.kv.block_ids(s.request.request_id)[:len(ticket.block_ids)],
                                device=k_cache.device)
-            self.sender.send_layer(ticket, layer, torch.stack((k_cache[ids], v_cache[ids])))
+            items.append((ticket, torch.stack((k_cache[ids], v_cache[ids]))))
+        if items:
+            self.sender.send_layers(layer, items)
 
     # ---- gRPC ---------------------------------------------------------------------------
 

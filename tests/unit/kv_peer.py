@@ -32,7 +32,7 @@ def layer_data(ticket: KVTicket, layer: int) -> torch.Tensor:
 
 def make_sender(connector: str):
     from kv_transfer.nccl import NcclKVSender
-    from kv_transfer.tcp import TcpKVSender
+    from kv_transfer.tcp_sender import TcpKVSender
     return TcpKVSender(connect_timeout=5) if connector == "tcp" else NcclKVSender("cpu", 5, 10)
 
 
@@ -47,8 +47,9 @@ def main(argv: list[str]) -> None:
     if argv[0] == "receive":
         from kv_transfer.tcp import TcpKVReceiver
         ticket = ticket_from_json(argv[1])
-        shape = (max(ticket.block_ids) + 1, ticket.block_size, ticket.num_kv_heads, ticket.head_dim)
-        caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(ticket.num_layers)]
+        from engine.kv_pool import allocate_kv_caches
+        caches = allocate_kv_caches(ticket.num_layers, (ticket.block_size, ticket.num_kv_heads, ticket.head_dim),
+                                    max(ticket.block_ids) + 1, torch.float32, torch.device("cpu"))
         receiver = TcpKVReceiver(caches, pair_timeout=10)
         receiver.expect(dataclasses.replace(ticket, kv_endpoint=receiver.endpoint), lambda result: None)
         print(receiver.endpoint, flush=True)

@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+from engine.kv_pool import pool_rows
+from kv_transfer.nccl import NcclKVSender
 from kv_transfer.tcp import TcpKVReceiver
 
 from .kv_peer import layer_data, make_sender, ticket_to_json
@@ -77,14 +79,18 @@ def test_concurrent_transfers_from_two_senders(connector, receiver):
     for t, w in zip(tickets, waiters):
         receiver.expect(t, w)
 
-    def push_interleaved(sender, indices):  # layer by layer across its transfers, as a batch would
+    def push_interleaved(sender, indices, batched):  # layer by layer across its transfers, as a batch would
         for layer in range(NUM_LAYERS):
-            for i in indices:
-                sender.send_layer(tickets[i], layer, layers[i][layer].clone())
+            items = [(tickets[i], layers[i][layer].clone()) for i in indices]
+            if batched:  # one call per layer, as a prefill node makes it
+                sender.send_layers(layer, items)
+            else:
+                for ticket, kv in items:
+                    sender.send_layer(ticket, layer, kv)
         for i in indices:
             sender.finish(tickets[i], i)
 
-    threads = [threading.Thread(target=push_interleaved, args=(s, range(k, 16, 2)))
+    threads = [threading.Thread(target=push_interleaved, args=(s, range(k, 16, 2), k == 1))
                for k, s in enumerate(senders)]
     for t in threads:
         t.start()
@@ -215,3 +221,39 @@ def test_unreachable_receiver_fails_the_future(connector):
     with pytest.raises(ConnectionError):
         push(sender, t, random_layers(t)).result(10)
     sender.close()
+
+
+def test_pool_rows_address_each_block_of_each_layer():
+    caches = make_caches()
+    rows = pool_rows(caches)
+    num_blocks = caches[0][0].shape[0]
+    for layer, (k, v) in enumerate(caches):
+        for kv, cache in enumerate((k, v)):
+            rows[(2 * layer + kv) * num_blocks + 5] = 100 * layer + kv + 1
+            assert torch.equal(cache[5].flatten(), rows[(2 * layer + kv) * num_blocks + 5])
+    assert sum(int((c != 0).sum()) for pair in caches for c in pair) == 2 * len(caches) * rows.shape[1]  # nothing else
+    assert pool_rows([(k.clone(), v.clone()) for k, v in caches]) is None  # separate tensors
+
+
+def test_nccl_pair_refused_by_caches_that_are_not_one_pool():
+    """The nccl receive needs the pool layout; separate tensors get a closed connection (so
+    a failed transfer), and the TCP connector still serves them."""
+    caches = [(k.clone(), v.clone()) for k, v in make_caches()]
+    receiver = TcpKVReceiver(caches, pair_timeout=10)
+    try:
+        bad, waiter = ticket(receiver, [1, 2], "nccl"), Waiter()
+        receiver.expect(bad, waiter)
+        nccl = NcclKVSender("cpu", connect_timeout=5, transfer_timeout=2)  # its pair never forms
+        with pytest.raises(ConnectionError):
+            push(nccl, bad, random_layers(bad)).result(20)
+        nccl.close()
+        good = ticket(receiver, [3, 4], "tcp")
+        layers, waiter = random_layers(good), Waiter()
+        receiver.expect(good, waiter)
+        tcp = make_sender("tcp")
+        push(tcp, good, layers).result(10)
+        assert waiter.wait().ok
+        assert_landed(caches, good, layers)
+        tcp.close()
+    finally:
+        receiver.close()

@@ -2,6 +2,7 @@
 buffer, corruption and malformed frames fail only their transfer, and random bytes do not
 hurt the receiver. The contract both connectors keep: test_kv_connectors.py."""
 
+import dataclasses
 import os
 import socket
 import threading
@@ -11,9 +12,12 @@ import uuid
 import pytest
 import torch
 
+from engine.kv_pool import allocate_kv_caches
 from kv_transfer.connector import KVTicket
-from kv_transfer.frame import HEADER_SIZE, FrameError, FrameHeader, FrameType, group_frame, kv_frame, pair_frame
-from kv_transfer.tcp import TcpKVReceiver, TcpKVSender
+from kv_transfer.frame import (HEADER_SIZE, FrameError, FrameHeader, FrameType, group_entries, group_frame, kv_frame,
+                               pair_frame)
+from kv_transfer.tcp import TcpKVReceiver
+from kv_transfer.tcp_sender import TcpKVSender
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 32, 4, 2, 8
 
@@ -33,8 +37,8 @@ class Waiter:
 
 
 def make_caches(dtype=torch.float32):
-    shape = (NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
-    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(NUM_LAYERS)]
+    """As the engine allocates them: views of one pool."""
+    return allocate_kv_caches(NUM_LAYERS, (BLOCK_SIZE, KV_HEADS, HEAD_DIM), NUM_BLOCKS, dtype, torch.device("cpu"))
 
 
 def make_ticket(receiver, block_ids, dtype="float32", connector="tcp", endpoint=None, transfer_id=None):
@@ -95,6 +99,35 @@ def test_frame_header_round_trip_and_rejects():
         bad[i] ^= 1
         with pytest.raises(FrameError):
             FrameHeader.unpack(bytes(bad))
+
+
+
+def test_group_frame_round_trip_and_rejects():
+    entries = [(os.urandom(16), layer, 4096 * (layer + 1)) for layer in range(5)]
+    frame = group_frame(entries)
+    header = FrameHeader.unpack(frame[:HEADER_SIZE])
+    assert header.type is FrameType.GROUP and header.layer == 5
+    assert group_entries(header, frame[HEADER_SIZE:]) == entries
+    bad = bytearray(frame)
+    bad[HEADER_SIZE + 20] ^= 1  # a layer number
+    with pytest.raises(FrameError, match="checksum"):
+        group_entries(header, bytes(bad[HEADER_SIZE:]))
+    with pytest.raises(FrameError, match="4 layers"):  # the count does not fit the payload
+        group_entries(dataclasses.replace(header, layer=4), frame[HEADER_SIZE:])
+
+
+def test_a_ticket_must_fit_the_cache():
+    receiver = TcpKVReceiver(make_caches(torch.float32))
+    try:
+        with pytest.raises(ValueError, match="bfloat16"):
+            receiver.expect(make_ticket(receiver, [1], "bfloat16"), lambda result: None)
+        with pytest.raises(ValueError, match="outside"):
+            receiver.expect(make_ticket(receiver, [1, NUM_BLOCKS]), lambda result: None)
+        with pytest.raises(ValueError, match=f"{NUM_LAYERS + 1} layers"):
+            ticket = dataclasses.replace(make_ticket(receiver, [1]), num_layers=NUM_LAYERS + 1)
+            receiver.expect(ticket, lambda result: None)
+    finally:
+        receiver.close()
 
 
 @pytest.mark.parametrize("in_place", [True, False])  # False: the path of CUDA caches
@@ -165,7 +198,7 @@ def test_random_bytes_and_unknown_transfers_are_harmless(pair):
 
 
 @pytest.mark.parametrize("frames", [
-    [group_frame(2)],  # a GROUP belongs to pair connections only
+    [group_frame([(bytes(16), 0, 8)] * 2)],  # a GROUP belongs to pair connections only
     [pair_frame(b"nccl 127.0.0.1 notaport")],  # a PAIR offer that does not parse
 ])
 def test_frames_of_the_other_connector_out_of_place_close_only_their_connection(pair, frames):
