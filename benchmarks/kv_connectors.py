@@ -378,6 +378,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--timeline", action="store_true", help="when each nccl group was posted")
     parser.add_argument("--cpu", action="store_true", help="a smoke test on CPU (gloo), no pipeline")
     args = parser.parse_args()
@@ -391,14 +392,15 @@ def main() -> None:
         return serve_receiver()
     assert args.cpu or torch.cuda.device_count() >= 2, "needs two GPUs"
     profile = start_profile()
-    rows = throughput(args.reps)
+    rows = [] if args.skip_throughput else throughput(args.reps)
     print_profile(profile)
     pipeline = [] if args.skip_pipeline else exposed_transfer(args.reps)
     if args.json:
         Path(args.json).write_text(json.dumps({"throughput": rows, "pipeline": pipeline}, indent=1))
-    print(f"\nKV connector throughput, {DEVICES['send']} -> {DEVICES['recv']} (median of {args.reps} "
-          "after a warm-up)")
-    print(table(rows))
+    if rows:
+        print(f"\nKV connector throughput, {DEVICES['send']} -> {DEVICES['recv']} (median of {args.reps} "
+              "after a warm-up)")
+        print(table(rows))
     if pipeline:
         print("\n4k-token prompt: exposed KV transfer against the prefill alone on one GPU")
         print(table(pipeline))

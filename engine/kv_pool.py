@@ -17,6 +17,13 @@ def allocate_kv_caches(num_layers: int, block_shape: tuple[int, ...], num_blocks
     return [(pool[layer, 0], pool[layer, 1]) for layer in range(num_layers)]
 
 
+def block_rows(block_ids: torch.Tensor, num_layers: int, num_blocks: int) -> torch.Tensor:
+    """`[num_layers, 2 * len(block_ids)]`: the pool rows of these blocks in each layer, K's then
+    V's, on the device of `block_ids`; `num_blocks`: the pool's."""
+    starts = torch.arange(2 * num_layers, device=block_ids.device)[:, None] * num_blocks
+    return (starts + block_ids).view(num_layers, -1)
+
+
 def pool_rows(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
     """`[num_layers * 2 * num_blocks, block_numel]` over the caches' memory, or None when they
     are not laid out as `allocate_kv_caches` lays them out."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.kv_pool import pool_rows
+from engine.kv_pool import block_rows, pool_rows
 
 from .connector import KVReceiver, KVTicket, TransferResult
 from .frame import (DONE, GROUP_ENTRY, HEADER_SIZE, MAX_GROUP, FrameError, FrameHeader, FrameType, checksum,
@@ -97,9 +97,8 @@ class TcpKVReceiver(KVReceiver):
             raise ValueError(f"ticket's block ids are outside the cache's {cache.shape[0]} blocks")
         ids = torch.tensor(ticket.block_ids, dtype=torch.int64, device=self.device)
         rows, made = None, None
-        if self.pool_rows is not None:  # [num_layers, 2 * num_blocks]: (2 * layer + kv) * pool blocks + id
-            starts = torch.arange(2 * ticket.num_layers, device=self.device)[:, None] * cache.shape[0]
-            rows = (starts + ids).view(ticket.num_layers, -1)
+        if self.pool_rows is not None:
+            rows = block_rows(ids, ticket.num_layers, cache.shape[0])
             if self.device.type == "cuda":  # made on this thread's stream, used on a pair's
                 made = torch.cuda.Event()
                 made.record(torch.cuda.current_stream(self.device))

@@ -20,6 +20,8 @@ import grpc
 import torch
 
 from engine.engine_loop import EngineLoop
+from engine.host_copy import to_device
+from engine.kv_pool import block_rows, pool_rows
 from engine.request import RequestOutput
 from engine.scheduler import SchedulerOutput
 from kv_transfer.connector import KVTicket
@@ -44,11 +46,16 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
 
     def attach(self, loop: EngineLoop, sender: SenderByConnector) -> None:
         self.loop, self.engine, self.sender = loop, loop.engine, sender
+        self.kv_rows = pool_rows(self.engine.runner.kv_caches)  # [num_layers * 2 * num_blocks, block_numel]
+        self._pushing: list[tuple[KVTicket, torch.Tensor]] | None = None  # this step's prompts to push
 
     # ---- engine thread ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        outputs = self.engine.step(on_layer=self._push_layer)
+        try:
+            outputs = self.engine.step(on_layer=self._push_layer)
+        finally:
+            self._pushing = None  # made again by the next step's first layer
         for out in outputs:
             ticket = self.tickets.pop(out.request_id, None)
             if ticket is not None and out.new_token_ids:
@@ -56,17 +63,27 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
         return outputs
 
     def _push_layer(self, layer: int, scheduled: SchedulerOutput) -> None:
-        k_cache, v_cache = self.engine.runner.kv_caches[layer]
-        items = []
+        """One gather per prompt: its blocks' K and V of this layer, `ticket.layer_shape`."""
+        if self._pushing is None:
+            self._pushing = self._push_rows(scheduled)
+        items = [(ticket, self.kv_rows.index_select(0, rows[layer]).view(ticket.layer_shape))
+                 for ticket, rows in self._pushing]
+        if items:
+            self.sender.send_layers(layer, items)
+
+    def _push_rows(self, scheduled: SchedulerOutput) -> list[tuple[KVTicket, torch.Tensor]]:
+        """(ticket, `[num_layers, 2 * num_blocks]` pool rows of its blocks) for each prompt whose
+        last chunk runs in this step; made once a step, without a host sync."""
+        num_layers, num_blocks = self.engine.model_config.num_layers, self.engine.runner.num_blocks
+        targets = []
         for s in scheduled.scheduled:
             ticket = self.tickets.get(s.request.request_id)
             if ticket is None or not s.samples:  # not the prompt's last chunk
                 continue
-            ids = torch.tensor(self.engine.kv.block_ids(s.request.request_id)[:len(ticket.block_ids)],
-                               device=k_cache.device)
-            items.append((ticket, torch.stack((k_cache[ids], v_cache[ids]))))
-        if items:
-            self.sender.send_layers(layer, items)
+            ids = to_device(self.engine.kv.block_ids(s.request.request_id)[:len(ticket.block_ids)], torch.int64,
+                            self.kv_rows.device)
+            targets.append((ticket, block_rows(ids, num_layers, num_blocks)))
+        return targets
 
     # ---- gRPC ---------------------------------------------------------------------------
 
