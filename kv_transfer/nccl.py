@@ -196,8 +196,14 @@ class PairPayloads:
         # pair's stream (this thread's): its memory is reused in that stream's order
         flat = torch.empty((sum(num_rows), self.rows.shape[1]), dtype=self.rows.dtype, device=self.rows.device)
         self.pair.recv_many([flat])
-        admitted = [(self.receiver._admit_layer(self.conn, *entry), *entry[1:]) for entry in entries]
-        kept = [(incoming, layer) for incoming, layer, _ in admitted if incoming is not None]
+        admitted = []
+        for transfer_id, layer, num_bytes in entries:
+            incoming = self.receiver._admit_layer(self.conn, transfer_id, layer, num_bytes)
+            if incoming is not None:  # counted now: the same layer again, even in this group, is refused
+                incoming.layer_checksums[layer] = 0
+                incoming.num_bytes += GROUP_ENTRY.size + num_bytes
+            admitted.append((incoming, layer))
+        kept = [(incoming, layer) for incoming, layer in admitted if incoming is not None]
         if len(kept) < len(entries):
             flat = torch.cat([chunk for (incoming, *_), chunk in zip(admitted, flat.split(num_rows))
                               if incoming is not None])
@@ -206,10 +212,6 @@ class PairPayloads:
                 if incoming.made is not None:
                     self.pair.stream.wait_event(incoming.made)
             self._scatter(flat, torch.cat([incoming.pool_rows[layer] for incoming, layer in kept]))
-        for incoming, layer, num_bytes in admitted:
-            if incoming is not None:
-                incoming.layer_checksums[layer] = 0
-                incoming.num_bytes += GROUP_ENTRY.size + num_bytes
 
     def _scatter(self, staged: torch.Tensor, rows: torch.Tensor) -> None:
         """rows[i] of the pool <- staged[i]; on CUDA on the copy stream, after the receive."""

@@ -213,6 +213,34 @@ def test_missing_layer_fails_at_done(connector, receiver):
 
 
 @pytest.mark.parametrize("connector", CONNECTORS)
+@pytest.mark.parametrize("bad_layer", [0, NUM_LAYERS])  # sent twice (in one call: one group); beyond the ticket
+def test_a_layer_the_ticket_does_not_take_fails_only_that_transfer(connector, receiver, bad_layer):
+    """Checked against the ticket before any byte reaches a block (for nccl: while the group's
+    bytes land in staging); the connection closes and the next transfer lands."""
+    sender = make_sender(connector)
+    bad, waiter = ticket(receiver, [5, 6], connector), Waiter()
+    receiver.expect(bad, waiter)
+    layers = random_layers(bad)
+    if bad_layer == 0:  # layer 0 twice in one call: queued back to back, so (mostly) in one group
+        sender.send_layers(0, [(bad, layers[0].clone()), (bad, layers[1].clone())])
+    else:
+        sender.send_layer(bad, 0, layers[0].clone())
+        sender.send_layer(bad, bad_layer, layers[1].clone())
+    sender.finish(bad, 1)
+    result = waiter.wait()
+    assert not result.ok and f"unexpected layer {bad_layer}" in result.error
+    landed = receiver.kv_caches[0][0][[5, 6]]  # layer 0: its first copy or nothing, never a second
+    assert torch.equal(landed, layers[0][0]) or not landed.any()
+    good, waiter = ticket(receiver, [7, 8], connector), Waiter()
+    receiver.expect(good, waiter)
+    layers = random_layers(good)
+    push(sender, good, layers).result(20)
+    assert waiter.wait().ok
+    assert_landed(receiver.kv_caches, good, layers)
+    sender.close()
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
 def test_unreachable_receiver_fails_the_future(connector):
     receiver = TcpKVReceiver(make_caches())
     t = ticket(receiver, [1], connector)
