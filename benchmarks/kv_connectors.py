@@ -8,8 +8,7 @@
      receive (CLOCK_MONOTONIC is system-wide). Raw NCCL runs three ways (one op per tensor,
      tensors coalesced in groups of the connector's group size, each such group as one
      message); the ratios are against the fastest. With --timeline, each nccl run prints when
-     each group was posted on both sides and how long the posting threads were busy;
-     PDSERVE_KV_PROFILE=1 prints a cProfile of both processes.
+     each group was posted on both sides and how long the posting threads were busy.
   2. exposed transfer: a cluster (router, prefill on cuda:0, a decode node on cuda:1 per
      connector) serving 4k-token prompts, against the in-process engine's prefill alone on
      cuda:0 (a 1-token generate). The prefill node reports `kv_transfer_seconds`, the time
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -58,7 +56,7 @@ def block_shape():
     return (BLOCK_SIZE, CFG.num_kv_heads, CFG.head_dim)
 
 
-# ---- diagnostics: when each group was posted, a profile, what landed ------------------------
+# ---- diagnostics: when each group was posted, what landed -----------------------------------
 
 TIMELINE = False  # --timeline
 SENT: list = []  # the sender's timeline: (time, layers, seconds) per group
@@ -77,25 +75,6 @@ def timeline(cls, name: str, marks: list) -> list:
         marks.append((time.monotonic(), len(items), time.monotonic() - start))
     setattr(cls, name, spy)
     return marks
-
-
-def start_profile():
-    """With PDSERVE_KV_PROFILE set: a cProfile of this process's threads (Python 3.12+:
-    cProfile sees every thread), printed to stderr at the end."""
-    if not os.environ.get("PDSERVE_KV_PROFILE"):
-        return None
-    import cProfile
-    profile = cProfile.Profile()
-    profile.enable()
-    return profile
-
-
-def print_profile(profile) -> None:
-    if profile is not None:
-        import pstats
-        profile.disable()
-        print(f"---- profile of pid {os.getpid()} ({sys.argv[1:]})", file=sys.stderr)
-        pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(30)
 
 
 def checksum(tensors) -> int:
@@ -118,7 +97,7 @@ def serve_receiver() -> None:
     device = torch.device(DEVICES["recv"])
     caches = allocate_kv_caches(CFG.num_layers, block_shape(), NUM_BLOCKS, DTYPE, device)
     receiver = TcpKVReceiver(caches, pair_timeout=60)
-    raw_pair, profile = None, start_profile()
+    raw_pair = None
     emit({"endpoint": receiver.endpoint})
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -156,7 +135,7 @@ def serve_receiver() -> None:
                 raw_pair.stream.synchronize()
             emit({"done": time.monotonic()})
         else:
-            return print_profile(profile)
+            return
 
 
 def emit(obj) -> None:
@@ -205,6 +184,8 @@ def connector_seconds(peer: Peer, sender, connector: str, block_ids, layers) -> 
                for ids in block_ids]
     peer.send({"cmd": "expect", "tickets": [dataclasses.asdict(t) for t in tickets]})
     peer.read()
+    SENT.clear()  # this run's posts only (the raw runs post on the same kind of pair)
+    SENT_NCCL.clear()
     sync()
     start = time.monotonic()
     for layer in range(CFG.num_layers):  # as a prefill step hands them over: layer by layer
@@ -227,8 +208,6 @@ def connector_seconds(peer: Peer, sender, connector: str, block_ids, layers) -> 
               f"(send_many {busy(SENT_NCCL)}), receiver {busy(reply['posted'])} (recv_many "
               f"{reply['nccl ms']})", file=sys.stderr)
     GROUP_SIZES.extend(n for _, n, _ in SENT)
-    SENT.clear()
-    SENT_NCCL.clear()
     return reply["done"] - start
 
 
@@ -391,9 +370,7 @@ def main() -> None:
     if args.serve_receiver:
         return serve_receiver()
     assert args.cpu or torch.cuda.device_count() >= 2, "needs two GPUs"
-    profile = start_profile()
     rows = [] if args.skip_throughput else throughput(args.reps)
-    print_profile(profile)
     pipeline = [] if args.skip_pipeline else exposed_transfer(args.reps)
     if args.json:
         Path(args.json).write_text(json.dumps({"throughput": rows, "pipeline": pipeline}, indent=1))

@@ -172,10 +172,10 @@ class LaunchedStep:
 
     def token_ids_of(self, out: SchedulerOutput, device: torch.device) -> torch.Tensor:
         """The token this step sampled for each request of `out` (a subset, in the same order)."""
+        if len(out.scheduled) == len(self.scheduled.scheduled):  # the same requests: every row
+            return self.token_ids
         row = {id(s.request): i for i, s in enumerate(self.scheduled.scheduled)}
         rows = [row[id(s.request)] for s in out.scheduled]
-        if len(rows) == len(row):
-            return self.token_ids
         return self.token_ids.index_select(0, to_device(rows, torch.int64, device))
 
 

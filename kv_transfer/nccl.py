@@ -208,9 +208,10 @@ class PairPayloads:
             flat = torch.cat([chunk for (incoming, *_), chunk in zip(admitted, flat.split(num_rows))
                               if incoming is not None])
         if kept:
-            for incoming in {id(incoming): incoming for incoming, _ in kept}.values():
-                if incoming.made is not None:
+            for incoming, _ in kept:
+                if incoming.made is not None:  # once: this stream's later work stays after it
                     self.pair.stream.wait_event(incoming.made)
+                    incoming.made = None
             self._scatter(flat, torch.cat([incoming.pool_rows[layer] for incoming, layer in kept]))
 
     def _scatter(self, staged: torch.Tensor, rows: torch.Tensor) -> None:

@@ -231,6 +231,8 @@ def test_a_layer_the_ticket_does_not_take_fails_only_that_transfer(connector, re
     assert not result.ok and f"unexpected layer {bad_layer}" in result.error
     landed = receiver.kv_caches[0][0][[5, 6]]  # layer 0: its first copy or nothing, never a second
     assert torch.equal(landed, layers[0][0]) or not landed.any()
+    # the ticket fails just before its connection closes: the next transfer goes on a new one
+    assert wait_until(lambda: receiver.num_connections == 0)
     good, waiter = ticket(receiver, [7, 8], connector), Waiter()
     receiver.expect(good, waiter)
     layers = random_layers(good)
