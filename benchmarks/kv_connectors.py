@@ -59,6 +59,7 @@ def block_shape():
 # ---- diagnostics: when each group was posted, what landed -----------------------------------
 
 TIMELINE = False  # --timeline
+SKIP_TCP = False  # --skip-tcp
 SENT: list = []  # the sender's timeline: (time, layers, seconds) per group
 SENT_NCCL: list = []  # the same per NCCL post
 GROUP_SIZES: list = []  # layers per group of the nccl connector, in the current case
@@ -146,9 +147,8 @@ def emit(obj) -> None:
 
 class Peer:
     def __init__(self):
-        cpu = ["--cpu"] if DEVICES["recv"] == "cpu" else []
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-receiver", *cpu], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-receiver", *sys.argv[1:]],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.endpoint = self.read()["endpoint"]
 
     def send(self, obj) -> None:
@@ -212,13 +212,12 @@ def connector_seconds(peer: Peer, sender, connector: str, block_ids, layers) -> 
 
 
 def raw_groups(tensors, grouped: bool) -> list[list]:
-    """One op per tensor, or groups of up to the connector's GROUP_BYTES (the same on both sides)."""
+    """One op per tensor, or groups of up to RAW_GROUP_BYTES (the same on both sides)."""
     if not grouped:
         return [[t] for t in tensors]
-    from kv_transfer.nccl import GROUP_BYTES
     groups, num_bytes = [[]], 0
     for t in tensors:
-        if groups[-1] and num_bytes + t.nbytes > GROUP_BYTES:
+        if groups[-1] and num_bytes + t.nbytes > RAW_GROUP_BYTES:
             groups.append([])
             num_bytes = 0
         groups[-1].append(t)
@@ -226,13 +225,14 @@ def raw_groups(tensors, grouped: bool) -> list[list]:
     return groups
 
 
+RAW_GROUP_BYTES = 128 << 20  # the connector's default group size, and the fastest raw message size measured
 RAW_WAYS = ("per-tensor", "coalesced", "one message per group")
 
 
 def raw_seconds(peer: Peer, pair_state: dict, layers, how: str) -> float:
     """Raw NCCL moving the same bytes between the same processes, no frames, no tickets, no
     scatter, in one of three ways: K and V of each layer of each request one op each; those
-    tensors coalesced in groups of the connector's GROUP_BYTES; or each such group's bytes
+    tensors coalesced in groups of RAW_GROUP_BYTES; or each such group's bytes
     concatenated beforehand (off the clock) and sent as one message."""
     tensors = [kv[layer][i] for layer in range(CFG.num_layers) for kv in layers for i in (0, 1)]
     grouped = how == "coalesced"
@@ -264,6 +264,8 @@ def throughput(reps: int) -> list[dict]:
     timeline(_PairChannel, "_send_layers", SENT)  # its group sizes: whatever was queued when it got to them
     timeline(ProcessGroupPair, "send_many", SENT_NCCL)
     senders = {"nccl": NcclKVSender(DEVICES["send"], 30, 60), "tcp": TcpKVSender(30)}
+    if SKIP_TCP:
+        senders.pop("tcp").close()
     try:
         for name, (n, tokens, scattered) in {"1 x 4k, one run": (1, 4096, False),
                                              "1 x 4k, scattered": (1, 4096, True),
@@ -279,7 +281,7 @@ def throughput(reps: int) -> list[dict]:
             gbps = {k: num_bytes / statistics.median(v) / 2**30 for k, v in times.items()}
             best_raw = max(gbps[f"raw {how}"] for how in RAW_WAYS)  # the ratios are against the fastest
             rows.append({"case": name, "MiB": num_bytes / 2**20, **{f"{k} GiB/s": g for k, g in gbps.items()},
-                         "nccl / raw": gbps["nccl"] / best_raw, "tcp / raw": gbps["tcp"] / best_raw,
+                         **{f"{c} / raw": gbps[c] / best_raw for c in senders},
                          "nccl layers / group": statistics.mean(GROUP_SIZES)})
             del layers
             if torch.cuda.is_available():
@@ -360,9 +362,10 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--timeline", action="store_true", help="when each nccl group was posted")
     parser.add_argument("--cpu", action="store_true", help="a smoke test on CPU (gloo), no pipeline")
+    parser.add_argument("--skip-tcp", action="store_true", help="throughput of nccl and raw only")
     args = parser.parse_args()
-    global TIMELINE
-    TIMELINE = args.timeline
+    global TIMELINE, SKIP_TCP
+    TIMELINE, SKIP_TCP = args.timeline, args.skip_tcp
     if args.cpu:
         global SCALE
         DEVICES.update(send="cpu", recv="cpu")

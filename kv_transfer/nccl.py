@@ -158,6 +158,16 @@ class _PairChannel(_Channel):
         super()._disconnect()
 
 
+def _rows_of(kept: list[tuple]) -> torch.Tensor:
+    """The pool rows of (incoming, layer) each, in order: one slice when they are consecutive
+    layers of one transfer (one request's burst), else one row index per entry joined."""
+    first, layer = kept[0]
+    layers = range(layer, layer + len(kept))
+    if all(incoming is first and lr == want for (incoming, lr), want in zip(kept, layers)):
+        return first.pool_rows[layer:layer + len(kept)].view(-1)
+    return torch.cat([incoming.pool_rows[layer] for incoming, layer in kept])
+
+
 class PairPayloads:
     """Receiver side of one pair connection: takes KV payloads off the process group. On CUDA
     a group's scatter into the blocks runs on a copy stream, so the next group's receive
@@ -166,6 +176,7 @@ class PairPayloads:
     def __init__(self, pair: ProcessGroupPair, receiver, conn):
         self.pair, self.receiver, self.conn = pair, receiver, conn
         self.rows = receiver.pool_rows  # [num_layers * 2 * num_blocks, block_numel]: engine/kv_pool.py
+        self.row_bytes = self.rows.shape[1] * self.rows.element_size()
         cuda = pair.stream is not None
         self.copy_stream = torch.cuda.Stream(receiver.device) if cuda else None
         self.completions = Completions("kv-pair-landed") if cuda else None
@@ -186,44 +197,38 @@ class PairPayloads:
         (transfer id, layer, num_bytes) each. The receive is posted first and each entry is
         checked against its ticket while the bytes move: nothing reaches a block before that.
         A transfer nobody expects any more has its bytes dropped."""
-        row_bytes = self.rows.shape[1] * self.rows.element_size()
-        if any(num_bytes % (2 * row_bytes) for *_, num_bytes in entries):
+        if any(num_bytes % (2 * self.row_bytes) for *_, num_bytes in entries):
             raise FrameError("a layer that is not K and V of whole blocks of this cache")
-        num_rows = [num_bytes // row_bytes for *_, num_bytes in entries]
-        if sum(num_rows) * row_bytes > max(GROUP_BYTES, self.receiver.max_frame_bytes):
-            raise FrameError(f"a group of {sum(num_rows) * row_bytes} bytes")
+        num_rows = [num_bytes // self.row_bytes for *_, num_bytes in entries]
+        if sum(num_rows) * self.row_bytes > max(GROUP_BYTES, self.receiver.max_frame_bytes):
+            raise FrameError(f"a group of {sum(num_rows) * self.row_bytes} bytes")
         # [group rows, block_numel]: each layer's K blocks, then its V blocks, as sent. On the
         # pair's stream (this thread's): its memory is reused in that stream's order
         flat = torch.empty((sum(num_rows), self.rows.shape[1]), dtype=self.rows.dtype, device=self.rows.device)
         self.pair.recv_many([flat])
-        admitted = []
-        for transfer_id, layer, num_bytes in entries:
-            incoming = self.receiver._admit_layer(self.conn, transfer_id, layer, num_bytes)
-            if incoming is not None:  # counted now: the same layer again, even in this group, is refused
-                incoming.layer_checksums[layer] = 0
-                incoming.num_bytes += GROUP_ENTRY.size + num_bytes
-            admitted.append((incoming, layer))
-        kept = [(incoming, layer) for incoming, layer in admitted if incoming is not None]
+        found = self.receiver._admit_entries(self.conn, entries)
+        kept = [(incoming, layer) for incoming, (_, layer, _) in zip(found, entries) if incoming is not None]
+        if not kept:
+            return
         if len(kept) < len(entries):
-            flat = torch.cat([chunk for (incoming, *_), chunk in zip(admitted, flat.split(num_rows))
-                              if incoming is not None])
-        if kept:
-            for incoming, _ in kept:
-                if incoming.made is not None:  # once: this stream's later work stays after it
-                    self.pair.stream.wait_event(incoming.made)
-                    incoming.made = None
-            self._scatter(flat, torch.cat([incoming.pool_rows[layer] for incoming, layer in kept]))
+            flat = torch.cat([chunk for incoming, chunk in zip(found, flat.split(num_rows)) if incoming is not None])
+        for incoming, _ in kept:
+            if incoming.made is not None:  # once: this stream's later work stays after it
+                self.pair.stream.wait_event(incoming.made)
+                incoming.made = None
+        self._scatter(flat, _rows_of(kept))
 
     def _scatter(self, staged: torch.Tensor, rows: torch.Tensor) -> None:
         """rows[i] of the pool <- staged[i]; on CUDA on the copy stream, after the receive."""
         if self.copy_stream is None:
             self.rows.index_copy_(0, rows, staged)
             return
-        received = torch.cuda.Event()
-        received.record(self.pair.stream)
-        self.copy_stream.wait_event(received)
-        with torch.cuda.stream(self.copy_stream):
+        self.copy_stream.wait_event(self.pair.stream.record_event())
+        torch.cuda.set_stream(self.copy_stream)  # cheaper than a stream context; this thread's own
+        try:
             self.rows.index_copy_(0, rows, staged)
+        finally:
+            torch.cuda.set_stream(self.pair.stream)
         staged.record_stream(self.copy_stream)  # made on the pair's stream, read on this one
         rows.record_stream(self.copy_stream)
 

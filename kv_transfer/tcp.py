@@ -169,11 +169,12 @@ class TcpKVReceiver(KVReceiver):
             log.warning("kv receiver: closing connection from %s: %s", conn.addr, e)
         finally:
             with self._lock:
-                self._connections.discard(conn)
                 broken = [self._tickets[k] for k in conn.transfers if k in self._tickets]
             for incoming in broken:
                 self._fail(incoming, f"the sender's connection {conn.addr} closed mid-transfer")
             conn.close()
+            with self._lock:  # only once closed: a sender that saw it gone reconnects, never reuses it
+                self._connections.discard(conn)
 
     def _on_frame(self, conn: "_Connection", header: FrameHeader) -> None:
         if header.type is FrameType.PAIR:
@@ -200,11 +201,10 @@ class TcpKVReceiver(KVReceiver):
         else:
             self._fail(incoming, "the sender aborted the transfer")
 
-    def _admit(self, conn: "_Connection", header: FrameHeader, in_group: bool = False) -> _Incoming | None:
+    def _admit(self, conn: "_Connection", header: FrameHeader) -> _Incoming | None:
         """The transfer `header` belongs to, checked against its ticket, or None when nobody
         expects it any more (its payload is dropped). Raises FrameError on a frame that does
-        not match its ticket: the stream cannot be trusted, so the connection closes. A GROUP
-        entry (`in_group`) carries no dtype or shape: they are the ticket's."""
+        not match its ticket: the stream cannot be trusted, so the connection closes."""
         with self._lock:
             incoming = self._tickets.get(header.transfer_id)
         if incoming is None:
@@ -212,7 +212,7 @@ class TcpKVReceiver(KVReceiver):
                 raise FrameError(f"frame of {header.num_bytes} bytes for an unknown transfer")
             return None
         try:
-            self._check(incoming, header, in_group)
+            self._check(incoming, header)
         except FrameError as e:
             self._fail(incoming, str(e))
             raise
@@ -230,9 +230,34 @@ class TcpKVReceiver(KVReceiver):
         payload = _recv_exact(conn.sock, memoryview(bytearray(header.num_bytes)), eof_ok=False)
         conn.payloads.recv_group(group_entries(header, payload))
 
-    def _admit_layer(self, conn: "_Connection", transfer_id: bytes, layer: int, num_bytes: int) -> _Incoming | None:
-        """`_admit` for one entry of a GROUP frame."""
-        return self._admit(conn, FrameHeader(FrameType.KV, transfer_id, layer, num_bytes=num_bytes), True)
+    def _admit_entries(self, conn: "_Connection", entries: list[tuple[bytes, int, int]]) -> list[_Incoming | None]:
+        """The transfer of each GROUP entry ((transfer id, layer, num_bytes); no dtype or
+        shape: they are the ticket's), checked against its ticket and counted at once, so the
+        same layer twice, even in one group, is refused; None where nobody expects the
+        transfer any more (its bytes are dropped). Raises FrameError as `_admit` does. One
+        lock for the whole group: a group may carry a layer of each of many transfers."""
+        with self._lock:
+            found = [self._tickets.get(transfer_id) for transfer_id, _, _ in entries]
+            if len(conn.transfers) > 1024:  # keep only the transfers still expected
+                conn.transfers &= self._tickets.keys()
+            conn.transfers.update(t for (t, _, _), incoming in zip(entries, found) if incoming is not None)
+        for (_, layer, num_bytes), incoming in zip(entries, found):
+            if incoming is None:
+                if num_bytes > self.max_frame_bytes:
+                    raise FrameError(f"frame of {num_bytes} bytes for an unknown transfer")
+                continue
+            ticket = incoming.ticket
+            error = None
+            if not 0 <= layer < ticket.num_layers or layer in incoming.layer_checksums:
+                error = f"unexpected layer {layer}"
+            elif num_bytes != ticket.layer_bytes:
+                error = f"frame of {num_bytes} bytes, the ticket expects {ticket.layer_bytes}"
+            if error is not None:
+                self._fail(incoming, error)
+                raise FrameError(error)
+            incoming.layer_checksums[layer] = 0
+            incoming.num_bytes += GROUP_ENTRY.size + num_bytes
+        return found
 
     def _open_pair(self, conn: "_Connection", header: FrameHeader) -> None:
         """A PAIR frame: this connection's KV payloads come over a process group from now on."""
@@ -245,16 +270,15 @@ class TcpKVReceiver(KVReceiver):
         conn.payloads = PairPayloads.join(PairOffer.unpack(payload), self, conn)
         conn.pair = conn.payloads.pair
 
-    def _check(self, incoming: _Incoming, header: FrameHeader, in_group: bool = False) -> None:
+    def _check(self, incoming: _Incoming, header: FrameHeader) -> None:
         ticket = incoming.ticket
         if header.type is FrameType.KV:
-            if not 0 <= header.layer < ticket.num_layers or header.layer in incoming.layer_checksums:
-                raise FrameError(f"unexpected layer {header.layer}")
-            if not in_group and (header.dtype != ticket.dtype or header.shape != ticket.layer_shape):
+            if header.dtype != ticket.dtype or header.shape != ticket.layer_shape:
                 raise FrameError(f"frame {header.dtype} {header.shape} does not match the ticket's "
                                  f"{ticket.dtype} {ticket.layer_shape}")
-            if header.num_bytes != ticket.layer_bytes:
-                raise FrameError(f"frame of {header.num_bytes} bytes, the ticket expects {ticket.layer_bytes}")
+            error = _layer_error(incoming, header.layer, header.num_bytes)
+            if error is not None:
+                raise FrameError(error)
         elif header.type is FrameType.DONE and header.num_bytes != DONE.size:
             raise FrameError(f"DONE frame of {header.num_bytes} bytes")
         elif header.type is FrameType.ABORT and header.num_bytes:
@@ -340,6 +364,16 @@ class _Connection:
         if self.payloads is not None:
             self.payloads.close()
         self.sock.close()
+
+
+def _layer_error(incoming: _Incoming, layer: int, num_bytes: int) -> str | None:
+    """Why a KV frame or GROUP entry for `layer` does not fit its ticket, or None."""
+    ticket = incoming.ticket
+    if not 0 <= layer < ticket.num_layers or layer in incoming.layer_checksums:
+        return f"unexpected layer {layer}"
+    if num_bytes != ticket.layer_bytes:
+        return f"frame of {num_bytes} bytes, the ticket expects {ticket.layer_bytes}"
+    return None
 
 
 def _runs(block_ids) -> list[tuple[int, int]]:
