@@ -93,7 +93,7 @@ class TcpKVReceiver(KVReceiver):
             raise ValueError(f"ticket of {ticket.num_layers} layers of {ticket.dtype} blocks "
                              f"{ticket.layer_shape[2:]} for a cache of {len(self.kv_caches)} layers of "
                              f"{cache.dtype} blocks {tuple(cache.shape[1:])}")
-        if not all(0 <= b < cache.shape[0] for b in ticket.block_ids):
+        if ticket.block_ids and not (min(ticket.block_ids) >= 0 and max(ticket.block_ids) < cache.shape[0]):
             raise ValueError(f"ticket's block ids are outside the cache's {cache.shape[0]} blocks")
         ids = torch.tensor(ticket.block_ids, dtype=torch.int64, device=self.device)
         rows, made = None, None
@@ -234,24 +234,18 @@ class TcpKVReceiver(KVReceiver):
         """The transfer of each GROUP entry ((transfer id, layer, num_bytes); no dtype or
         shape: they are the ticket's), checked against its ticket and counted at once, so the
         same layer twice, even in one group, is refused; None where nobody expects the
-        transfer any more (its bytes are dropped). Raises FrameError as `_admit` does. One
-        lock for the whole group: a group may carry a layer of each of many transfers."""
+        transfer any more (its bytes are dropped). Raises FrameError on an entry that does not
+        fit its ticket, which fails. One lock for the whole group: a group may carry a layer of
+        each of many transfers."""
         with self._lock:
             found = [self._tickets.get(transfer_id) for transfer_id, _, _ in entries]
             if len(conn.transfers) > 1024:  # keep only the transfers still expected
                 conn.transfers &= self._tickets.keys()
             conn.transfers.update(t for (t, _, _), incoming in zip(entries, found) if incoming is not None)
         for (_, layer, num_bytes), incoming in zip(entries, found):
-            if incoming is None:
-                if num_bytes > self.max_frame_bytes:
-                    raise FrameError(f"frame of {num_bytes} bytes for an unknown transfer")
+            if incoming is None:  # its bytes are in the group's receive already (sized by the caller)
                 continue
-            ticket = incoming.ticket
-            error = None
-            if not 0 <= layer < ticket.num_layers or layer in incoming.layer_checksums:
-                error = f"unexpected layer {layer}"
-            elif num_bytes != ticket.layer_bytes:
-                error = f"frame of {num_bytes} bytes, the ticket expects {ticket.layer_bytes}"
+            error = _layer_error(incoming, layer, num_bytes)
             if error is not None:
                 self._fail(incoming, error)
                 raise FrameError(error)
