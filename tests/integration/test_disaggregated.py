@@ -1,5 +1,5 @@
 """The disaggregated path with real processes on loopback: a router, two prefill and two
-decode nodes serving `dummy:tiny`, one decode node asking for the `nccl` connector (gloo
+decode nodes serving `dummy:tiny` (and `smollm2-135m`, for one test), one decode node asking for the `nccl` connector (gloo
 between these CPU processes), the other for `tcp`, so every test runs over both (the load
 policy alternates idle decode nodes). The oracle is the in-process Engine on the same prompts."""
 
@@ -53,6 +53,29 @@ def test_streamed_tokens_equal_the_engine(cluster, reference):
         assert last.finish_reason == pb.FINISH_REASON_LENGTH
         assert last.usage.prompt_tokens == len(prompt) and last.usage.completion_tokens == 12
         assert count >= 2 and last.timings.num_attempts == 1
+    assert wait_for(lambda: all_blocks_free(cluster))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The bundled SmolLM2-135M-Instruct on the same layout: 2 prefill nodes, 2 decode nodes
+    (one nccl, one tcp), with its in-process Engine as the oracle."""
+    with Cluster("smollm2-135m", num_prefill=2, num_decode=2, node_args=NODE_ARGS,
+                 decode_args=[["--kv-connector", c] for c in ("nccl", "tcp")],
+                 router_args=["--policy", "load"]) as c:
+        yield c, Engine(model="smollm2-135m")
+
+
+def test_smollm2_streams_equal_the_engine(smollm2):
+    cluster, reference = smollm2
+    cases = prompts(9, [1, 16, 33, 250, 70, 120])  # 250 tokens: 16 blocks
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = [c.token_ids for c in reference.generate(cases, params)]
+    for prompt, want in zip(cases, expected):
+        tokens, last, _ = generate(cluster.router_address, prompt, params)
+        assert tokens == want
+        assert last.usage.completion_tokens == 12
+    assert all(received_kv(d) for d in cluster.decode)  # both connectors carried some of them
     assert wait_for(lambda: all_blocks_free(cluster))
 
 
@@ -168,6 +191,11 @@ def test_health_reflection_and_metrics(cluster):
 def test_both_connectors_carried_requests(cluster):
     """Each decode node received KV: over a gloo pair (nccl) and over plain frames (tcp)."""
     for d in cluster.decode:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{d.info['metrics_port']}/metrics").read().decode()
-        assert any(line.startswith('pdserve_kv_transfer_bytes_total{direction="received"}')
-                   and float(line.split()[-1]) > 0 for line in text.splitlines()), d.name
+        assert received_kv(d), d.name
+
+
+def received_kv(decode_node) -> bool:
+    """The node's metrics count KV bytes received."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{decode_node.info['metrics_port']}/metrics").read().decode()
+    return any(line.startswith('pdserve_kv_transfer_bytes_total{direction="received"}')
+               and float(line.split()[-1]) > 0 for line in text.splitlines())
