@@ -20,8 +20,17 @@ def allocate_kv_caches(num_layers: int, block_shape: tuple[int, ...], num_blocks
 def block_rows(block_ids: torch.Tensor, num_layers: int, num_blocks: int) -> torch.Tensor:
     """`[num_layers, 2 * len(block_ids)]`: the pool rows of these blocks in each layer, K's then
     V's, on the device of `block_ids`; `num_blocks`: the pool's."""
-    starts = torch.arange(2 * num_layers, device=block_ids.device)[:, None] * num_blocks
-    return (starts + block_ids).view(num_layers, -1)
+    return slot_rows(torch.cat((block_ids, block_ids + num_blocks)), num_layers, num_blocks)
+
+
+def kv_slots(block_ids: list[int], num_blocks: int) -> list[int]:
+    """The slots of these blocks' K, then of their V: a slot is `kv * num_blocks + block_id`."""
+    return [*block_ids, *(num_blocks + b for b in block_ids)]
+
+
+def slot_rows(slots: torch.Tensor, num_layers: int, num_blocks: int) -> torch.Tensor:
+    """`[num_layers, len(slots)]`: each slot's pool row in each layer, on the device of `slots`."""
+    return torch.arange(num_layers, device=slots.device)[:, None] * (2 * num_blocks) + slots
 
 
 def pool_rows(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:

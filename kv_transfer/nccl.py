@@ -9,7 +9,7 @@ outran the wire), up to GROUP_BYTES. A group is a GROUP frame on the socket (a 2
 per layer: transfer id, layer, byte count; no payload checksum: NCCL/gloo carry their own
 integrity), then all its bytes as one message on the process group, concatenated on the
 pair's stream: one NCCL op and one Python round per group, not per tensor (an NCCL op costs
-40-80 us of host time, `benchmarks/nccl_ops.py`; the copy a few us of device time). The
+25-50 us of host time, `benchmarks/nccl_ops.py`; the copy a few us of device time). The
 pair's stream does not wait for a send, so the next group's copy overlaps it.
 
 The receiver checks each entry against its ticket, receives the group into a staging buffer,

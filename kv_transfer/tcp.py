@@ -227,8 +227,10 @@ class TcpKVReceiver(KVReceiver):
         their payloads as one group over the process group (nccl.PairPayloads)."""
         if conn.pair is None or header.num_bytes > MAX_GROUP * GROUP_ENTRY.size:
             raise FrameError("unexpected GROUP frame")
-        payload = _recv_exact(conn.sock, memoryview(bytearray(header.num_bytes)), eof_ok=False)
-        conn.payloads.recv_group(group_entries(header, payload))
+        if len(conn.buffer) < header.num_bytes:  # a cache so small that _serve did not grow it
+            conn.buffer = bytearray(header.num_bytes)
+        payload = _recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
+        conn.payloads.recv_group(group_entries(header, payload))  # entries copy out what they keep
 
     def _admit_entries(self, conn: "_Connection", entries: list[tuple[bytes, int, int]]) -> list[_Incoming | None]:
         """The transfer of each GROUP entry ((transfer id, layer, num_bytes); no dtype or

@@ -21,7 +21,7 @@ import torch
 
 from engine.engine_loop import EngineLoop
 from engine.host_copy import to_device
-from engine.kv_pool import block_rows, pool_rows
+from engine.kv_pool import kv_slots, pool_rows, slot_rows
 from engine.request import RequestOutput
 from engine.scheduler import SchedulerOutput
 from kv_transfer.connector import KVTicket
@@ -47,7 +47,7 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
     def attach(self, loop: EngineLoop, sender: SenderByConnector) -> None:
         self.loop, self.engine, self.sender = loop, loop.engine, sender
         self.kv_rows = pool_rows(self.engine.runner.kv_caches)  # [num_layers * 2 * num_blocks, block_numel]
-        self._pushing: list[tuple[KVTicket, torch.Tensor]] | None = None  # this step's prompts to push
+        self._pushing: tuple | None = None  # this step's prompts to push: _push_rows
 
     # ---- engine thread ------------------------------------------------------------------
 
@@ -63,27 +63,35 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
         return outputs
 
     def _push_layer(self, layer: int, scheduled: SchedulerOutput) -> None:
-        """One gather per prompt: its blocks' K and V of this layer, `ticket.layer_shape`."""
+        """One gather for all the prompts this step finishes: their blocks' K and V of this
+        layer, split into a `ticket.layer_shape` view for each."""
         if self._pushing is None:
             self._pushing = self._push_rows(scheduled)
-        items = [(ticket, self.kv_rows.index_select(0, rows[layer]).view(ticket.layer_shape))
-                 for ticket, rows in self._pushing]
-        if items:
-            self.sender.send_layers(layer, items)
+        tickets, num_rows, rows = self._pushing
+        if not tickets:
+            return
+        kv = self.kv_rows.index_select(0, rows[layer])  # [sum(num_rows), block_numel]
+        self.sender.send_layers(layer, [(ticket, chunk.view(ticket.layer_shape))
+                                        for ticket, chunk in zip(tickets, kv.split(num_rows))])
 
-    def _push_rows(self, scheduled: SchedulerOutput) -> list[tuple[KVTicket, torch.Tensor]]:
-        """(ticket, `[num_layers, 2 * num_blocks]` pool rows of its blocks) for each prompt whose
-        last chunk runs in this step; made once a step, without a host sync."""
-        num_layers, num_blocks = self.engine.model_config.num_layers, self.engine.runner.num_blocks
-        targets = []
+    def _push_rows(self, scheduled: SchedulerOutput) -> tuple[list[KVTicket], list[int], torch.Tensor | None]:
+        """The tickets of the prompts whose last chunk runs in this step, the pool rows each
+        one's layer takes (2 per block: its K's, then its V's), and `[num_layers, all those
+        rows]`: made once a step with one copy to the device, without a host sync."""
+        num_blocks = self.engine.runner.num_blocks
+        tickets, num_rows, slots = [], [], []
         for s in scheduled.scheduled:
             ticket = self.tickets.get(s.request.request_id)
             if ticket is None or not s.samples:  # not the prompt's last chunk
                 continue
-            ids = to_device(self.engine.kv.block_ids(s.request.request_id)[:len(ticket.block_ids)], torch.int64,
-                            self.kv_rows.device)
-            targets.append((ticket, block_rows(ids, num_layers, num_blocks)))
-        return targets
+            tickets.append(ticket)
+            num_rows.append(2 * len(ticket.block_ids))
+            slots += kv_slots(self.engine.kv.block_ids(s.request.request_id)[:len(ticket.block_ids)], num_blocks)
+        if not tickets:
+            return tickets, num_rows, None
+        rows = slot_rows(to_device(slots, torch.int64, self.kv_rows.device), self.engine.model_config.num_layers,
+                         num_blocks)
+        return tickets, num_rows, rows
 
     # ---- gRPC ---------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The disaggregated path with real processes on loopback: a router, two prefill and two
-decode nodes serving `dummy:tiny` (and `smollm2-135m`, for one test), one decode node asking for the `nccl` connector (gloo
-between these CPU processes), the other for `tcp`, so every test runs over both (the load
-policy alternates idle decode nodes). The oracle is the in-process Engine on the same prompts."""
+decode nodes serving `dummy:tiny` (and `smollm2-135m`, for one test), one decode node asking
+for the `nccl` connector (gloo between these CPU processes), the other for `tcp`, so every
+test runs over both (the load policy alternates idle decode nodes). The oracle is the
+in-process Engine on the same prompts."""
 
 import concurrent.futures
 import os

@@ -101,7 +101,6 @@ def test_frame_header_round_trip_and_rejects():
             FrameHeader.unpack(bytes(bad))
 
 
-
 def test_group_frame_round_trip_and_rejects():
     entries = [(os.urandom(16), layer, 4096 * (layer + 1)) for layer in range(5)]
     frame = group_frame(entries)
