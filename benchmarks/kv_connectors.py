@@ -167,14 +167,17 @@ class Peer:
 
 
 def make_case(num_requests: int, num_tokens: int, scattered: bool):
-    """Block ids per request on the receiver, and each request's layers on cuda:0."""
+    """Block ids per request on the receiver, and each request's layers on cuda:0: as a prefill
+    step hands them over (prefill_node/service.py), a layer of all the requests is one tensor
+    and each request's is a view of it."""
     num_blocks = num_tokens // BLOCK_SIZE // SCALE
     ids = list(range(num_requests * num_blocks))
     if scattered:
         random.Random(0).shuffle(ids)
     block_ids = [ids[i * num_blocks:(i + 1) * num_blocks] for i in range(num_requests)]
-    layers = [[torch.randn((2, num_blocks, *block_shape()), device=DEVICES["send"]).to(DTYPE)
-               for _ in range(CFG.num_layers)] for _ in range(num_requests)]
+    gathered = [torch.randn((num_requests, 2, num_blocks, *block_shape()), device=DEVICES["send"]).to(DTYPE)
+                for _ in range(CFG.num_layers)]
+    layers = [[g[i] for g in gathered] for i in range(num_requests)]
     return block_ids, layers
 
 

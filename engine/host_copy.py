@@ -12,7 +12,7 @@ import torch
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`values` (a list, or nested lists) as a tensor on `device`, without a host sync."""
+    """`values` (a list, nested lists or a numpy array) as a tensor on `device`, without a host sync."""
     host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host

@@ -17,12 +17,6 @@ def allocate_kv_caches(num_layers: int, block_shape: tuple[int, ...], num_blocks
     return [(pool[layer, 0], pool[layer, 1]) for layer in range(num_layers)]
 
 
-def block_rows(block_ids: torch.Tensor, num_layers: int, num_blocks: int) -> torch.Tensor:
-    """`[num_layers, 2 * len(block_ids)]`: the pool rows of these blocks in each layer, K's then
-    V's, on the device of `block_ids`; `num_blocks`: the pool's."""
-    return slot_rows(torch.cat((block_ids, block_ids + num_blocks)), num_layers, num_blocks)
-
-
 def kv_slots(block_ids: list[int], num_blocks: int) -> list[int]:
     """The slots of these blocks' K, then of their V: a slot is `kv * num_blocks + block_id`."""
     return [*block_ids, *(num_blocks + b for b in block_ids)]

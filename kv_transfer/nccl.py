@@ -28,7 +28,10 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
+
+from engine.host_copy import to_device
 
 from .connector import KVTicket, TransferResult
 from .frame import GROUP_ENTRY, MAX_GROUP, FrameError, done_frame, group_frame, pair_frame, summary_checksum
@@ -118,7 +121,7 @@ class _PairChannel(_Channel):
             if ready is not None and ready is not waited:  # layers sent together share one
                 self.pair.stream.wait_event(ready)
                 waited = ready
-        flat = layers[0][2] if len(layers) == 1 else torch.cat([staged.view(-1) for _, _, staged, _ in layers])
+        flat = _joined([staged for _, _, staged, _ in layers])
         self.pair.send_many([flat])
         now = time.monotonic()
         for out, layer, staged, _ in layers:
@@ -158,14 +161,29 @@ class _PairChannel(_Channel):
         super()._disconnect()
 
 
-def _rows_of(kept: list[tuple]) -> torch.Tensor:
-    """The pool rows of (incoming, layer) each, in order: one slice when they are consecutive
-    layers of one transfer (one request's burst), else one row index per entry joined."""
-    first, layer = kept[0]
-    layers = range(layer, layer + len(kept))
-    if all(incoming is first and lr == want for (incoming, lr), want in zip(kept, layers)):
-        return first.pool_rows[layer:layer + len(kept)].view(-1)
-    return torch.cat([incoming.pool_rows[layer] for incoming, layer in kept])
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The bytes of `tensors` (contiguous) as one flat tensor: a view over those that lie back to
+    back in one storage (a prefill step gathers a layer of all its prompts into one tensor and
+    sends a view per prompt: prefill_node/service.py), joined by a copy on the current stream
+    where they do not (the layers of a group)."""
+    spans = [[tensors[0], tensors[0].numel()]]  # [first tensor, elements from it on]
+    for t in tensors[1:]:
+        first, numel = spans[-1]
+        if (t.data_ptr() == first.data_ptr() + numel * first.element_size() and t.dtype == first.dtype
+                and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()):
+            spans[-1][1] += t.numel()
+        else:
+            spans.append([t, t.numel()])
+    flats = [first.as_strided((numel,), (1,)) for first, numel in spans]
+    return flats[0] if len(flats) == 1 else torch.cat(flats)
+
+
+def _rows_of(kept: list[tuple], num_blocks: int) -> np.ndarray:
+    """The pool rows of (incoming, layer) each, in order, made on the host (a few us an entry;
+    joining per-transfer row tensors on the device cost 6 us each): a layer's rows are its
+    slots plus `layer * 2 * num_blocks` (engine/kv_pool.py)."""
+    stride = 2 * num_blocks
+    return np.concatenate([incoming.slots + layer * stride for incoming, layer in kept])
 
 
 class PairPayloads:
@@ -177,6 +195,7 @@ class PairPayloads:
         self.pair, self.receiver, self.conn = pair, receiver, conn
         self.rows = receiver.pool_rows  # [num_layers * 2 * num_blocks, block_numel]: engine/kv_pool.py
         self.row_bytes = self.rows.shape[1] * self.rows.element_size()
+        self.num_blocks = receiver.kv_caches[0][0].shape[0]
         cuda = pair.stream is not None
         self.copy_stream = torch.cuda.Stream(receiver.device) if cuda else None
         self.completions = Completions("kv-pair-landed") if cuda else None
@@ -212,11 +231,8 @@ class PairPayloads:
             return
         if len(kept) < len(entries):
             flat = torch.cat([chunk for incoming, chunk in zip(found, flat.split(num_rows)) if incoming is not None])
-        for incoming, _ in kept:
-            if incoming.made is not None:  # once: this stream's later work stays after it
-                self.pair.stream.wait_event(incoming.made)
-                incoming.made = None
-        self._scatter(flat, _rows_of(kept))
+        rows = _rows_of(kept, self.num_blocks)  # one copy to the device, in this stream's order
+        self._scatter(flat, to_device(rows, torch.int64, self.rows.device))
 
     def _scatter(self, staged: torch.Tensor, rows: torch.Tensor) -> None:
         """rows[i] of the pool <- staged[i]; on CUDA on the copy stream, after the receive."""

