@@ -8,7 +8,8 @@ to them (one, as a prefill hands them over; many, from several transfers or a pr
 outran the wire), up to GROUP_BYTES. A group is a GROUP frame on the socket (a 28-byte entry
 per layer: transfer id, layer, byte count; no payload checksum: NCCL/gloo carry their own
 integrity), then all its bytes as one message on the process group, concatenated on the
-pair's stream: one NCCL op and one Python round per group, not per tensor (an NCCL op costs
+pair's stream where they do not lie back to back already (a prefill step's prompts share one
+tensor a layer): one NCCL op and one Python round per group, not per tensor (an NCCL op costs
 25-50 us of host time, `benchmarks/nccl_ops.py`; the copy a few us of device time). The
 pair's stream does not wait for a send, so the next group's copy overlaps it.
 
@@ -107,8 +108,8 @@ class _PairChannel(_Channel):
         super()._write(*parts)
 
     def _send_layers(self, layers: list[tuple]) -> None:
-        """One GROUP frame with an entry per layer, then the group's bytes as one message: a
-        lone layer as it lies, several concatenated on the pair's stream. That device copy
+        """One GROUP frame with an entry per layer, then the group's bytes as one message: layers
+        lying back to back as one view, others concatenated on the pair's stream. That device copy
         costs far less than the host time of an NCCL op per tensor, which bounds throughput."""
         if not layers:
             return
