@@ -4,7 +4,6 @@ The weights themselves are dequantized in `gguf_weights.py`."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path

@@ -150,7 +150,7 @@ def engine_flags(config: EngineConfig) -> list[str]:
 
 
 def run_up(args) -> int:
-    from pdserve.cluster import Cluster, ClusterError
+    from pdserve.cluster import Cluster
 
     config = config_from_args(EngineConfig, args)
     redis = None if args.no_redis else args.redis_url or "local"
