@@ -12,8 +12,9 @@ import torch
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`values` (a list, nested lists or a numpy array) as a tensor on `device`, without a host sync."""
-    host = torch.tensor(values, dtype=dtype)
+    """`values` (a list, nested lists or a numpy array) as a tensor on `device`, without a host
+    sync. A numpy array of `dtype` is not copied on the host: on CPU the tensor shares it."""
+    host = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)

@@ -22,9 +22,15 @@ def kv_slots(block_ids: list[int], num_blocks: int) -> list[int]:
     return [*block_ids, *(num_blocks + b for b in block_ids)]
 
 
+def layer_rows(slots, layer, num_blocks: int):
+    """The pool rows of `slots` in `layer` (numpy arrays or tensors, broadcast: `layer` may be a
+    column of layers)."""
+    return layer * (2 * num_blocks) + slots
+
+
 def slot_rows(slots: torch.Tensor, num_layers: int, num_blocks: int) -> torch.Tensor:
     """`[num_layers, len(slots)]`: each slot's pool row in each layer, on the device of `slots`."""
-    return torch.arange(num_layers, device=slots.device)[:, None] * (2 * num_blocks) + slots
+    return layer_rows(slots, torch.arange(num_layers, device=slots.device)[:, None], num_blocks)
 
 
 def pool_rows(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:

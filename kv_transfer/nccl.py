@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from engine.host_copy import to_device
+from engine.kv_pool import layer_rows
 
 from .connector import KVTicket, TransferResult
 from .frame import GROUP_ENTRY, MAX_GROUP, FrameError, done_frame, group_frame, pair_frame, summary_checksum
@@ -180,11 +181,9 @@ def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _rows_of(kept: list[tuple], num_blocks: int) -> np.ndarray:
-    """The pool rows of (incoming, layer) each, in order, made on the host (a few us an entry;
-    joining per-transfer row tensors on the device cost 6 us each): a layer's rows are its
-    slots plus `layer * 2 * num_blocks` (engine/kv_pool.py)."""
-    stride = 2 * num_blocks
-    return np.concatenate([incoming.slots + layer * stride for incoming, layer in kept])
+    """The pool rows of (incoming, layer) each, in order, made on the host from each ticket's
+    slots (a few us an entry; joining a device tensor per entry cost 6 us each)."""
+    return np.concatenate([layer_rows(incoming.slots, layer, num_blocks) for incoming, layer in kept])
 
 
 class PairPayloads:
