@@ -8,7 +8,8 @@
      receive (CLOCK_MONOTONIC is system-wide). Raw NCCL runs three ways (one op per tensor,
      tensors coalesced in groups of the connector's group size, each such group as one
      message); the ratios are against the fastest. With --timeline, each nccl run prints when
-     each group was posted on both sides and how long the posting threads were busy.
+     each group was posted on both sides and when its bytes were joined and landed on the
+     devices, and how long the posting threads spent in each step.
   2. exposed transfer: a cluster (router, prefill on cuda:0, a decode node on cuda:1 per
      connector) serving 4k-token prompts, against the in-process engine's prefill alone on
      cuda:0 (a 1-token generate). The prefill node reports `kv_transfer_seconds`, the time
@@ -60,22 +61,69 @@ def block_shape():
 
 TIMELINE = False  # --timeline
 SKIP_TCP = False  # --skip-tcp
-SENT: list = []  # the sender's timeline: (time, layers, seconds) per group
+SENT: list = []  # the sender's timeline: (time, layers, seconds, device time) per group
 SENT_NCCL: list = []  # the same per NCCL post
 GROUP_SIZES: list = []  # layers per group of the nccl connector, in the current case
 
 
 def timeline(cls, name: str, marks: list) -> list:
-    """Appends (time.monotonic(), layers, seconds in the call) to `marks` after each call of
-    cls.name from now on."""
+    """Appends (time.monotonic(), layers, seconds in the call, device time) to `marks` after
+    each call of cls.name from now on. Device time (CUDA, a ProcessGroupPair's method): when
+    the pair's stream got past the call's work (a receive: its bytes landed; a send: the
+    join before it; the send itself is not on that stream), as time.monotonic() once
+    `device_times` has run."""
     method = getattr(cls, name)
 
     def spy(self, items):
         start = time.monotonic()
         method(self, items)
-        marks.append((time.monotonic(), len(items), time.monotonic() - start))
+        end, event = time.monotonic(), None
+        if TIMELINE and getattr(self, "stream", None) is not None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(self.stream)
+        marks.append((end, len(items), end - start, event))
     setattr(cls, name, spy)
     return marks
+
+
+def busy(owner, names: list[str], totals: dict) -> dict:
+    """Adds the seconds spent in each owner.name call (a class's method or a module's
+    function) to totals[name] from now on."""
+    for name in names:
+        method = getattr(owner, name)
+
+        def spy(*args, _method=method, _name=name, **kwargs):
+            start = time.monotonic()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                totals[_name] = totals.get(_name, 0.0) + time.monotonic() - start
+        setattr(owner, name, staticmethod(spy) if isinstance(owner.__dict__.get(name), staticmethod) else spy)
+    return totals
+
+
+SENDER_STEPS: dict = {}  # seconds per step of the nccl sender's thread, this run
+
+
+class DeviceClock:
+    """Maps CUDA timing events to time.monotonic(): an event recorded, waited for, and the
+    host time right after it (within a few us)."""
+
+    def __init__(self, device):
+        self.event = torch.cuda.Event(enable_timing=True)
+        self.event.record(torch.cuda.current_stream(device))
+        self.event.synchronize()
+        self.host = time.monotonic()
+
+    def device_times(self, marks: list) -> list:
+        """`marks` with each event as its time.monotonic() (None without one); waits for them."""
+        out = []
+        for end, n, seconds, event in marks:
+            if event is not None:
+                event.synchronize()
+                event = self.host + 1e-3 * self.event.elapsed_time(event)
+            out.append((end, n, seconds, event))
+        return out
 
 
 def checksum(tensors) -> int:
@@ -92,9 +140,16 @@ def blocks_checksum(caches, block_ids) -> int:
 
 def serve_receiver() -> None:
     """Lines of JSON on stdin -> lines of JSON on stdout."""
+    import kv_transfer.nccl
     from kv_transfer.nccl import PairPayloads
     from kv_transfer.tcp import TcpKVReceiver
-    posted, nccl = timeline(PairPayloads, "recv_group", []), timeline(ProcessGroupPair, "recv_many", [])
+    posted, nccl, steps = [], [], {}
+    if TIMELINE:
+        timeline(PairPayloads, "recv_group", posted)
+        timeline(ProcessGroupPair, "recv_many", nccl)
+        busy(PairPayloads, ["_scatter"], steps)
+        busy(kv_transfer.nccl, ["_rows_of", "to_device"], steps)
+        busy(TcpKVReceiver, ["_admit_entries"], steps)
     device = torch.device(DEVICES["recv"])
     caches = allocate_kv_caches(CFG.num_layers, block_shape(), NUM_BLOCKS, DTYPE, device)
     receiver = TcpKVReceiver(caches, pair_timeout=60)
@@ -117,11 +172,15 @@ def serve_receiver() -> None:
                 receiver.expect(t, on_done)
             posted.clear()
             nccl.clear()
+            steps.clear()
+            clock = DeviceClock(device) if device.type == "cuda" else None
             emit({"expecting": len(tickets)})
             all_done.wait(120)
+            device_times = clock.device_times if clock else lambda marks: marks
             emit({"done": max(r[0] for r in results), "ok": all(r[1] for r in results),
-                  "errors": [r[2] for r in results if r[2]][:3], "posted": posted,
-                  "nccl ms": 1e3 * sum(m[2] for m in nccl),
+                  "errors": [r[2] for r in results if r[2]][:3],
+                  "posted": [m[:3] for m in posted], "received": device_times(nccl),
+                  "switch interval": sys.getswitchinterval(), "steps": steps,
                   "landed": [blocks_checksum(caches, t.block_ids) for t in tickets]})
         elif cmd["cmd"] == "raw":
             if raw_pair is None:  # NCCL connects on the first op: one small one, both sides
@@ -189,7 +248,9 @@ def connector_seconds(peer: Peer, sender, connector: str, block_ids, layers) -> 
     peer.read()
     SENT.clear()  # this run's posts only (the raw runs post on the same kind of pair)
     SENT_NCCL.clear()
+    SENDER_STEPS.clear()
     sync()
+    clock = DeviceClock(DEVICES["send"]) if TIMELINE and torch.cuda.is_available() else None
     start = time.monotonic()
     for layer in range(CFG.num_layers):  # as a prefill step hands them over: layer by layer
         sender.send_layers(layer, [(t, kv[layer]) for t, kv in zip(tickets, layers)])
@@ -203,15 +264,30 @@ def connector_seconds(peer: Peer, sender, connector: str, block_ids, layers) -> 
     if reply["landed"] != [checksum(kv[i] for kv in ls for i in (0, 1)) for ls in layers]:
         raise RuntimeError(f"{connector}: the blocks do not hold the bytes sent")
     if connector == "nccl" and TIMELINE:
-        ms = lambda marks: " ".join(f"{1e3 * (t - start):.2f}/{n}" for t, n, _ in marks)  # noqa: E731
-        busy = lambda marks: 1e3 * sum(m[2] for m in marks)  # noqa: E731
-        print(f"  handed over by {1e3 * (handed_over - start):.2f} ms\n"
-              f"  sender posted (ms/layers): {ms(SENT)}\n  receiver posted: {ms(reply['posted'])}\n"
-              f"  done {1e3 * (reply['done'] - start):.2f} ms; busy ms: sender {busy(SENT)} "
-              f"(send_many {busy(SENT_NCCL)}), receiver {busy(reply['posted'])} (recv_many "
-              f"{reply['nccl ms']})", file=sys.stderr)
-    GROUP_SIZES.extend(n for _, n, _ in SENT)
+        print_timeline(start, handed_over, reply, clock.device_times(SENT_NCCL) if clock else SENT_NCCL)
+    GROUP_SIZES.extend(n for _, n, *_ in SENT)
     return reply["done"] - start
+
+
+def print_timeline(start: float, handed_over: float, reply: dict, sent_nccl: list) -> None:
+    """One line a group, in ms from the first hand-over: on the sender, when its thread took
+    the group, posted the send, the post returned, and the thread returned, and when the
+    device had joined its bytes; on the receiver, when its thread read the GROUP frame, posted
+    the receive, the post returned, and the thread returned, and when the bytes landed."""
+    ms = lambda t: f"{1e3 * (t - start):7.2f}" if t is not None else "      -"  # noqa: E731
+    print(f"  switch interval {1e3 * sys.getswitchinterval():.2f} ms (receiver "
+          f"{1e3 * reply['switch interval']:.2f}); handed over by {ms(handed_over)} ms; "
+          f"done {ms(reply['done'])} ms\n"
+          "  group layers | sender: took  posted  sent  returned  joined | receiver: read  posted  received  returned  landed",
+          file=sys.stderr)
+    spent = lambda steps: ", ".join(f"{k} {1e3 * v:.2f}" for k, v in steps.items())  # noqa: E731
+    print(f"  busy ms: sender {1e3 * sum(m[2] for m in SENT):.2f} (send_many {1e3 * sum(m[2] for m in sent_nccl):.2f}, "
+          f"{spent(SENDER_STEPS)}); receiver {1e3 * sum(m[2] for m in reply['posted']):.2f} (recv_many "
+          f"{1e3 * sum(m[2] for m in reply['received']):.2f}, {spent(reply['steps'])})", file=sys.stderr)
+    for (end, n, took, _), (send_end, _, send_took, joined), (recv_end, _, recv_took), (got, _, got_took, landed) in \
+            zip(SENT, sent_nccl, reply["posted"], reply["received"]):
+        print(f"  {n:12d} | {ms(end - took)} {ms(send_end - send_took)} {ms(send_end)} {ms(end)} {ms(joined)} | "
+              f"{ms(recv_end - recv_took)} {ms(got - got_took)} {ms(got)} {ms(recv_end)} {ms(landed)}", file=sys.stderr)
 
 
 def raw_groups(tensors, grouped: bool) -> list[list]:
@@ -261,11 +337,15 @@ def raw_seconds(peer: Peer, pair_state: dict, layers, how: str) -> float:
 
 
 def throughput(reps: int) -> list[dict]:
+    import kv_transfer.nccl
     from kv_transfer.nccl import NcclKVSender, _PairChannel
     from kv_transfer.tcp_sender import TcpKVSender
     peer, pair_state, rows = Peer(), {}, []
     timeline(_PairChannel, "_send_layers", SENT)  # its group sizes: whatever was queued when it got to them
-    timeline(ProcessGroupPair, "send_many", SENT_NCCL)
+    if TIMELINE:
+        timeline(ProcessGroupPair, "send_many", SENT_NCCL)
+        busy(_PairChannel, ["_write", "_drop_if_closed"], SENDER_STEPS)
+        busy(kv_transfer.nccl, ["_joined"], SENDER_STEPS)
     senders = {"nccl": NcclKVSender(DEVICES["send"], 30, 60), "tcp": TcpKVSender(30)}
     if SKIP_TCP:
         senders.pop("tcp").close()
@@ -363,10 +443,15 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--timeline", action="store_true", help="when each nccl group was posted")
+    parser.add_argument("--timeline", action="store_true",
+                        help="when each nccl group was posted and landed, and where the threads' time went")
     parser.add_argument("--cpu", action="store_true", help="a smoke test on CPU (gloo), no pipeline")
     parser.add_argument("--skip-tcp", action="store_true", help="throughput of nccl and raw only")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="ms: sys.setswitchinterval in both processes (CPython's default is 5)")
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(1e-3 * args.switch_interval)
     global TIMELINE, SKIP_TCP
     TIMELINE, SKIP_TCP = args.timeline, args.skip_tcp
     if args.cpu:

@@ -23,6 +23,7 @@ import abc
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from .frame import DTYPE_SIZES
 
@@ -43,16 +44,16 @@ class KVTicket:
     model_fingerprint: str
     connector: str = "tcp"
 
-    @property
+    @cached_property  # read for every layer sent and received
     def transfer_key(self) -> bytes:
         return bytes.fromhex(self.transfer_id)
 
-    @property
+    @cached_property
     def layer_shape(self) -> tuple[int, ...]:
         """One layer's payload: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]."""
         return (2, len(self.block_ids), self.block_size, self.num_kv_heads, self.head_dim)
 
-    @property
+    @cached_property
     def layer_bytes(self) -> int:
         n = DTYPE_SIZES[self.dtype]
         for d in self.layer_shape:

@@ -182,8 +182,10 @@ def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _rows_of(kept: list[tuple], num_blocks: int) -> np.ndarray:
     """The pool rows of (incoming, layer) each, in order, made on the host from each ticket's
-    slots (a few us an entry; joining a device tensor per entry cost 6 us each)."""
-    return np.concatenate([layer_rows(incoming.slots, layer, num_blocks) for incoming, layer in kept])
+    slots with a few numpy calls for the whole group (not one an entry: 2 us each)."""
+    slots = [incoming.slots for incoming, _ in kept]
+    layers = np.repeat(np.fromiter((layer for _, layer in kept), np.int64, len(kept)), [len(s) for s in slots])
+    return layer_rows(np.concatenate(slots), layers, num_blocks)
 
 
 class PairPayloads:
