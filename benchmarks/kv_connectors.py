@@ -41,6 +41,8 @@ from engine.presets import PRESETS  # noqa: E402
 from kv_transfer.connector import KVTicket  # noqa: E402
 from kv_transfer.pair import PairOffer, ProcessGroupPair  # noqa: E402
 
+from benchmarks.kv_timeline import DeviceClock, busy, print_timeline, timeline  # noqa: E402
+
 MODEL = "dummy:llama3-8b"
 CFG = PRESETS["llama3-8b"]
 BLOCK_SIZE, NUM_BLOCKS, DTYPE = 16, 1400, torch.bfloat16
@@ -57,73 +59,14 @@ def block_shape():
     return (BLOCK_SIZE, CFG.num_kv_heads, CFG.head_dim)
 
 
-# ---- diagnostics: when each group was posted, what landed -----------------------------------
+# ---- options, and the marks of --timeline (benchmarks/kv_timeline.py) ------------------------
 
 TIMELINE = False  # --timeline
 SKIP_TCP = False  # --skip-tcp
 SENT: list = []  # the sender's timeline: (time, layers, seconds, device time) per group
 SENT_NCCL: list = []  # the same per NCCL post
 GROUP_SIZES: list = []  # layers per group of the nccl connector, in the current case
-
-
-def timeline(cls, name: str, marks: list) -> list:
-    """Appends (time.monotonic(), layers, seconds in the call, device time) to `marks` after
-    each call of cls.name from now on. Device time (CUDA, a ProcessGroupPair's method): when
-    the pair's stream got past the call's work (a receive: its bytes landed; a send: the
-    join before it; the send itself is not on that stream), as time.monotonic() once
-    `device_times` has run."""
-    method = getattr(cls, name)
-
-    def spy(self, items):
-        start = time.monotonic()
-        method(self, items)
-        end, event = time.monotonic(), None
-        if TIMELINE and getattr(self, "stream", None) is not None:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(self.stream)
-        marks.append((end, len(items), end - start, event))
-    setattr(cls, name, spy)
-    return marks
-
-
-def busy(owner, names: list[str], totals: dict) -> dict:
-    """Adds the seconds spent in each owner.name call (a class's method or a module's
-    function) to totals[name] from now on."""
-    for name in names:
-        method = getattr(owner, name)
-
-        def spy(*args, _method=method, _name=name, **kwargs):
-            start = time.monotonic()
-            try:
-                return _method(*args, **kwargs)
-            finally:
-                totals[_name] = totals.get(_name, 0.0) + time.monotonic() - start
-        setattr(owner, name, staticmethod(spy) if isinstance(owner.__dict__.get(name), staticmethod) else spy)
-    return totals
-
-
 SENDER_STEPS: dict = {}  # seconds per step of the nccl sender's thread, this run
-
-
-class DeviceClock:
-    """Maps CUDA timing events to time.monotonic(): an event recorded, waited for, and the
-    host time right after it (within a few us)."""
-
-    def __init__(self, device):
-        self.event = torch.cuda.Event(enable_timing=True)
-        self.event.record(torch.cuda.current_stream(device))
-        self.event.synchronize()
-        self.host = time.monotonic()
-
-    def device_times(self, marks: list) -> list:
-        """`marks` with each event as its time.monotonic() (None without one); waits for them."""
-        out = []
-        for end, n, seconds, event in marks:
-            if event is not None:
-                event.synchronize()
-                event = self.host + 1e-3 * self.event.elapsed_time(event)
-            out.append((end, n, seconds, event))
-        return out
 
 
 def checksum(tensors) -> int:
@@ -146,7 +89,7 @@ def serve_receiver() -> None:
     posted, nccl, steps = [], [], {}
     if TIMELINE:
         timeline(PairPayloads, "recv_group", posted)
-        timeline(ProcessGroupPair, "recv_many", nccl)
+        timeline(ProcessGroupPair, "recv_many", nccl, device_times=True)
         busy(PairPayloads, ["_scatter"], steps)
         busy(kv_transfer.nccl, ["_rows_of", "to_device"], steps)
         busy(TcpKVReceiver, ["_admit_entries"], steps)
@@ -173,7 +116,7 @@ def serve_receiver() -> None:
             posted.clear()
             nccl.clear()
             steps.clear()
-            clock = DeviceClock(device) if device.type == "cuda" else None
+            clock = DeviceClock(device) if TIMELINE and device.type == "cuda" else None
             emit({"expecting": len(tickets)})
             all_done.wait(120)
             device_times = clock.device_times if clock else lambda marks: marks
@@ -264,30 +207,10 @@ def connector_seconds(peer: Peer, sender, connector: str, block_ids, layers) -> 
     if reply["landed"] != [checksum(kv[i] for kv in ls for i in (0, 1)) for ls in layers]:
         raise RuntimeError(f"{connector}: the blocks do not hold the bytes sent")
     if connector == "nccl" and TIMELINE:
-        print_timeline(start, handed_over, reply, clock.device_times(SENT_NCCL) if clock else SENT_NCCL)
+        print_timeline(start, handed_over, reply, SENT, clock.device_times(SENT_NCCL) if clock else SENT_NCCL,
+                       SENDER_STEPS)
     GROUP_SIZES.extend(n for _, n, *_ in SENT)
     return reply["done"] - start
-
-
-def print_timeline(start: float, handed_over: float, reply: dict, sent_nccl: list) -> None:
-    """One line a group, in ms from the first hand-over: on the sender, when its thread took
-    the group, posted the send, the post returned, and the thread returned, and when the
-    device had joined its bytes; on the receiver, when its thread read the GROUP frame, posted
-    the receive, the post returned, and the thread returned, and when the bytes landed."""
-    ms = lambda t: f"{1e3 * (t - start):7.2f}" if t is not None else "      -"  # noqa: E731
-    print(f"  switch interval {1e3 * sys.getswitchinterval():.2f} ms (receiver "
-          f"{1e3 * reply['switch interval']:.2f}); handed over by {ms(handed_over)} ms; "
-          f"done {ms(reply['done'])} ms\n"
-          "  group layers | sender: took  posted  sent  returned  joined | receiver: read  posted  received  returned  landed",
-          file=sys.stderr)
-    spent = lambda steps: ", ".join(f"{k} {1e3 * v:.2f}" for k, v in steps.items())  # noqa: E731
-    print(f"  busy ms: sender {1e3 * sum(m[2] for m in SENT):.2f} (send_many {1e3 * sum(m[2] for m in sent_nccl):.2f}, "
-          f"{spent(SENDER_STEPS)}); receiver {1e3 * sum(m[2] for m in reply['posted']):.2f} (recv_many "
-          f"{1e3 * sum(m[2] for m in reply['received']):.2f}, {spent(reply['steps'])})", file=sys.stderr)
-    for (end, n, took, _), (send_end, _, send_took, joined), (recv_end, _, recv_took), (got, _, got_took, landed) in \
-            zip(SENT, sent_nccl, reply["posted"], reply["received"]):
-        print(f"  {n:12d} | {ms(end - took)} {ms(send_end - send_took)} {ms(send_end)} {ms(end)} {ms(joined)} | "
-              f"{ms(recv_end - recv_took)} {ms(got - got_took)} {ms(got)} {ms(recv_end)} {ms(landed)}", file=sys.stderr)
 
 
 def raw_groups(tensors, grouped: bool) -> list[list]:
@@ -343,7 +266,7 @@ def throughput(reps: int) -> list[dict]:
     peer, pair_state, rows = Peer(), {}, []
     timeline(_PairChannel, "_send_layers", SENT)  # its group sizes: whatever was queued when it got to them
     if TIMELINE:
-        timeline(ProcessGroupPair, "send_many", SENT_NCCL)
+        timeline(ProcessGroupPair, "send_many", SENT_NCCL, device_times=True)
         busy(_PairChannel, ["_write", "_drop_if_closed"], SENDER_STEPS)
         busy(kv_transfer.nccl, ["_joined"], SENDER_STEPS)
     senders = {"nccl": NcclKVSender(DEVICES["send"], 30, 60), "tcp": TcpKVSender(30)}
