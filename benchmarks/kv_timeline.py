@@ -42,7 +42,7 @@ def busy(owner, names: list[str], totals: dict) -> dict:
                 return _method(*args, **kwargs)
             finally:
                 totals[_name] = totals.get(_name, 0.0) + time.monotonic() - start
-        setattr(owner, name, staticmethod(spy) if isinstance(owner.__dict__.get(name), staticmethod) else spy)
+        setattr(owner, name, spy)
     return totals
 
 

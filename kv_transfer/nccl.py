@@ -221,11 +221,12 @@ class PairPayloads:
         if any(num_bytes % (2 * self.row_bytes) for *_, num_bytes in entries):
             raise FrameError("a layer that is not K and V of whole blocks of this cache")
         num_rows = [num_bytes // self.row_bytes for *_, num_bytes in entries]
-        if sum(num_rows) * self.row_bytes > max(GROUP_BYTES, self.receiver.max_frame_bytes):
-            raise FrameError(f"a group of {sum(num_rows) * self.row_bytes} bytes")
+        total_rows = sum(num_rows)
+        if total_rows * self.row_bytes > max(GROUP_BYTES, self.receiver.max_frame_bytes):
+            raise FrameError(f"a group of {total_rows * self.row_bytes} bytes")
         # [group rows, block_numel]: each layer's K blocks, then its V blocks, as sent. On the
         # pair's stream (this thread's): its memory is reused in that stream's order
-        flat = torch.empty((sum(num_rows), self.rows.shape[1]), dtype=self.rows.dtype, device=self.rows.device)
+        flat = torch.empty((total_rows, self.rows.shape[1]), dtype=self.rows.dtype, device=self.rows.device)
         self.pair.recv_many([flat])
         found = self.receiver._admit_entries(self.conn, entries)
         kept = [(incoming, layer) for incoming, (_, layer, _) in zip(found, entries) if incoming is not None]

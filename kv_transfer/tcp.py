@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.host_copy import to_device
 from engine.kv_pool import kv_slots, pool_rows
 
 from .connector import KVReceiver, KVTicket, TransferResult
@@ -96,7 +97,7 @@ class TcpKVReceiver(KVReceiver):
                              f"{cache.dtype} blocks {tuple(cache.shape[1:])}")
         if ticket.block_ids and not (min(ticket.block_ids) >= 0 and max(ticket.block_ids) < cache.shape[0]):
             raise ValueError(f"ticket's block ids are outside the cache's {cache.shape[0]} blocks")
-        ids = torch.tensor(ticket.block_ids, dtype=torch.int64, device=self.device)
+        ids = to_device(ticket.block_ids, torch.int64, self.device)  # torch.tensor would wait for the device
         slots = np.array(kv_slots(ticket.block_ids, cache.shape[0]), dtype=np.int64)
         with self._lock:
             self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, ids, _runs(ticket.block_ids), slots)
@@ -213,10 +214,15 @@ class TcpKVReceiver(KVReceiver):
             self._fail(incoming, str(e))
             raise
         with self._lock:
-            if len(conn.transfers) > 1024:  # keep only the transfers still expected
-                conn.transfers &= self._tickets.keys()
-            conn.transfers.add(header.transfer_id)
+            self._track(conn, [header.transfer_id])
         return incoming
+
+    def _track(self, conn: "_Connection", transfer_ids) -> None:
+        """Notes that these transfers have frames on `conn` (they fail if it breaks). With the
+        lock held."""
+        if len(conn.transfers) > 1024:  # keep only the transfers still expected
+            conn.transfers &= self._tickets.keys()
+        conn.transfers.update(transfer_ids)
 
     def _recv_group(self, conn: "_Connection", header: FrameHeader) -> None:
         """A GROUP frame (pair connections only): N (transfer, layer, num_bytes) entries, then
@@ -237,9 +243,7 @@ class TcpKVReceiver(KVReceiver):
         each of many transfers."""
         with self._lock:
             found = [self._tickets.get(transfer_id) for transfer_id, _, _ in entries]
-            if len(conn.transfers) > 1024:  # keep only the transfers still expected
-                conn.transfers &= self._tickets.keys()
-            conn.transfers.update(t for (t, _, _), incoming in zip(entries, found) if incoming is not None)
+            self._track(conn, [t for (t, _, _), incoming in zip(entries, found) if incoming is not None])
         for (_, layer, num_bytes), incoming in zip(entries, found):
             if incoming is None:  # its bytes are in the group's receive already (sized by the caller)
                 continue
