@@ -15,7 +15,9 @@ pair's stream does not wait for a send, so the next group's copy overlaps it.
 
 The receiver checks each entry against its ticket, receives the group into a staging buffer,
 and writes every block of it with one `index_copy_` into the KV pool (engine/kv_pool.py: the
-caches of all layers are views of one tensor, one row per block of K or V). On CUDA that copy
+caches of all layers are views of one tensor, one row per block of K or V). The usual group,
+consecutive layers of the same transfers, needs only the rows of one layer, uploaded once for
+those transfers; any other group uploads a row for each of its blocks. On CUDA that copy
 runs on a copy stream, so the next group's receive does not wait for it, and nothing waits on
 the CPU until DONE: a completion thread settles the transfer once its copies have run, or
 fails it at the ticket's deadline.
@@ -61,18 +63,22 @@ class NcclKVSender(TcpKVSender):
 
     def send_layers(self, layer: int, items: list[tuple[KVTicket, torch.Tensor]]) -> None:
         """The tensors stay where they are (a view is made contiguous first); on CUDA one event
-        marks when the work that made all of them is done."""
-        staged = []
+        marks when the work that made all of them is done. One queue item per receiver: a
+        prefill step's prompts are handed over in one put, not one each."""
         for ticket, kv in items:
             self._check(ticket, kv)
             assert kv.device == self.device, (kv.device, self.device)
-            staged.append((ticket, kv.contiguous()))
+        # is_contiguous first: contiguous() releases the GIL, which the channel thread then holds
+        staged = [kv if kv.is_contiguous() else kv.contiguous() for _, kv in items]
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))  # the device spares a slow lookup
-        for ticket, kv in staged:
-            self._channel(ticket).put(("kv", self._state(ticket), layer, kv, ready))
+        by_endpoint: dict[str, list] = {}
+        for out, kv in zip(self._states([ticket for ticket, _ in items]), staged):
+            by_endpoint.setdefault(out.ticket.kv_endpoint, []).append((out, layer, kv, ready))
+        for endpoint, layers in by_endpoint.items():
+            self._channel(endpoint).put(("kv", layers))
 
     def _new_channel(self, endpoint: str) -> _Channel:
         return _PairChannel(self, endpoint)
@@ -188,6 +194,21 @@ def _rows_of(kept: list[tuple], num_blocks: int) -> np.ndarray:
     return layer_rows(np.concatenate(slots), layers, num_blocks)
 
 
+def _layer_span(kept: list[tuple]) -> tuple[int, int, list] | None:
+    """(first layer, number of layers, transfers) when `kept` is layers first, first + 1, ... of
+    the same transfers in the same order each (as a sender hands over a prefill step's
+    prompts, a layer at a time); None for any other group."""
+    first = kept[0][1]
+    width = next((i for i, (_, layer) in enumerate(kept) if layer != first), len(kept))
+    if len(kept) % width:
+        return None
+    transfers = [incoming for incoming, _ in kept[:width]]
+    for i, (incoming, layer) in enumerate(kept):
+        if incoming is not transfers[i % width] or layer != first + i // width:
+            return None
+    return first, len(kept) // width, transfers
+
+
 class PairPayloads:
     """Receiver side of one pair connection: takes KV payloads off the process group. On CUDA
     a group's scatter into the blocks runs on a copy stream, so the next group's receive
@@ -201,6 +222,7 @@ class PairPayloads:
         cuda = pair.stream is not None
         self.copy_stream = torch.cuda.Stream(receiver.device) if cuda else None
         self.completions = Completions("kv-pair-landed") if cuda else None
+        self._span_cache: dict[tuple, tuple[list, torch.Tensor]] = {}  # _span_rows
 
     @classmethod
     def join(cls, offer, receiver, conn) -> "PairPayloads":
@@ -234,18 +256,34 @@ class PairPayloads:
             return
         if len(kept) < len(entries):
             flat = torch.cat([chunk for incoming, chunk in zip(found, flat.split(num_rows)) if incoming is not None])
-        rows = _rows_of(kept, self.num_blocks)  # one copy to the device, in this stream's order
-        self._scatter(flat, to_device(rows, torch.int64, self.rows.device))
+        span = _layer_span(kept)
+        if span is None:  # any mix of layers and transfers: a row index for each block
+            rows = _rows_of(kept, self.num_blocks)  # one copy to the device, in this stream's order
+            return self._scatter(self.rows, 0, to_device(rows, torch.int64, self.rows.device), flat)
+        first, num_layers, transfers = span  # a row index a block of one layer, for every layer
+        layers = self.rows.view(-1, 2 * self.num_blocks, self.rows.shape[1])[first:first + num_layers]
+        self._scatter(layers, 1, self._span_rows(transfers), flat.view(num_layers, -1, self.rows.shape[1]))
 
-    def _scatter(self, staged: torch.Tensor, rows: torch.Tensor) -> None:
-        """rows[i] of the pool <- staged[i]; on CUDA on the copy stream, after the receive."""
+    def _span_rows(self, transfers: list) -> torch.Tensor:
+        """The pool rows of `transfers`' blocks within a layer (K's, then V's, for each), on the
+        device: uploaded once for the groups of the same transfers (a prefill step's)."""
+        key = tuple(map(id, transfers))  # the cache keeps them alive: no id is reused while cached
+        if key not in self._span_cache:
+            if len(self._span_cache) >= 8:
+                del self._span_cache[next(iter(self._span_cache))]
+            slots = np.concatenate([incoming.slots for incoming in transfers])
+            self._span_cache[key] = (transfers, to_device(slots, torch.int64, self.rows.device))
+        return self._span_cache[key][1]
+
+    def _scatter(self, target: torch.Tensor, dim: int, rows: torch.Tensor, staged: torch.Tensor) -> None:
+        """target.index_copy_(dim, rows, staged); on CUDA on the copy stream, after the receive."""
         if self.copy_stream is None:
-            self.rows.index_copy_(0, rows, staged)
+            target.index_copy_(dim, rows, staged)
             return
         self.copy_stream.wait_event(self.pair.stream.record_event())
         torch.cuda.set_stream(self.copy_stream)  # cheaper than a stream context; this thread's own
         try:
-            self.rows.index_copy_(0, rows, staged)
+            target.index_copy_(dim, rows, staged)
         finally:
             torch.cuda.set_stream(self.pair.stream)
         staged.record_stream(self.copy_stream)  # made on the pair's stream, read on this one

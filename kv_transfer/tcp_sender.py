@@ -48,11 +48,11 @@ class TcpKVSender(KVSender):
     def send_layer(self, ticket: KVTicket, layer: int, kv: torch.Tensor) -> None:
         self._check(ticket, kv)
         staged, ready = self._stage(kv)
-        self._channel(ticket).put(("kv", self._state(ticket), layer, staged, ready))
+        self._channel(ticket.kv_endpoint).put(("kv", [(self._state(ticket), layer, staged, ready)]))
 
     def finish(self, ticket: KVTicket, first_token_id: int) -> concurrent.futures.Future:
         out = self._state(ticket)
-        self._channel(ticket).put(("done", out, first_token_id))
+        self._channel(ticket.kv_endpoint).put(("done", out, first_token_id))
         return out.future
 
     def abort(self, ticket: KVTicket) -> None:
@@ -60,7 +60,7 @@ class TcpKVSender(KVSender):
             out = self._outgoing.get(ticket.transfer_id)
         if out is not None:
             out.error = out.error or TransferError("aborted by the sender")
-            self._channel(ticket).put(("abort", out))
+            self._channel(ticket.kv_endpoint).put(("abort", out))
 
     def close(self) -> None:
         with self._lock:
@@ -74,17 +74,19 @@ class TcpKVSender(KVSender):
         assert DTYPE_NAMES[kv.dtype] == ticket.dtype, (kv.dtype, ticket.dtype)
 
     def _state(self, ticket: KVTicket) -> _Outgoing:
-        with self._lock:
-            out = self._outgoing.get(ticket.transfer_id)
-            if out is None:
-                out = self._outgoing[ticket.transfer_id] = _Outgoing(ticket)
-            return out
+        return self._states([ticket])[0]
 
-    def _channel(self, ticket: KVTicket) -> "_Channel":
+    def _states(self, tickets: list[KVTicket]) -> list[_Outgoing]:
+        """Each ticket's transfer state, made on its first layer; under one lock for all."""
         with self._lock:
-            channel = self._channels.get(ticket.kv_endpoint)
+            return [self._outgoing.get(t.transfer_id) or self._outgoing.setdefault(t.transfer_id, _Outgoing(t))
+                    for t in tickets]
+
+    def _channel(self, endpoint: str) -> "_Channel":
+        with self._lock:
+            channel = self._channels.get(endpoint)
             if channel is None:
-                channel = self._channels[ticket.kv_endpoint] = self._new_channel(ticket.kv_endpoint)
+                channel = self._channels[endpoint] = self._new_channel(endpoint)
             return channel
 
     def _new_channel(self, endpoint: str) -> "_Channel":
@@ -106,9 +108,10 @@ class TcpKVSender(KVSender):
 
 
 class _Channel:
-    """One destination: a queue of frames and the thread that writes them in order. KV items
-    queued back to back are taken up to `max_batch` items and `max_batch_bytes` at a time (the
-    nccl connector sends each batch as one group)."""
+    """One destination: a queue of frames and the thread that writes them in order. A KV item
+    carries the layers one call handed over, (out, layer, staged, ready) each; the layers of
+    items queued back to back are taken up to `max_batch` layers and `max_batch_bytes` at a
+    time (the nccl connector sends each batch as one group)."""
 
     max_batch = 1
     max_batch_bytes = 0
@@ -132,10 +135,10 @@ class _Channel:
     def _run(self) -> None:
         while (item := self._take()) is not None:
             kind = item[0]
-            batch = self._batch(item) if kind == "kv" else [item]
+            layers = self._batch(item) if kind == "kv" else []
             try:
                 if kind == "kv":
-                    self._send_layers([(i[1], *i[2:]) for i in batch if i[1].error is None])
+                    self._send_layers([entry for entry in layers if entry[0].error is None])
                 elif kind == "done":
                     self._send_done(item[1], item[2])
                 elif kind == "abort":
@@ -143,7 +146,8 @@ class _Channel:
                     self._settle(item[1])
             except Exception as e:  # noqa: BLE001  (whatever broke, the transfers fail; the thread lives)
                 self._disconnect()
-                for out in {id(i[1]): i[1] for i in batch}.values():  # each transfer once
+                outs = [entry[0] for entry in layers] if kind == "kv" else [item[1]]
+                for out in {id(out): out for out in outs}.values():  # each transfer once
                     log.warning("kv transfer %s to %s: %s", out.ticket.transfer_id, self.endpoint, e)
                     out.error = out.error or ConnectionError(f"kv connection to {self.endpoint}: {e}")
                     if kind in ("done", "abort"):
@@ -157,19 +161,24 @@ class _Channel:
         return self.queue.get()
 
     def _batch(self, first) -> list:
-        """`first` and the KV items queued right after it, within the batch limits."""
-        batch, num_bytes = [first], first[3].nbytes
-        while len(batch) < self.max_batch:
+        """The layers of `first` and of the KV items queued right after it, within the batch
+        limits (the first layer always: it may pass them alone). Layers past the limits are
+        held as an item of their own, taken next."""
+        layers, num_bytes, item = [], 0, first
+        while True:
+            for i, entry in enumerate(item[1]):
+                if layers and (len(layers) == self.max_batch or num_bytes + entry[2].nbytes > self.max_batch_bytes):
+                    self._held = ("kv", item[1][i:])
+                    return layers
+                layers.append(entry)
+                num_bytes += entry[2].nbytes
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
-                break
-            if item is None or item[0] != "kv" or num_bytes + item[3].nbytes > self.max_batch_bytes:
+                return layers
+            if item is None or item[0] != "kv":
                 self._held = item
-                break
-            batch.append(item)
-            num_bytes += item[3].nbytes
-        return batch
+                return layers
 
     def _send_layers(self, layers: list[tuple]) -> None:
         """`layers`: (out, layer, staged, ready) each."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.kv_pool import pool_rows
-from kv_transfer.nccl import NcclKVSender, _joined
+from kv_transfer.nccl import NcclKVSender, _joined, _layer_span
 from kv_transfer.tcp import TcpKVReceiver
 
 from .kv_peer import layer_data, make_sender, ticket_to_json
@@ -253,6 +253,39 @@ def test_unreachable_receiver_fails_the_future(connector):
     sender.close()
 
 
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_a_steps_layers_split_across_groups_all_land(connector, receiver, monkeypatch):
+    """A prefill step hands each layer of all its prompts over in one call; a group that cannot
+    take them all (3 layers, or bytes for 2 of these) leaves the rest for the next group:
+    every layer lands once, in its own blocks."""
+    from kv_transfer.nccl import _PairChannel
+    monkeypatch.setattr(_PairChannel, "max_batch", 3)
+    tickets = [ticket(receiver, [2 * i, 2 * i + 1], connector) for i in range(5)]
+    layers = [random_layers(t) for t in tickets]
+    monkeypatch.setattr(_PairChannel, "max_batch_bytes", 2 * layers[0][0].nbytes)
+    group_sizes, send_group = [], _PairChannel._send_layers
+    monkeypatch.setattr(_PairChannel, "_send_layers",
+                        lambda self, group: group_sizes.append(len(group)) or send_group(self, group))
+    waiters = [Waiter() for _ in tickets]
+    for t, w in zip(tickets, waiters):
+        receiver.expect(t, w)
+    sender = make_sender(connector)
+    try:
+        for layer in range(NUM_LAYERS):
+            gathered = torch.stack([ls[layer] for ls in layers])  # one tensor a layer, a view per prompt
+            sender.send_layers(layer, [(t, kv) for t, kv in zip(tickets, gathered)])
+        futures = [sender.finish(t, i) for i, t in enumerate(tickets)]
+        for i, (t, ls, w, f) in enumerate(zip(tickets, layers, waiters, futures)):
+            result = w.wait()
+            assert result.ok and result.first_token_id == i, result
+            assert f.result(10) == result.num_bytes
+            assert_landed(receiver.kv_caches, t, ls)
+        if connector == "nccl":
+            assert sum(group_sizes) == len(tickets) * NUM_LAYERS and max(group_sizes) == 2, group_sizes
+    finally:
+        sender.close()
+
+
 def test_a_group_sends_views_lying_back_to_back_as_one_view():
     gathered = torch.randn(7, 5)
     views, other = list(gathered.split([1, 4, 2])), torch.randn(3, 5)
@@ -260,6 +293,19 @@ def test_a_group_sends_views_lying_back_to_back_as_one_view():
     assert joined.data_ptr() == gathered.data_ptr() and torch.equal(joined, gathered.view(-1))  # no copy
     mixed = [views[1], other, views[2], views[0]]
     assert torch.equal(_joined(mixed), torch.cat([t.view(-1) for t in mixed]))
+
+
+def test_layer_span_finds_consecutive_layers_of_the_same_transfers():
+    a, b, c = object(), object(), object()
+    assert _layer_span([(a, 3), (b, 3), (a, 4), (b, 4)]) == (3, 2, [a, b])
+    assert _layer_span([(a, 5), (a, 6), (a, 7)]) == (5, 3, [a])
+    assert _layer_span([(a, 0)]) == (0, 1, [a])
+    for group in ([(a, 3), (b, 3), (a, 4)],  # a layer cut short
+                  [(a, 3), (b, 3), (b, 4), (a, 4)],  # another order
+                  [(a, 3), (b, 3), (a, 5), (b, 5)],  # a layer skipped
+                  [(a, 3), (b, 3), (a, 4), (c, 4)],  # other transfers
+                  [(a, 3), (a, 5)]):
+        assert _layer_span(group) is None, group
 
 
 def test_pool_rows_address_each_block_of_each_layer():
