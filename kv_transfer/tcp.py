@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -51,13 +52,31 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 @dataclass
 class _Incoming:
+    """A ticket being received. Its blocks' addresses are made on first use, in the form that
+    the path carrying it needs (a transfer takes one of the three), not for every request."""
+
     ticket: KVTicket
     on_done: Callable[[TransferResult], None]
-    block_ids: torch.Tensor  # on the cache's device
-    runs: list[tuple[int, int]]  # the block ids as [start, end) runs of consecutive ids
-    slots: np.ndarray  # [2 * num_blocks] its blocks' slots, K's then V's: a layer's pool rows (kv_pool.py)
+    device: torch.device  # the cache's
+    num_blocks: int  # the cache's
     layer_checksums: dict[int, int] = field(default_factory=dict)
     num_bytes: int = 0
+
+    @cached_property
+    def block_ids(self) -> torch.Tensor:
+        """On the cache's device: tcp frames into device caches (`_write_layer`)."""
+        return to_device(self.ticket.block_ids, torch.int64, self.device)  # torch.tensor would wait for the device
+
+    @cached_property
+    def runs(self) -> list[tuple[int, int]]:
+        """The block ids as [start, end) runs of consecutive ids: tcp frames into host caches."""
+        return _runs(self.ticket.block_ids)
+
+    @cached_property
+    def slots(self) -> np.ndarray:
+        """[2 * num_blocks] its blocks' slots, K's then V's, a layer's pool rows (kv_pool.py):
+        the nccl connector's groups."""
+        return np.array(kv_slots(self.ticket.block_ids, self.num_blocks), dtype=np.int64)
 
 
 class TcpKVReceiver(KVReceiver):
@@ -97,10 +116,8 @@ class TcpKVReceiver(KVReceiver):
                              f"{cache.dtype} blocks {tuple(cache.shape[1:])}")
         if ticket.block_ids and not (min(ticket.block_ids) >= 0 and max(ticket.block_ids) < cache.shape[0]):
             raise ValueError(f"ticket's block ids are outside the cache's {cache.shape[0]} blocks")
-        ids = to_device(ticket.block_ids, torch.int64, self.device)  # torch.tensor would wait for the device
-        slots = np.array(kv_slots(ticket.block_ids, cache.shape[0]), dtype=np.int64)
         with self._lock:
-            self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, ids, _runs(ticket.block_ids), slots)
+            self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, self.device, cache.shape[0])
 
     def forget(self, transfer_id: str) -> None:
         """Over a process group, a transfer forgotten midway may leave a receive that never
