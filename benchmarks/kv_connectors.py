@@ -90,8 +90,9 @@ def serve_receiver() -> None:
     if TIMELINE:
         timeline(PairPayloads, "recv_group", posted)
         timeline(ProcessGroupPair, "recv_many", nccl, device_times=True)
-        busy(PairPayloads, ["_scatter"], steps)
-        busy(kv_transfer.nccl, ["_rows_of", "to_device"], steps)
+        busy(PairPayloads, ["_scatter", "_span_rows"], steps)
+        busy(kv_transfer.nccl, ["_rows_of", "to_device", "_layer_span"], steps)
+        busy(ProcessGroupPair, ["recv_many"], steps)
         busy(TcpKVReceiver, ["_admit_entries"], steps)
     device = torch.device(DEVICES["recv"])
     caches = allocate_kv_caches(CFG.num_layers, block_shape(), NUM_BLOCKS, DTYPE, device)
@@ -268,6 +269,7 @@ def throughput(reps: int) -> list[dict]:
     if TIMELINE:
         timeline(ProcessGroupPair, "send_many", SENT_NCCL, device_times=True)
         busy(_PairChannel, ["_write", "_drop_if_closed"], SENDER_STEPS)
+        busy(NcclKVSender, ["send_layers"], SENDER_STEPS)
         busy(kv_transfer.nccl, ["_joined"], SENDER_STEPS)
     senders = {"nccl": NcclKVSender(DEVICES["send"], 30, 60), "tcp": TcpKVSender(30)}
     if SKIP_TCP:

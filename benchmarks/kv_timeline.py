@@ -32,7 +32,7 @@ def timeline(cls, name: str, marks: list, device_times: bool = False) -> list:
 
 def busy(owner, names: list[str], totals: dict) -> dict:
     """Adds the seconds spent in each owner.name call (a class's method or a module's
-    function) to totals[name] from now on."""
+    function) to totals[name] from now on, and keeps the longest call's in totals[name max]."""
     for name in names:
         method = getattr(owner, name)
 
@@ -41,7 +41,9 @@ def busy(owner, names: list[str], totals: dict) -> dict:
             try:
                 return _method(*args, **kwargs)
             finally:
-                totals[_name] = totals.get(_name, 0.0) + time.monotonic() - start
+                seconds = time.monotonic() - start
+                totals[_name] = totals.get(_name, 0.0) + seconds
+                totals[f"{_name} max"] = max(totals.get(f"{_name} max", 0.0), seconds)
         setattr(owner, name, spy)
     return totals
 

@@ -3,15 +3,20 @@ process group per (prefill node, decode node) pair (kv_transfer/pair.py): NCCL b
 gloo between CPU processes (the same code, so CI runs it).
 
 A sender's connection to a receiver starts with a PAIR frame; both ends then join the pair's
-process group. Layers go in groups: whatever layers are queued when the sender's thread gets
-to them (one, as a prefill hands them over; many, from several transfers or a prefill that
-outran the wire), up to GROUP_BYTES. A group is a GROUP frame on the socket (a 28-byte entry
-per layer: transfer id, layer, byte count; no payload checksum: NCCL/gloo carry their own
-integrity), then all its bytes as one message on the process group, concatenated on the
-pair's stream where they do not lie back to back already (a prefill step's prompts share one
-tensor a layer): one NCCL op and one Python round per group, not per tensor (an NCCL op costs
-25-50 us of host time, `benchmarks/nccl_ops.py`; the copy a few us of device time). The
-pair's stream does not wait for a send, so the next group's copy overlaps it.
+process group. Layers go in groups: whatever layers are queued when they are posted, up to
+GROUP_BYTES. On CUDA the thread that hands them over posts them itself once the pair is up
+(`_PairChannel.post_queued`): at once while the wire is idle, else once POST_BYTES are queued
+(the channel's thread, woken, would first wait for the GIL that thread holds, for
+milliseconds in a burst). The channel's thread posts the rest: what is left queued when DONE
+or ABORT comes, and everything on CPU, where a gloo send blocks until the peer took it.
+
+A group is a GROUP frame on the socket (a 28-byte entry per layer: transfer id, layer, byte
+count; no payload checksum: NCCL/gloo carry their own integrity), then all its bytes as one
+message on the process group, concatenated on the pair's stream where they do not lie back
+to back already (a prefill step's prompts share one tensor a layer): one NCCL op and one
+Python round per group, not per tensor (an NCCL op costs 25-50 us of host time,
+`benchmarks/nccl_ops.py`; the copy a few us of device time). The pair's stream does not wait
+for a send, so the next group's copy overlaps it.
 
 The receiver checks each entry against its ticket, receives the group into a staging buffer,
 and writes every block of it with one `index_copy_` into the KV pool (engine/kv_pool.py: the
@@ -45,18 +50,24 @@ from .tcp_sender import TcpKVSender, _Channel, _Outgoing
 log = logging.getLogger(__name__)
 
 GROUP_BYTES = 128 << 20  # KV bytes in one group (or one layer if larger): the receiver stages them
+# the caller posts a group once this much is queued (or the wire is idle): a smaller group costs
+# more host time on each side (~0.1-0.3 ms) than its bytes take on NVLink (64 MiB: ~0.2 ms)
+POST_BYTES = 64 << 20
 
 
 class NcclKVSender(TcpKVSender):
     """Prefill side. `device`: where the engine's KV cache lives (cuda:N, or cpu for gloo).
     `connect_timeout`: for the socket and for the peer to join the group; `transfer_timeout`:
-    from a transfer's DONE until its bytes have left."""
+    from a transfer's DONE until its bytes have left. `post_from_caller` (default: on CUDA):
+    `send_layers` posts the layers itself when it can (`_PairChannel.post_queued`); on gloo
+    that blocks the caller until the peer took them, so only tests ask for it there."""
 
     def __init__(self, device: torch.device | str, connect_timeout: float = 5.0,
-                 transfer_timeout: float = 30.0):
+                 transfer_timeout: float = 30.0, post_from_caller: bool | None = None):
         super().__init__(connect_timeout)
         self.device = torch.device(device)
         self.transfer_timeout = transfer_timeout
+        self.post_from_caller = self.device.type == "cuda" if post_from_caller is None else post_from_caller
 
     def send_layer(self, ticket: KVTicket, layer: int, kv: torch.Tensor) -> None:
         self.send_layers(layer, [(ticket, kv)])
@@ -78,7 +89,10 @@ class NcclKVSender(TcpKVSender):
         for out, kv in zip(self._states([ticket for ticket, _ in items]), staged):
             by_endpoint.setdefault(out.ticket.kv_endpoint, []).append((out, layer, kv, ready))
         for endpoint, layers in by_endpoint.items():
-            self._channel(endpoint).put(("kv", layers))
+            channel = self._channel(endpoint)
+            channel.put(("kv", layers, sum(kv.nbytes for _, _, kv, _ in layers)), wake=not self.post_from_caller)
+            if self.post_from_caller and not channel.post_queued():
+                channel.wake()
 
     def _new_channel(self, endpoint: str) -> _Channel:
         return _PairChannel(self, endpoint)
@@ -89,6 +103,7 @@ class _PairChannel(_Channel):
 
     max_batch = MAX_GROUP
     max_batch_bytes = GROUP_BYTES
+    post_bytes = POST_BYTES
 
     def __init__(self, sender: NcclKVSender, endpoint: str):
         self.pair: ProcessGroupPair | None = None
@@ -109,6 +124,41 @@ class _PairChannel(_Channel):
         self.pair.use_stream()  # this channel's thread posts every op of the pair
         log.info("kv pair with %s: %s group up", self.endpoint, offer.backend)
 
+    def post_queued(self) -> bool:
+        """The caller's thread, which just queued layers: posts the queued layers itself when
+        the pair is up and no other thread is posting, or leaves them for the next call (or
+        the DONE after the last: `put` wakes this channel's thread for it) when fewer would go
+        than are worth a group now (`_may_post_here`). False when the channel's thread must
+        write them: the pair is not up, another thread is posting, or a frame other than KV
+        is next. The channel's thread would have waited for the GIL while the caller hands over
+        layer after layer: up to milliseconds before the first group is on the wire."""
+        if self.pair is None or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            pair = self.pair
+            if pair is None:
+                return False
+            if not self._may_post_here(pair):
+                return True
+            previous = pair.use_stream()
+            try:
+                self._drain(kv_only=True)
+            finally:
+                pair.use_stream(previous)
+            return not self._items
+        finally:
+            self._lock.release()
+
+    def _may_post_here(self, pair: ProcessGroupPair) -> bool:
+        """When the wire is idle or `post_bytes` are queued; else the layers wait, and more
+        join them in one group."""
+        if pair.num_sends_in_flight() == 0:
+            return True
+        return sum(item[2] for item in list(self._items) if item and item[0] == "kv") >= self.post_bytes
+
+    def _connected(self) -> bool:
+        return self.pair is not None and not self.broken and super()._connected()
+
     def _write(self, *parts) -> None:
         if self.broken:  # a transfer timed out on this pair: every frame goes on a new one
             self._disconnect()
@@ -120,8 +170,6 @@ class _PairChannel(_Channel):
         costs far less than the host time of an NCCL op per tensor, which bounds throughput."""
         if not layers:
             return
-        if any(out.num_bytes == 0 for out, *_ in layers):  # a transfer's first frame
-            self._drop_if_closed()
         self._write(group_frame([(out.ticket.transfer_key, layer, out.ticket.layer_bytes)
                                  for out, layer, _, _ in layers]))
         waited = None

@@ -15,6 +15,7 @@ deadlines fire first and `close` aborts the communicator.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import os
@@ -63,6 +64,7 @@ class ProcessGroupPair:
         self.closed = False
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._last_send = None  # NCCL: the work of the last send, which the stream has not waited for
+        self._sends = collections.deque()  # NCCL: the work of each send that may still run, oldest first
 
     @classmethod
     def offer(cls, host: str, device: torch.device) -> tuple[PairOffer, object]:
@@ -92,20 +94,35 @@ class ProcessGroupPair:
             group = torch.distributed.ProcessGroupNCCL(prefixed, rank, 2, options)
         return cls(group, store, rank, device)
 
-    def use_stream(self) -> None:
-        """Makes the pair's stream the calling thread's current stream (CUDA; current streams
-        are per thread): the ops and buffers this thread makes from now on are ordered on it.
-        The one thread that posts the pair's ops calls it once, instead of a stream context
-        around each op (which costs tens of microseconds of host time)."""
-        if self.stream is not None:
-            torch.cuda.set_stream(self.stream)
+    def use_stream(self, stream=None):
+        """Makes the pair's stream (or `stream`) the calling thread's current stream (CUDA;
+        current streams are per thread): the ops and buffers this thread makes from now on are
+        ordered on it. A thread that posts the pair's ops calls it once, instead of a stream
+        context around each op (which costs tens of microseconds of host time). Returns the
+        stream that was current (None on CPU)."""
+        if self.stream is None:
+            return None
+        previous = torch.cuda.current_stream(self.device)
+        torch.cuda.set_stream(stream or self.stream)
+        return previous
 
     def send_many(self, tensors: list[torch.Tensor]) -> None:
         """Queues `tensors` (contiguous, made on or waited for by the pair's stream) to the peer
         as one group, from the thread that called `use_stream`. gloo: returns once they have
         left. NCCL: the pair's stream does not wait for the send (the next group's copy overlaps
         it); `done_event` does. NCCL keeps the tensors alive until the send has run."""
-        self._last_send = self._group(self.group.send, tensors) or self._last_send
+        work = self._group(self.group.send, tensors)
+        if work is not None:
+            self.num_sends_in_flight()  # drops the done ones: a work may hold its tensors
+            self._last_send = work
+            self._sends.append(work)
+
+    def num_sends_in_flight(self) -> int:
+        """Sends not yet done (NCCL runs them in order; counted since the last `done_event`);
+        0 on gloo, whose sends return done. From the posting thread."""
+        while self._sends and self._sends[0].is_completed():
+            self._sends.popleft()
+        return len(self._sends)
 
     def recv_many(self, tensors: list[torch.Tensor]) -> None:
         """Receives into `tensors`, matching one `send_many` of the same sizes, from the thread
@@ -142,6 +159,7 @@ class ProcessGroupPair:
         if self._last_send is not None:  # NCCL runs its ops in order: the last covers the others
             self._last_send.wait()
             self._last_send = None
+            self._sends.clear()
         event = torch.cuda.Event()
         event.record(self.stream)
         return event

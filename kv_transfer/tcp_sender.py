@@ -3,12 +3,13 @@ each transfer's frames in order (see tcp.py for the receiver and the shared help
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
-import queue
 import select
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +49,7 @@ class TcpKVSender(KVSender):
     def send_layer(self, ticket: KVTicket, layer: int, kv: torch.Tensor) -> None:
         self._check(ticket, kv)
         staged, ready = self._stage(kv)
-        self._channel(ticket.kv_endpoint).put(("kv", [(self._state(ticket), layer, staged, ready)]))
+        self._channel(ticket.kv_endpoint).put(("kv", [(self._state(ticket), layer, staged, ready)], staged.nbytes))
 
     def finish(self, ticket: KVTicket, first_token_id: int) -> concurrent.futures.Future:
         out = self._state(ticket)
@@ -109,9 +110,14 @@ class TcpKVSender(KVSender):
 
 class _Channel:
     """One destination: a queue of frames and the thread that writes them in order. A KV item
-    carries the layers one call handed over, (out, layer, staged, ready) each; the layers of
-    items queued back to back are taken up to `max_batch` layers and `max_batch_bytes` at a
-    time (the nccl connector sends each batch as one group)."""
+    ("kv", layers, num_bytes) carries the layers one call handed over, (out, layer, staged,
+    ready) each, and their bytes; the layers of items queued back to back are taken up to
+    `max_batch` layers and `max_batch_bytes` at a time (the nccl connector sends each batch
+    as one group).
+
+    Whoever writes holds `_lock` from taking an item off the queue until its frames are out,
+    so frames leave in queue order: this channel's thread, or (nccl) the thread that handed
+    the layers over, posting them itself while its connection is up."""
 
     max_batch = 1
     max_batch_bytes = 0
@@ -120,72 +126,104 @@ class _Channel:
         self.sender = sender
         self.endpoint = endpoint
         self.sock: socket.socket | None = None
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._held = _NOTHING  # an item taken off the queue while batching, handled next
+        self._items: collections.deque = collections.deque()  # appended by any thread, taken under _lock
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._stopping = False
         self.thread = threading.Thread(target=self._run, name=f"kv-send-{endpoint}", daemon=True)
         self.thread.start()
 
-    def put(self, item) -> None:
-        self.queue.put(item)
+    def put(self, item, wake: bool = True) -> None:
+        """Queues `item`; `wake`: for this channel's thread to write it (else the caller
+        writes it itself, or leaves it for whoever comes next: `post_queued` in nccl.py)."""
+        self._items.append(item)
+        if wake:
+            self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
 
     def stop(self) -> None:
-        self.queue.put(None)
+        self.put(None)
         self.thread.join(timeout=5)
 
     def _run(self) -> None:
-        while (item := self._take()) is not None:
-            kind = item[0]
-            layers = self._batch(item) if kind == "kv" else []
+        while not self._stopping:
+            self._wake.wait()
+            self._wake.clear()  # an item put from now on wakes the next round
+            # Polled, not a blocking acquire: a thread blocked on a lock takes it the moment it
+            # is released, then waits for the GIL while holding it (up to the 5 ms switch
+            # interval while the caller runs), and the caller could post nothing meanwhile
+            while not self._lock.acquire(blocking=False):
+                time.sleep(50e-6)
             try:
-                if kind == "kv":
-                    self._send_layers([entry for entry in layers if entry[0].error is None])
-                elif kind == "done":
-                    self._send_done(item[1], item[2])
-                elif kind == "abort":
-                    self._write(abort_frame(item[1].ticket.transfer_key))
-                    self._settle(item[1])
-            except Exception as e:  # noqa: BLE001  (whatever broke, the transfers fail; the thread lives)
-                self._disconnect()
-                outs = [entry[0] for entry in layers] if kind == "kv" else [item[1]]
-                for out in {id(out): out for out in outs}.values():  # each transfer once
-                    log.warning("kv transfer %s to %s: %s", out.ticket.transfer_id, self.endpoint, e)
-                    out.error = out.error or ConnectionError(f"kv connection to {self.endpoint}: {e}")
-                    if kind in ("done", "abort"):
-                        self._settle(out)
+                self._drain()
+            finally:
+                self._lock.release()
         self._disconnect()
 
-    def _take(self):
-        if self._held is not _NOTHING:
-            item, self._held = self._held, _NOTHING
-            return item
-        return self.queue.get()
+    def _drain(self, kv_only: bool = False) -> None:
+        """Writes the queued items in order, under `_lock`. `kv_only` (a caller's thread): only
+        KV items, and only over the connection that is up (connecting is this channel's
+        thread's work); the rest stays queued for that thread."""
+        while self._items:
+            item = self._items[0]
+            if kv_only and (item is None or item[0] != "kv" or not self._connected()):
+                return
+            if item is None:
+                self._stopping = True
+                return
+            if item[0] == "kv" and any(out.num_bytes == 0 for out, *_ in item[1]):
+                self._drop_if_closed()  # a transfer's first frame: is the receiver still there?
+                if kv_only and not self._connected():
+                    return
+            self._items.popleft()
+            self._handle(item)
+
+    def _connected(self) -> bool:
+        return self.sock is not None
+
+    def _handle(self, item) -> None:
+        kind = item[0]
+        layers = self._batch(item) if kind == "kv" else []
+        try:
+            if kind == "kv":
+                self._send_layers([entry for entry in layers if entry[0].error is None])
+            elif kind == "done":
+                self._send_done(item[1], item[2])
+            elif kind == "abort":
+                self._write(abort_frame(item[1].ticket.transfer_key))
+                self._settle(item[1])
+        except Exception as e:  # noqa: BLE001  (whatever broke, the transfers fail; the thread lives)
+            self._disconnect()
+            outs = [entry[0] for entry in layers] if kind == "kv" else [item[1]]
+            for out in {id(out): out for out in outs}.values():  # each transfer once
+                log.warning("kv transfer %s to %s: %s", out.ticket.transfer_id, self.endpoint, e)
+                out.error = out.error or ConnectionError(f"kv connection to {self.endpoint}: {e}")
+                if kind in ("done", "abort"):
+                    self._settle(out)
 
     def _batch(self, first) -> list:
         """The layers of `first` and of the KV items queued right after it, within the batch
-        limits (the first layer always: it may pass them alone). Layers past the limits are
-        held as an item of their own, taken next."""
+        limits (the first layer always: it may pass them alone). Layers past the limits go
+        back to the front of the queue as an item of their own, taken next."""
         layers, num_bytes, item = [], 0, first
         while True:
             for i, entry in enumerate(item[1]):
                 if layers and (len(layers) == self.max_batch or num_bytes + entry[2].nbytes > self.max_batch_bytes):
-                    self._held = ("kv", item[1][i:])
+                    rest = item[1][i:]
+                    self._items.appendleft(("kv", rest, sum(entry[2].nbytes for entry in rest)))
                     return layers
                 layers.append(entry)
                 num_bytes += entry[2].nbytes
-            try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
+            if not self._items or self._items[0] is None or self._items[0][0] != "kv":
                 return layers
-            if item is None or item[0] != "kv":
-                self._held = item
-                return layers
+            item = self._items.popleft()
 
     def _send_layers(self, layers: list[tuple]) -> None:
         """`layers`: (out, layer, staged, ready) each."""
-        for out, *rest in layers:
-            if out.num_bytes == 0:  # a transfer's first frame: is the receiver still there?
-                self._drop_if_closed()
-            self._send_layer(out, *rest)
+        for entry in layers:
+            self._send_layer(*entry)
 
     def _send_layer(self, out: _Outgoing, layer: int, staged: torch.Tensor, ready) -> None:
         ready()
@@ -240,9 +278,6 @@ class _Channel:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-
-_NOTHING = object()
 
 
 def _peer_closed(sock: socket.socket) -> bool:

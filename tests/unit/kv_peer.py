@@ -31,9 +31,13 @@ def layer_data(ticket: KVTicket, layer: int) -> torch.Tensor:
 
 
 def make_sender(connector: str):
+    """`connector`: tcp, nccl (its channel thread posts every group, as on CPU nodes), or
+    nccl-from-caller (`send_layers` posts what it can itself, as on CUDA nodes)."""
     from kv_transfer.nccl import NcclKVSender
     from kv_transfer.tcp_sender import TcpKVSender
-    return TcpKVSender(connect_timeout=5) if connector == "tcp" else NcclKVSender("cpu", 5, 10)
+    if connector == "tcp":
+        return TcpKVSender(connect_timeout=5)
+    return NcclKVSender("cpu", 5, 10, post_from_caller=connector == "nccl-from-caller")
 
 
 def main(argv: list[str]) -> None:

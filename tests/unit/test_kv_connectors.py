@@ -3,6 +3,7 @@ land exactly in the reserved blocks, transfers run concurrently, a peer that die
 fails its transfers within the timeout (real processes, killed), and pairs come and go with
 their nodes. The oracle: the tensors pushed, compared with the receiver's cache."""
 
+import itertools
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from .kv_peer import layer_data, make_sender, ticket_to_json
 from .test_kv_transfer import (NUM_LAYERS, Waiter, assert_landed, make_caches, make_ticket, push,
                                random_layers)
 
-CONNECTORS = ["tcp", "nccl"]
+CONNECTORS = ["tcp", "nccl", "nccl-from-caller"]  # the last: send_layers posts groups itself
 
 
 def wait_until(condition, timeout: float = 10.0) -> bool:
@@ -101,7 +102,7 @@ def test_concurrent_transfers_from_two_senders(connector, receiver):
         assert result.ok and result.first_token_id == i, result
         assert_landed(receiver.kv_caches, t, ls)
     assert receiver.num_connections == 2
-    assert receiver.num_pairs == (2 if connector == "nccl" else 0)
+    assert receiver.num_pairs == (2 if connector != "tcp" else 0)
     for s in senders:
         s.close()
 
@@ -176,7 +177,7 @@ def test_pairs_come_and_go_with_their_nodes(connector):
     push(restarted, t, layers)
     assert waiter.wait().ok
     assert_landed(caches_b, t, layers)
-    assert b.num_pairs == (1 if connector == "nccl" else 0)
+    assert b.num_pairs == (1 if connector != "tcp" else 0)
     restarted.close()
     b.close()
 
@@ -257,20 +258,29 @@ def test_unreachable_receiver_fails_the_future(connector):
 def test_a_steps_layers_split_across_groups_all_land(connector, receiver, monkeypatch):
     """A prefill step hands each layer of all its prompts over in one call; a group that cannot
     take them all (3 layers, or bytes for 2 of these) leaves the rest for the next group:
-    every layer lands once, in its own blocks."""
+    every layer lands once, in its own blocks, whichever thread posts the groups."""
     from kv_transfer.nccl import _PairChannel
     monkeypatch.setattr(_PairChannel, "max_batch", 3)
     tickets = [ticket(receiver, [2 * i, 2 * i + 1], connector) for i in range(5)]
     layers = [random_layers(t) for t in tickets]
     monkeypatch.setattr(_PairChannel, "max_batch_bytes", 2 * layers[0][0].nbytes)
-    group_sizes, send_group = [], _PairChannel._send_layers
-    monkeypatch.setattr(_PairChannel, "_send_layers",
-                        lambda self, group: group_sizes.append(len(group)) or send_group(self, group))
+    group_sizes, posters, send_group = [], set(), _PairChannel._send_layers
+
+    def spy(self, group):
+        group_sizes.append(len(group))
+        posters.add(threading.current_thread() is threading.main_thread())
+        send_group(self, group)
+    monkeypatch.setattr(_PairChannel, "_send_layers", spy)
     waiters = [Waiter() for _ in tickets]
     for t, w in zip(tickets, waiters):
         receiver.expect(t, w)
     sender = make_sender(connector)
     try:
+        warm = ticket(receiver, [20], connector)  # the connection up, and the pair (posting needs it)
+        receiver.expect(warm, Waiter())
+        push(sender, warm, random_layers(warm)).result(10)
+        group_sizes.clear()
+        posters.clear()
         for layer in range(NUM_LAYERS):
             gathered = torch.stack([ls[layer] for ls in layers])  # one tensor a layer, a view per prompt
             sender.send_layers(layer, [(t, kv) for t, kv in zip(tickets, gathered)])
@@ -280,8 +290,40 @@ def test_a_steps_layers_split_across_groups_all_land(connector, receiver, monkey
             assert result.ok and result.first_token_id == i, result
             assert f.result(10) == result.num_bytes
             assert_landed(receiver.kv_caches, t, ls)
-        if connector == "nccl":
+        if connector != "tcp":
             assert sum(group_sizes) == len(tickets) * NUM_LAYERS and max(group_sizes) == 2, group_sizes
+            # by the caller's thread (the channel's may win the lock now and then), or never
+            assert (True in posters) == (connector == "nccl-from-caller"), posters
+    finally:
+        sender.close()
+
+
+def test_layers_the_caller_leaves_queued_go_with_its_next_call_or_done(receiver, monkeypatch):
+    """A caller that posts its own groups leaves the layers queued while the wire is busy and
+    too few are queued (here: two calls in three), for its next call or, after the last, the
+    DONE, which wakes the channel's thread: every layer lands once, none waits forever."""
+    from kv_transfer.nccl import _PairChannel
+    sender = make_sender("nccl-from-caller")
+    try:
+        warm = ticket(receiver, [20], "nccl")  # the pair up, so the caller may post
+        receiver.expect(warm, Waiter())
+        push(sender, warm, random_layers(warm)).result(10)
+        decisions = itertools.cycle([False, False, True])
+        monkeypatch.setattr(_PairChannel, "_may_post_here", lambda self, pair: next(decisions))
+        tickets = [ticket(receiver, [2 * i, 2 * i + 1], "nccl") for i in range(4)]
+        layers = [random_layers(t) for t in tickets]
+        waiters = [Waiter() for _ in tickets]
+        for t, w in zip(tickets, waiters):
+            receiver.expect(t, w)
+        for t, ls in zip(tickets, layers):  # 12 calls: the last two leave their layers queued
+            for layer, kv in enumerate(ls):
+                sender.send_layers(layer, [(t, kv)])
+        futures = [sender.finish(t, i) for i, t in enumerate(tickets)]
+        for i, (t, ls, w, f) in enumerate(zip(tickets, layers, waiters, futures)):
+            result = w.wait()
+            assert result.ok and result.first_token_id == i, result
+            assert f.result(10) == result.num_bytes
+            assert_landed(receiver.kv_caches, t, ls)
     finally:
         sender.close()
 

@@ -42,9 +42,10 @@ def make_caches(dtype=torch.float32):
 
 
 def make_ticket(receiver, block_ids, dtype="float32", connector="tcp", endpoint=None, transfer_id=None):
+    """`connector`: a name kv_peer.make_sender takes (nccl-from-caller is an nccl sender)."""
     return KVTicket(transfer_id or uuid.uuid4().hex, endpoint or (receiver.endpoint if receiver else ""),
                     tuple(block_ids), BLOCK_SIZE, NUM_LAYERS, KV_HEADS, HEAD_DIM, dtype,
-                    time.time() + 30, "fp", connector)
+                    time.time() + 30, "fp", connector.removesuffix("-from-caller"))
 
 
 def push(sender, ticket, layers, first_token=7):
