@@ -129,15 +129,15 @@ class _PairChannel(_Channel):
         the pair is up and no other thread is posting, or leaves them for the next call (or
         the DONE after the last: `put` wakes this channel's thread for it) when fewer would go
         than are worth a group now (`_may_post_here`). False when the channel's thread must
-        write them: the pair is not up, another thread is posting, or a frame other than KV
-        is next. The channel's thread would have waited for the GIL while the caller hands over
-        layer after layer: up to milliseconds before the first group is on the wire."""
+        write them: the pair is not up or has not sent yet, another thread is posting, or a
+        frame other than KV is next. The channel's thread would have waited for the GIL while
+        the caller hands over layer after layer: milliseconds before the first group left."""
         if self.pair is None or not self._lock.acquire(blocking=False):
             return False
         try:
             pair = self.pair
-            if pair is None:
-                return False
+            if pair is None or pair.num_sends == 0:  # NCCL's first op makes its communicator: it
+                return False  # waits for the peer, which the caller must not (the thread's work)
             if not self._may_post_here(pair):
                 return True
             previous = pair.use_stream()

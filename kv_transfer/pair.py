@@ -65,6 +65,7 @@ class ProcessGroupPair:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._last_send = None  # NCCL: the work of the last send, which the stream has not waited for
         self._sends = collections.deque()  # NCCL: the work of each send that may still run, oldest first
+        self.num_sends = 0  # posted; from the first on, NCCL's communicator is up (the first op waits for the peer)
 
     @classmethod
     def offer(cls, host: str, device: torch.device) -> tuple[PairOffer, object]:
@@ -108,10 +109,12 @@ class ProcessGroupPair:
 
     def send_many(self, tensors: list[torch.Tensor]) -> None:
         """Queues `tensors` (contiguous, made on or waited for by the pair's stream) to the peer
-        as one group, from the thread that called `use_stream`. gloo: returns once they have
-        left. NCCL: the pair's stream does not wait for the send (the next group's copy overlaps
-        it); `done_event` does. NCCL keeps the tensors alive until the send has run."""
+        as one group, from a thread whose current stream is the pair's (`use_stream`), one
+        thread at a time (the nccl sender's channel lock). gloo: returns once they have left.
+        NCCL: the pair's stream does not wait for the send (the next group's copy overlaps it);
+        `done_event` does. NCCL keeps the tensors alive until the send has run."""
         work = self._group(self.group.send, tensors)
+        self.num_sends += 1
         if work is not None:
             self.num_sends_in_flight()  # drops the done ones: a work may hold its tensors
             self._last_send = work
@@ -119,7 +122,7 @@ class ProcessGroupPair:
 
     def num_sends_in_flight(self) -> int:
         """Sends not yet done (NCCL runs them in order; counted since the last `done_event`);
-        0 on gloo, whose sends return done. From the posting thread."""
+        0 on gloo, whose sends return done. Under the same lock as `send_many`."""
         while self._sends and self._sends[0].is_completed():
             self._sends.popleft()
         return len(self._sends)
