@@ -254,6 +254,22 @@ def test_unreachable_receiver_fails_the_future(connector):
     sender.close()
 
 
+def warm_up(receiver, sender, connector: str) -> None:
+    """One whole transfer: the connection up, and the pair (a caller posts only on one that sent)."""
+    warm = ticket(receiver, [20], connector)
+    receiver.expect(warm, Waiter())
+    push(sender, warm, random_layers(warm)).result(10)
+
+
+def assert_all_landed(receiver, tickets, layers, waiters, futures) -> None:
+    """Each transfer settled ok with its first token (its index) and its bytes in its blocks."""
+    for i, (t, ls, w, f) in enumerate(zip(tickets, layers, waiters, futures)):
+        result = w.wait()
+        assert result.ok and result.first_token_id == i, result
+        assert f.result(10) == result.num_bytes
+        assert_landed(receiver.kv_caches, t, ls)
+
+
 @pytest.mark.parametrize("connector", CONNECTORS)
 def test_a_steps_layers_split_across_groups_all_land(connector, receiver, monkeypatch):
     """A prefill step hands each layer of all its prompts over in one call; a group that cannot
@@ -276,20 +292,14 @@ def test_a_steps_layers_split_across_groups_all_land(connector, receiver, monkey
         receiver.expect(t, w)
     sender = make_sender(connector)
     try:
-        warm = ticket(receiver, [20], connector)  # the connection up, and the pair (posting needs it)
-        receiver.expect(warm, Waiter())
-        push(sender, warm, random_layers(warm)).result(10)
+        warm_up(receiver, sender, connector)
         group_sizes.clear()
         posters.clear()
         for layer in range(NUM_LAYERS):
             gathered = torch.stack([ls[layer] for ls in layers])  # one tensor a layer, a view per prompt
             sender.send_layers(layer, [(t, kv) for t, kv in zip(tickets, gathered)])
         futures = [sender.finish(t, i) for i, t in enumerate(tickets)]
-        for i, (t, ls, w, f) in enumerate(zip(tickets, layers, waiters, futures)):
-            result = w.wait()
-            assert result.ok and result.first_token_id == i, result
-            assert f.result(10) == result.num_bytes
-            assert_landed(receiver.kv_caches, t, ls)
+        assert_all_landed(receiver, tickets, layers, waiters, futures)
         if connector != "tcp":
             assert sum(group_sizes) == len(tickets) * NUM_LAYERS and max(group_sizes) == 2, group_sizes
             # by the caller's thread (the channel's may win the lock now and then), or never
@@ -305,9 +315,7 @@ def test_layers_the_caller_leaves_queued_go_with_its_next_call_or_done(receiver,
     from kv_transfer.nccl import _PairChannel
     sender = make_sender("nccl-from-caller")
     try:
-        warm = ticket(receiver, [20], "nccl")  # the pair up, so the caller may post
-        receiver.expect(warm, Waiter())
-        push(sender, warm, random_layers(warm)).result(10)
+        warm_up(receiver, sender, "nccl")
         decisions = itertools.cycle([False, False, True])
         monkeypatch.setattr(_PairChannel, "_may_post_here", lambda self, pair: next(decisions))
         tickets = [ticket(receiver, [2 * i, 2 * i + 1], "nccl") for i in range(4)]
@@ -319,11 +327,7 @@ def test_layers_the_caller_leaves_queued_go_with_its_next_call_or_done(receiver,
             for layer, kv in enumerate(ls):
                 sender.send_layers(layer, [(t, kv)])
         futures = [sender.finish(t, i) for i, t in enumerate(tickets)]
-        for i, (t, ls, w, f) in enumerate(zip(tickets, layers, waiters, futures)):
-            result = w.wait()
-            assert result.ok and result.first_token_id == i, result
-            assert f.result(10) == result.num_bytes
-            assert_landed(receiver.kv_caches, t, ls)
+        assert_all_landed(receiver, tickets, layers, waiters, futures)
     finally:
         sender.close()
 
