@@ -92,7 +92,6 @@ def serve_receiver() -> None:
         timeline(ProcessGroupPair, "recv_many", nccl, device_times=True)
         busy(PairPayloads, ["_scatter", "_span_rows"], steps)
         busy(kv_transfer.nccl, ["_rows_of", "to_device", "_layer_span"], steps)
-        busy(ProcessGroupPair, ["recv_many"], steps)
         busy(TcpKVReceiver, ["_admit_entries"], steps)
     device = torch.device(DEVICES["recv"])
     caches = allocate_kv_caches(CFG.num_layers, block_shape(), NUM_BLOCKS, DTYPE, device)

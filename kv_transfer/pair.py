@@ -63,7 +63,9 @@ class ProcessGroupPair:
         self.peer = 1 - rank
         self.closed = False
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._last_send = None  # NCCL: the work of the last send, which the stream has not waited for
+        # NCCL: the work of the last send, which the stream has not waited for; done_event waits
+        # on it even once done (_sends drops done works, a failed one too)
+        self._last_send = None
         self._sends = collections.deque()  # NCCL: the work of each send that may still run, oldest first
         self.num_sends = 0  # posted; from the first on, NCCL's communicator is up (the first op waits for the peer)
 

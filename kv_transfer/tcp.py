@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from engine.host_copy import to_device
-from engine.kv_pool import pool_rows
+from engine.kv_pool import kv_slots, pool_rows
 
 from .connector import KVReceiver, KVTicket, TransferResult
 from .frame import (DONE, GROUP_ENTRY, HEADER_SIZE, MAX_GROUP, FrameError, FrameHeader, FrameType, checksum,
@@ -76,8 +76,7 @@ class _Incoming:
     def slots(self) -> np.ndarray:
         """[2 * num_blocks] its blocks' slots, K's then V's, a layer's pool rows (kv_pool.py):
         the nccl connector's groups."""
-        block_ids = np.array(self.ticket.block_ids, dtype=np.int64)
-        return np.concatenate([block_ids, block_ids + self.num_blocks])  # kv_slots, in numpy
+        return np.array(kv_slots(self.ticket.block_ids, self.num_blocks), dtype=np.int64)
 
 
 class TcpKVReceiver(KVReceiver):
