@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.kv_pool import allocate_kv_caches  # noqa: E402
+from engine.kv_pool import LayerSlabs, allocate_kv_caches  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
 from kv_transfer.connector import KVTicket  # noqa: E402
 from kv_transfer.pair import PairOffer, ProcessGroupPair  # noqa: E402
@@ -170,15 +170,18 @@ class Peer:
 
 def make_case(num_requests: int, num_tokens: int, scattered: bool):
     """Block ids per request on the receiver, and each request's layers on cuda:0: as a prefill
-    step hands them over (prefill_node/service.py), a layer of all the requests is one tensor
-    and each request's is a view of it."""
+    step hands them over (prefill_node/service.py), a layer of all the requests is one tensor,
+    in slabs of consecutive layers (LayerSlabs), and each request's is a view of it."""
     num_blocks = num_tokens // BLOCK_SIZE // SCALE
     ids = list(range(num_requests * num_blocks))
     if scattered:
         random.Random(0).shuffle(ids)
     block_ids = [ids[i * num_blocks:(i + 1) * num_blocks] for i in range(num_requests)]
-    gathered = [torch.randn((num_requests, 2, num_blocks, *block_shape()), device=DEVICES["send"]).to(DTYPE)
-                for _ in range(CFG.num_layers)]
+    slabs = LayerSlabs(CFG.num_layers, (num_requests, 2, num_blocks, *block_shape()), DTYPE,
+                       torch.device(DEVICES["send"]))
+    gathered = [slabs.layer(layer) for layer in range(CFG.num_layers)]
+    for g in gathered:
+        g.copy_(torch.randn(g.shape, device=g.device))
     layers = [[g[i] for g in gathered] for i in range(num_requests)]
     return block_ids, layers
 

@@ -3,7 +3,9 @@ share of the GPU once the weights and the largest step's activations are counted
 
 The largest step is measured, not estimated: a profile forward of `max_num_batched_tokens`
 prompt tokens in one sequence, plus the logits and sampling of `max_num_seqs` rows, with the
-peak of this process's torch allocations recorded. Only this process's memory is counted, so
+peak of this process's torch allocations recorded. The small cache that step writes to stays
+counted: it stands for the copy of a step's KV that a prefill node gathers to send
+(engine/kv_pool.py `LayerSlabs`), which is as large. Only this process's memory is counted, so
 nodes sharing a GPU each take their own share (`pdserve up` splits it between them).
 """
 
@@ -54,7 +56,8 @@ def _from_gpu_share(runner, config) -> int:
 @torch.inference_mode()
 def _profile_peak(runner, config) -> int:
     """Peak bytes this process's torch allocations reach in the largest step (weights included),
-    not counting the small throw-away cache the profile step writes to."""
+    with the small throw-away cache the profile step writes to (as large as the KV of a step
+    that a prefill node gathers to send)."""
     from .model_runner import StepBatch
 
     device, block_size = runner.device, runner.block_size
@@ -64,7 +67,6 @@ def _profile_peak(runner, config) -> int:
     shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     caches = [(torch.zeros(shape, dtype=runner.dtype, device=device),
                torch.zeros(shape, dtype=runner.dtype, device=device)) for _ in range(cfg.num_layers)]
-    cache_bytes = num_blocks * runner.block_bytes()
     batch = StepBatch(block_tables=[list(range(num_blocks))], input_ids=[0] * num_tokens,
                       positions=list(range(num_tokens)), slot_mapping=list(range(num_tokens)),
                       query_lens=[num_tokens], seq_lens=[num_tokens])
@@ -77,7 +79,7 @@ def _profile_peak(runner, config) -> int:
     logits = runner.model.compute_logits(rows).float()
     logits.softmax(dim=-1).sort(dim=-1)  # what top-p sampling allocates
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - cache_bytes
+    peak = torch.cuda.max_memory_allocated(device)
     del caches, hidden, rows, logits
     torch.cuda.empty_cache()
     return peak

@@ -2,12 +2,17 @@
 `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`, so that one block of one
 layer's K or V is one row of `pool_rows`, `[num_layers * 2 * num_blocks, block_numel]`:
 row `(2 * layer + kv) * num_blocks + block_id`. A receiver writes a whole group of layers
-into their blocks with one `index_copy_` on those rows, not two copies per layer.
+into their blocks with one copy on those rows (kernels/scatter_rows.py), not two copies per
+layer; a sender gathers a layer's blocks with one `index_select` into `LayerSlabs`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+SLAB_BYTES = 1 << 30  # LayerSlabs: gathered layers in one tensor (one layer at least)
 
 
 def allocate_kv_caches(num_layers: int, block_shape: tuple[int, ...], num_blocks: int, dtype: torch.dtype,
@@ -48,3 +53,29 @@ def pool_rows(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tenso
             first.untyped_storage().nbytes():
         return None
     return first.as_strided((num_rows, row), (row, 1))
+
+
+class LayerSlabs:
+    """Where a step's layers of KV are gathered to be sent: slabs of consecutive layers, each
+    one tensor of about `slab_bytes` (one layer at least). Layers handed over one after the
+    other thus lie back to back, and the nccl connector sends a run of them as one message
+    without joining them first (kv_transfer/nccl.py `_joined`). A step's KV is one slab up to
+    `slab_bytes` (as large as before: a connector holds each layer until its transfer is done).
+    Who frees a slab: nobody here holds it past the next slab; the connector's views keep it
+    until its transfers are done."""
+
+    def __init__(self, num_layers: int, layer_shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device, slab_bytes: int = SLAB_BYTES):
+        self.num_layers, self.layer_shape, self.dtype, self.device = num_layers, tuple(layer_shape), dtype, device
+        layer_bytes = math.prod(layer_shape) * dtype.itemsize
+        self.layers_per_slab = max(1, min(num_layers, slab_bytes // max(1, layer_bytes)))
+        self._slab: torch.Tensor | None = None  # [layers, *layer_shape]
+        self._first = 0  # the layer of self._slab[0]
+
+    def layer(self, layer: int) -> torch.Tensor:
+        """The `layer_shape` tensor (contiguous, uninitialised) that `layer` is gathered into."""
+        if self._slab is None or not self._first <= layer < self._first + len(self._slab):
+            num_layers = min(self.layers_per_slab, self.num_layers - layer)
+            self._slab = torch.empty((num_layers, *self.layer_shape), dtype=self.dtype, device=self.device)
+            self._first = layer
+        return self._slab[layer - self._first]

@@ -5,27 +5,28 @@ gloo between CPU processes (the same code, so CI runs it).
 A sender's connection to a receiver starts with a PAIR frame; both ends then join the pair's
 process group. Layers go in groups: whatever layers are queued when they are posted, up to
 GROUP_BYTES. On CUDA the thread that hands them over posts them itself once the pair is up
-(`_PairChannel.post_queued`): at once while the wire is idle, else once POST_BYTES are queued
-(the channel's thread, woken, would first wait for the GIL that thread holds, for
-milliseconds in a burst). The channel's thread posts the rest: what is left queued when DONE
-or ABORT comes, and everything on CPU, where a gloo send blocks until the peer took it.
+(`_PairChannel.post_queued`): at once while the wire is idle and the layers come apart (a
+live prefill), else once POST_BYTES are queued (a burst); at a transfer's DONE, whatever is
+still queued and the DONE frame. (The channel's thread, woken, would first wait for the GIL
+that thread holds: milliseconds.) The channel's thread connects, writes ABORT frames, and
+everything on CPU, where a gloo send blocks until the peer took it.
 
 A group is a GROUP frame on the socket (a 28-byte entry per layer: transfer id, layer, byte
 count; no payload checksum: NCCL/gloo carry their own integrity), then all its bytes as one
 message on the process group, concatenated on the pair's stream where they do not lie back
-to back already (a prefill step's prompts share one tensor a layer): one NCCL op and one
-Python round per group, not per tensor (an NCCL op costs 25-50 us of host time,
-`benchmarks/nccl_ops.py`; the copy a few us of device time). The pair's stream does not wait
-for a send, so the next group's copy overlaps it.
+to back already (a prefill step gathers its layers into slabs, engine/kv_pool.py
+`LayerSlabs`, so a group of them usually does): one NCCL op and one Python round per group,
+not per tensor (an NCCL op costs 25-50 us of host time, `benchmarks/nccl_ops.py`). The
+pair's stream does not wait for a send, so the next group's copy, if any, overlaps it.
 
 The receiver checks each entry against its ticket, receives the group into a staging buffer,
-and writes every block of it with one `index_copy_` into the KV pool (engine/kv_pool.py: the
-caches of all layers are views of one tensor, one row per block of K or V). The usual group,
-consecutive layers of the same transfers, needs only the rows of one layer, uploaded once for
-those transfers; any other group uploads a row for each of its blocks. On CUDA that copy
-runs on a copy stream, so the next group's receive does not wait for it, and nothing waits on
-the CPU until DONE: a completion thread settles the transfer once its copies have run, or
-fails it at the ticket's deadline.
+and writes every block of it with one copy into the KV pool (kernels/scatter_rows.py;
+engine/kv_pool.py: the caches of all layers are views of one tensor, one row per block of K
+or V). The usual group, consecutive layers of the same transfers, needs only the rows of one
+layer, uploaded once for those transfers; any other group uploads a row for each of its
+blocks. On CUDA that copy runs on a copy stream, so the next group's receive does not wait
+for it, and nothing waits on the CPU until DONE: a completion thread settles the transfer
+once its copies have run, or fails it at the ticket's deadline.
 
 Who frees what is as for `tcp` (kv_transfer/connector.py). A pair that timed out or whose
 connection broke is aborted and forgotten; the next transfer makes a new one.
@@ -50,17 +51,20 @@ from .tcp_sender import TcpKVSender, _Channel, _Outgoing
 log = logging.getLogger(__name__)
 
 GROUP_BYTES = 128 << 20  # KV bytes in one group (or one layer if larger): the receiver stages them
-# the caller posts a group once this much is queued (or the wire is idle): a smaller group costs
-# more host time on each side (~0.1-0.3 ms) than its bytes take on NVLink (64 MiB: ~0.2 ms)
-POST_BYTES = 64 << 20
+# the caller posts a group once this much is queued (or the wire is idle between layers that
+# come apart): a smaller group costs more host time on each side (~0.1-0.3 ms) than its bytes
+# take on NVLink (128 MiB: ~0.4 ms)
+POST_BYTES = 128 << 20
+BURST_GAP_S = 0.5e-3  # layers handed over closer than this come in a burst: they wait for POST_BYTES
 
 
 class NcclKVSender(TcpKVSender):
     """Prefill side. `device`: where the engine's KV cache lives (cuda:N, or cpu for gloo).
     `connect_timeout`: for the socket and for the peer to join the group; `transfer_timeout`:
     from a transfer's DONE until its bytes have left. `post_from_caller` (default: on CUDA):
-    `send_layers` posts the layers itself when it can (`_PairChannel.post_queued`); on gloo
-    that blocks the caller until the peer took them, so only tests ask for it there."""
+    `send_layers` and `finish` write what they queue themselves when they can
+    (`_PairChannel.post_queued`); on gloo that blocks the caller until the peer took them, so
+    only tests ask for it there."""
 
     def __init__(self, device: torch.device | str, connect_timeout: float = 5.0,
                  transfer_timeout: float = 30.0, post_from_caller: bool | None = None):
@@ -89,10 +93,15 @@ class NcclKVSender(TcpKVSender):
         for out, kv in zip(self._states([ticket for ticket, _ in items]), staged):
             by_endpoint.setdefault(out.ticket.kv_endpoint, []).append((out, layer, kv, ready))
         for endpoint, layers in by_endpoint.items():
-            channel = self._channel(endpoint)
-            channel.put(("kv", layers, sum(kv.nbytes for _, _, kv, _ in layers)), wake=not self.post_from_caller)
-            if self.post_from_caller and not channel.post_queued():
-                channel.wake()
+            self._hand_over(endpoint, ("kv", layers, sum(kv.nbytes for _, _, kv, _ in layers)))
+
+    def _hand_over(self, endpoint: str, item) -> None:
+        """With `post_from_caller`, this thread writes the item (and those queued before it)
+        itself when it can (`_PairChannel.post_queued`), else wakes the channel's thread."""
+        channel = self._channel(endpoint)
+        channel.put(item, wake=not self.post_from_caller)
+        if self.post_from_caller and not channel.post_queued():
+            channel.wake()
 
     def _new_channel(self, endpoint: str) -> _Channel:
         return _PairChannel(self, endpoint)
@@ -109,6 +118,7 @@ class _PairChannel(_Channel):
         self.pair: ProcessGroupPair | None = None
         self.completions = Completions(f"kv-pair-sent-{endpoint}")
         self.broken = False  # set by the completion thread when the pair timed out
+        self._last_put_at = 0.0  # time.monotonic() of the last KV item the caller may post: _may_post_here
         super().__init__(sender, endpoint)
 
     def _run(self) -> None:
@@ -125,24 +135,25 @@ class _PairChannel(_Channel):
         log.info("kv pair with %s: %s group up", self.endpoint, offer.backend)
 
     def post_queued(self) -> bool:
-        """The caller's thread, which just queued layers: posts the queued layers itself when
-        the pair is up and no other thread is posting, or leaves them for the next call (or
-        the DONE after the last: `put` wakes this channel's thread for it) when fewer would go
-        than are worth a group now (`_may_post_here`). False when the channel's thread must
-        write them: the pair is not up or has not sent yet, another thread is posting, or a
-        frame other than KV is next. The channel's thread would have waited for the GIL while
-        the caller hands over layer after layer: milliseconds before the first group left."""
+        """The caller's thread, which just queued an item: writes the queued items itself when
+        the pair is up and no other thread is writing: KV items when `_may_post_here` says so
+        (else they wait for the next call, or the DONE after the last), and everything up to a
+        DONE that was just queued. False when the channel's thread must write them: the pair is
+        not up or has not sent yet, another thread is writing, or an ABORT is next. (That
+        thread would wait for the GIL while the caller hands over layer after layer, or goes on
+        with its next step after DONE: milliseconds.)"""
         if self.pair is None or not self._lock.acquire(blocking=False):
             return False
         try:
             pair = self.pair
             if pair is None or pair.num_sends == 0:  # NCCL's first op makes its communicator: it
                 return False  # waits for the peer, which the caller must not (the thread's work)
-            if not self._may_post_here(pair):
+            last = self._items[-1] if self._items else None
+            if last is not None and last[0] == "kv" and not self._may_post_here(pair):
                 return True
             previous = pair.use_stream()
             try:
-                self._drain(kv_only=True)
+                self._drain(caller=True)
             finally:
                 pair.use_stream(previous)
             return not self._items
@@ -150,9 +161,12 @@ class _PairChannel(_Channel):
             self._lock.release()
 
     def _may_post_here(self, pair: ProcessGroupPair) -> bool:
-        """When the wire is idle or `post_bytes` are queued; else the layers wait, and more
-        join them in one group."""
-        if pair.num_sends_in_flight() == 0:
+        """At once while the wire is idle, if the layers come apart (a live prefill: each goes
+        as it is computed); else once `post_bytes` are queued, so that layers handed over in a
+        burst go in a few large groups (a group costs each side ~0.1-0.3 ms of host time)."""
+        now = time.monotonic()
+        apart, self._last_put_at = now - self._last_put_at >= BURST_GAP_S, now
+        if apart and pair.num_sends_in_flight() == 0:
             return True
         return sum(item[2] for item in list(self._items) if item and item[0] == "kv") >= self.post_bytes
 
@@ -219,18 +233,21 @@ class _PairChannel(_Channel):
 
 def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The bytes of `tensors` (contiguous) as one flat tensor: a view over those that lie back to
-    back in one storage (a prefill step gathers a layer of all its prompts into one tensor and
-    sends a view per prompt: prefill_node/service.py), joined by a copy on the current stream
-    where they do not (the layers of a group)."""
-    spans = [[tensors[0], tensors[0].numel()]]  # [first tensor, elements from it on]
-    for t in tensors[1:]:
-        first, numel = spans[-1]
-        if (t.data_ptr() == first.data_ptr() + numel * first.element_size() and t.dtype == first.dtype
-                and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()):
-            spans[-1][1] += t.numel()
+    back in one storage (a prefill step gathers its layers into slabs and sends a view per
+    prompt and layer: prefill_node/service.py), joined by a copy on the current stream where
+    they do not. Run for every group, so a tensor costs a few attribute reads."""
+    spans = []  # [first tensor, elements from it on, its root tensor]
+    end = None  # the address right after the last span
+    for t in tensors:
+        start, root = t.data_ptr(), t._base if t._base is not None else t
+        span = spans[-1] if start == end else None
+        if span is not None and t.dtype == span[0].dtype and (
+                root is span[2] or t.untyped_storage().data_ptr() == span[0].untyped_storage().data_ptr()):
+            span[1] += t.numel()
         else:
-            spans.append([t, t.numel()])
-    flats = [first.as_strided((numel,), (1,)) for first, numel in spans]
+            spans.append([t, t.numel(), root])
+        end = start + t.nbytes
+    flats = [first.as_strided((numel,), (1,)) for first, numel, _ in spans]
     return flats[0] if len(flats) == 1 else torch.cat(flats)
 
 
@@ -284,7 +301,7 @@ class PairPayloads:
 
     def recv_group(self, entries: list[tuple[bytes, int, int]]) -> None:
         """One GROUP's bytes in one receive into staging, then every block of its layers into
-        the reserved blocks with one `index_copy_` (a pool row per block of K or V). `entries`:
+        the reserved blocks with one copy (a pool row per block of K or V: `_scatter`). `entries`:
         (transfer id, layer, num_bytes) each. The receive is posted first and each entry is
         checked against its ticket while the bytes move: nothing reaches a block before that.
         A transfer nobody expects any more has its bytes dropped."""
@@ -307,10 +324,9 @@ class PairPayloads:
         span = _layer_span(kept)
         if span is None:  # any mix of layers and transfers: a row index for each block
             rows = _rows_of(kept, self.num_blocks)  # one copy to the device, in this stream's order
-            return self._scatter(self.rows, 0, to_device(rows, torch.int64, self.rows.device), flat)
+            return self._scatter(flat[None], to_device(rows, torch.int64, self.rows.device), None)
         first, num_layers, transfers = span  # a row index a block of one layer, for every layer
-        layers = self.rows.view(-1, 2 * self.num_blocks, self.rows.shape[1])[first:first + num_layers]
-        self._scatter(layers, 1, self._span_rows(transfers), flat.view(num_layers, -1, self.rows.shape[1]))
+        self._scatter(flat.view(num_layers, -1, flat.shape[1]), self._span_rows(transfers), first)
 
     def _span_rows(self, transfers: list) -> torch.Tensor:
         """The pool rows of `transfers`' blocks within a layer (K's, then V's, for each), on the
@@ -323,19 +339,27 @@ class PairPayloads:
             self._span_cache[key] = (transfers, to_device(slots, torch.int64, self.rows.device))
         return self._span_cache[key][1]
 
-    def _scatter(self, target: torch.Tensor, dim: int, rows: torch.Tensor, staged: torch.Tensor) -> None:
-        """target.index_copy_(dim, rows, staged); on CUDA on the copy stream, after the receive."""
+    def _scatter(self, staged: torch.Tensor, slots: torch.Tensor, first_layer: int | None) -> None:
+        """Each row of `staged` (`[num_layers, num_slots, block_numel]`) into the pool: staged
+        layer l, slot s to slot `slots[s]` of layer `first_layer + l`; with `first_layer` None
+        (one staged layer), `slots` are pool rows. On CUDA by kernels/scatter_rows.py on the
+        copy stream, after the receive; on CPU by one `index_copy_`."""
         if self.copy_stream is None:
-            target.index_copy_(dim, rows, staged)
+            rows = slots if first_layer is None else layer_rows(
+                slots, torch.arange(first_layer, first_layer + len(staged))[:, None], self.num_blocks)
+            self.rows.index_copy_(0, rows.reshape(-1), staged.reshape(-1, staged.shape[-1]))
             return
+        from kernels.scatter_rows import scatter_rows  # Triton: what a CUDA node runs anyway
+        first_row, rows_a_layer = (0, 0) if first_layer is None else \
+            (layer_rows(0, first_layer, self.num_blocks), layer_rows(0, 1, self.num_blocks))
         self.copy_stream.wait_event(self.pair.stream.record_event())
         torch.cuda.set_stream(self.copy_stream)  # cheaper than a stream context; this thread's own
         try:
-            target.index_copy_(dim, rows, staged)
+            scatter_rows(staged, self.rows, slots, first_row, rows_a_layer)
         finally:
             torch.cuda.set_stream(self.pair.stream)
         staged.record_stream(self.copy_stream)  # made on the pair's stream, read on this one
-        rows.record_stream(self.copy_stream)
+        slots.record_stream(self.copy_stream)
 
     def settle_when_landed(self, incoming, result: TransferResult) -> None:
         """Settles once every layer of `incoming` is in its blocks: on CUDA, once the copy

@@ -75,7 +75,7 @@ class _Incoming:
     @cached_property
     def slots(self) -> np.ndarray:
         """[2 * num_blocks] its blocks' slots, K's then V's, a layer's pool rows (kv_pool.py):
-        the nccl connector's groups."""
+        the nccl connector's groups (made at `expect` for its tickets)."""
         return np.array(kv_slots(self.ticket.block_ids, self.num_blocks), dtype=np.int64)
 
 
@@ -116,8 +116,11 @@ class TcpKVReceiver(KVReceiver):
                              f"{cache.dtype} blocks {tuple(cache.shape[1:])}")
         if ticket.block_ids and not (min(ticket.block_ids) >= 0 and max(ticket.block_ids) < cache.shape[0]):
             raise ValueError(f"ticket's block ids are outside the cache's {cache.shape[0]} blocks")
+        incoming = _Incoming(ticket, on_done, self.device, cache.shape[0])
+        if ticket.connector == "nccl":  # made now, not when its first group is on the wire
+            incoming.slots  # noqa: B018
         with self._lock:
-            self._tickets[ticket.transfer_key] = _Incoming(ticket, on_done, self.device, cache.shape[0])
+            self._tickets[ticket.transfer_key] = incoming
 
     def forget(self, transfer_id: str) -> None:
         """Over a process group, a transfer forgotten midway may leave a receive that never

@@ -49,12 +49,16 @@ class TcpKVSender(KVSender):
     def send_layer(self, ticket: KVTicket, layer: int, kv: torch.Tensor) -> None:
         self._check(ticket, kv)
         staged, ready = self._stage(kv)
-        self._channel(ticket.kv_endpoint).put(("kv", [(self._state(ticket), layer, staged, ready)], staged.nbytes))
+        self._hand_over(ticket.kv_endpoint, ("kv", [(self._state(ticket), layer, staged, ready)], staged.nbytes))
 
     def finish(self, ticket: KVTicket, first_token_id: int) -> concurrent.futures.Future:
         out = self._state(ticket)
-        self._channel(ticket.kv_endpoint).put(("done", out, first_token_id))
+        self._hand_over(ticket.kv_endpoint, ("done", out, first_token_id))
         return out.future
+
+    def _hand_over(self, endpoint: str, item) -> None:
+        """Queues a KV or DONE item for `endpoint`'s channel thread to write."""
+        self._channel(endpoint).put(item)
 
     def abort(self, ticket: KVTicket) -> None:
         with self._lock:
@@ -162,20 +166,20 @@ class _Channel:
                 self._lock.release()
         self._disconnect()
 
-    def _drain(self, kv_only: bool = False) -> None:
-        """Writes the queued items in order, under `_lock`. `kv_only` (a caller's thread): only
-        KV items, and only over the connection that is up (connecting is this channel's
-        thread's work); the rest stays queued for that thread."""
+    def _drain(self, caller: bool = False) -> None:
+        """Writes the queued items in order, under `_lock`. `caller` (the thread that handed
+        them over): only KV and DONE items, and only over the connection that is up
+        (connecting is this channel's thread's work); the rest stays queued for that thread."""
         while self._items:
             item = self._items[0]
-            if kv_only and (item is None or item[0] != "kv" or not self._connected()):
+            if caller and (item is None or item[0] == "abort" or not self._connected()):
                 return
             if item is None:
                 self._stopping = True
                 return
             if item[0] == "kv" and any(out.num_bytes == 0 for out, *_ in item[1]):
                 self._drop_if_closed()  # a transfer's first frame: is the receiver still there?
-                if kv_only and not self._connected():
+                if caller and not self._connected():
                     return
             self._items.popleft()
             self._handle(item)
@@ -209,13 +213,17 @@ class _Channel:
         back to the front of the queue as an item of their own, taken next."""
         layers, num_bytes, item = [], 0, first
         while True:
-            for i, entry in enumerate(item[1]):
-                if layers and (len(layers) == self.max_batch or num_bytes + entry[2].nbytes > self.max_batch_bytes):
-                    rest = item[1][i:]
-                    self._items.appendleft(("kv", rest, sum(entry[2].nbytes for entry in rest)))
-                    return layers
-                layers.append(entry)
-                num_bytes += entry[2].nbytes
+            if len(layers) + len(item[1]) <= self.max_batch and num_bytes + item[2] <= self.max_batch_bytes:
+                layers += item[1]  # the whole item fits (the usual case: no look at each layer)
+                num_bytes += item[2]
+            else:
+                for i, entry in enumerate(item[1]):
+                    if layers and (len(layers) == self.max_batch or num_bytes + entry[2].nbytes > self.max_batch_bytes):
+                        rest = item[1][i:]
+                        self._items.appendleft(("kv", rest, sum(entry[2].nbytes for entry in rest)))
+                        return layers
+                    layers.append(entry)
+                    num_bytes += entry[2].nbytes
             if not self._items or self._items[0] is None or self._items[0][0] != "kv":
                 return layers
             item = self._items.popleft()

@@ -3,9 +3,10 @@ ticket's blocks layer by layer, sample the first token, answer once the KV is on
 
 The KV leaves from the engine thread: after each layer of the step that completes a prompt,
 `_push_layer` gathers that layer's K/V of the prompt's blocks (a copy, so the blocks may be
-freed and reused after the step) and queues it on the connector. Who frees the prefill
-node's blocks: the scheduler, when the prompt's first token is sampled (they stay in the
-prefix cache), or `abort_request` when the call fails or is cancelled.
+freed and reused after the step; into slabs of consecutive layers, engine/kv_pool.py
+`LayerSlabs`) and queues it on the connector. Who frees the prefill node's blocks: the
+scheduler, when the prompt's first token is sampled (they stay in the prefix cache), or
+`abort_request` when the call fails or is cancelled.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from engine.engine_loop import EngineLoop
 from engine.host_copy import to_device
-from engine.kv_pool import kv_slots, pool_rows, slot_rows
+from engine.kv_pool import LayerSlabs, kv_slots, pool_rows, slot_rows
 from engine.request import RequestOutput
 from engine.scheduler import SchedulerOutput
 from kv_transfer.connector import KVTicket
@@ -67,17 +68,20 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
         layer, split into a `ticket.layer_shape` view for each."""
         if self._pushing is None:
             self._pushing = self._push_rows(scheduled)
-        tickets, num_rows, rows = self._pushing
+        tickets, num_rows, rows, slabs = self._pushing
         if not tickets:
             return
-        kv = self.kv_rows.index_select(0, rows[layer])  # [sum(num_rows), block_numel]
+        # [sum(num_rows), block_numel]
+        kv = torch.index_select(self.kv_rows, 0, rows[layer], out=slabs.layer(layer))
         self.sender.send_layers(layer, [(ticket, chunk.view(ticket.layer_shape))
                                         for ticket, chunk in zip(tickets, kv.split(num_rows))])
 
-    def _push_rows(self, scheduled: SchedulerOutput) -> tuple[list[KVTicket], list[int], torch.Tensor | None]:
+    def _push_rows(self, scheduled: SchedulerOutput) -> tuple[list[KVTicket], list[int], torch.Tensor | None,
+                                                              LayerSlabs | None]:
         """The tickets of the prompts whose last chunk runs in this step, the pool rows each
-        one's layer takes (2 per block: its K's, then its V's), and `[num_layers, all those
-        rows]`: made once a step with one copy to the device, without a host sync."""
+        one's layer takes (2 per block: its K's, then its V's), `[num_layers, all those rows]`
+        (made once a step with one copy to the device, without a host sync), and the slabs the
+        layers are gathered into."""
         num_blocks = self.engine.runner.num_blocks
         tickets, num_rows, slots = [], [], []
         for s in scheduled.scheduled:
@@ -88,10 +92,12 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
             num_rows.append(2 * len(ticket.block_ids))
             slots += kv_slots(self.engine.kv.block_ids(s.request.request_id)[:len(ticket.block_ids)], num_blocks)
         if not tickets:
-            return tickets, num_rows, None
-        rows = slot_rows(to_device(slots, torch.int64, self.kv_rows.device), self.engine.model_config.num_layers,
-                         num_blocks)
-        return tickets, num_rows, rows
+            return tickets, num_rows, None, None
+        num_layers = self.engine.model_config.num_layers
+        rows = slot_rows(to_device(slots, torch.int64, self.kv_rows.device), num_layers, num_blocks)
+        kv_rows = self.kv_rows
+        slabs = LayerSlabs(num_layers, (len(slots), kv_rows.shape[1]), kv_rows.dtype, kv_rows.device)
+        return tickets, num_rows, rows, slabs
 
     # ---- gRPC ---------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from kernels.paged_decode_attention import paged_decode_attention, paged_decode_
 from kernels.prefill_attention import prefill_attention, prefill_attention_ref
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.rotary import rotary, rotary_ref
+from kernels.scatter_rows import scatter_rows, scatter_rows_ref
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 from kernels.store_kv import store_kv, store_kv_ref
 from tests.kernels.paged_inputs import make_paged_batch, rel_err
@@ -30,6 +31,31 @@ def test_store_kv(dtype, head_dim):
     store_kv(k, v, caches[0], caches[1], slots)
     store_kv_ref(k, v, expected[0], expected[1], slots)
     assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+def scatter_case(num_layers, num_slots, row, dtype, num_pool_layers, device="cpu", seed=0):
+    """A pool of `num_pool_layers` layers of 2 * num_blocks rows, a staged group and its slots
+    (distinct, in random order: scattered blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = num_slots + 3
+    pool = torch.randn(num_pool_layers * 2 * num_blocks, row, generator=gen).to(dtype).to(device)
+    staged = torch.randn(num_layers, num_slots, row, generator=gen).to(dtype).to(device)
+    slots = torch.randperm(2 * num_blocks, generator=gen)[:num_slots].to(device)
+    return pool, staged, slots, 2 * num_blocks
+
+
+@pytest.mark.parametrize("num_layers,num_slots,row", [(1, 1, 16), (3, 7, 100), (2, 5, 8192 + 48), (4, 33, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_rows(num_layers, num_slots, row, dtype):
+    # rows shorter than, equal to and longer than one BLOCK, odd widths; a span of layers
+    # from layer 1, and the same rows as absolute pool rows (first_row 0, one staged layer)
+    pool, staged, slots, layer_rows = scatter_case(num_layers, num_slots, row, dtype, num_layers + 2, seed=row)
+    for args in [(staged, slots, layer_rows, layer_rows), (staged[:1], slots + 2 * layer_rows, 0, 0)]:
+        out, expected = pool.clone(), pool.clone()
+        scatter_rows(args[0], out, *args[1:], programs_per_sm=1)  # fewer programs than rows: each loops
+        scatter_rows_ref(args[0], expected, *args[1:])
+        assert torch.equal(out, expected)
+        assert not torch.equal(expected, pool)
 
 
 @pytest.mark.parametrize("group,head_dim,page", SHAPES)
@@ -84,6 +110,16 @@ def test_prefill_attention_gpu(group, head_dim, page):
                                 b.scale, max(query_lens))
         ref = prefill_attention_ref(b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.scale)
         assert rel_err(out, ref) < tol
+
+
+@pytest.mark.gpu
+def test_scatter_rows_gpu():
+    """A 128 MiB group of 4 Llama-3-8B layers of 2048 scattered slots into a pool of 32 layers."""
+    pool, staged, slots, layer_rows = scatter_case(4, 2048, 16 * 8 * 128, torch.bfloat16, 32, device="cuda")
+    out, expected = pool.clone(), pool.clone()
+    scatter_rows(staged, out, slots, 5 * layer_rows, layer_rows)
+    scatter_rows_ref(staged, expected, slots, 5 * layer_rows, layer_rows)
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.gpu

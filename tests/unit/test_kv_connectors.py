@@ -9,10 +9,11 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from engine.kv_pool import pool_rows
+from engine.kv_pool import LayerSlabs, pool_rows
 from kv_transfer.nccl import NcclKVSender, _joined, _layer_span
 from kv_transfer.tcp import TcpKVReceiver
 
@@ -280,13 +281,19 @@ def test_a_steps_layers_split_across_groups_all_land(connector, receiver, monkey
     tickets = [ticket(receiver, [2 * i, 2 * i + 1], connector) for i in range(5)]
     layers = [random_layers(t) for t in tickets]
     monkeypatch.setattr(_PairChannel, "max_batch_bytes", 2 * layers[0][0].nbytes)
-    group_sizes, posters, send_group = [], set(), _PairChannel._send_layers
+    group_sizes, posters, done_posters = [], set(), set()
+    send_group, send_done = _PairChannel._send_layers, _PairChannel._send_done
 
     def spy(self, group):
         group_sizes.append(len(group))
         posters.add(threading.current_thread() is threading.main_thread())
         send_group(self, group)
+
+    def done_spy(self, out, first_token_id):
+        done_posters.add(threading.current_thread() is threading.main_thread())
+        send_done(self, out, first_token_id)
     monkeypatch.setattr(_PairChannel, "_send_layers", spy)
+    monkeypatch.setattr(_PairChannel, "_send_done", done_spy)
     waiters = [Waiter() for _ in tickets]
     for t, w in zip(tickets, waiters):
         receiver.expect(t, w)
@@ -295,6 +302,7 @@ def test_a_steps_layers_split_across_groups_all_land(connector, receiver, monkey
         warm_up(receiver, sender, connector)
         group_sizes.clear()
         posters.clear()
+        done_posters.clear()
         for layer in range(NUM_LAYERS):
             gathered = torch.stack([ls[layer] for ls in layers])  # one tensor a layer, a view per prompt
             sender.send_layers(layer, [(t, kv) for t, kv in zip(tickets, gathered)])
@@ -302,8 +310,10 @@ def test_a_steps_layers_split_across_groups_all_land(connector, receiver, monkey
         assert_all_landed(receiver, tickets, layers, waiters, futures)
         if connector != "tcp":
             assert sum(group_sizes) == len(tickets) * NUM_LAYERS and max(group_sizes) == 2, group_sizes
-            # by the caller's thread (the channel's may win the lock now and then), or never
+            # by the caller's thread (the channel's may win the lock now and then), or never;
+            # the DONE frames too (with the layers still queued before them)
             assert (True in posters) == (connector == "nccl-from-caller"), posters
+            assert (True in done_posters) == (connector == "nccl-from-caller"), done_posters
     finally:
         sender.close()
 
@@ -339,6 +349,39 @@ def test_a_group_sends_views_lying_back_to_back_as_one_view():
     assert joined.data_ptr() == gathered.data_ptr() and torch.equal(joined, gathered.view(-1))  # no copy
     mixed = [views[1], other, views[2], views[0]]
     assert torch.equal(_joined(mixed), torch.cat([t.view(-1) for t in mixed]))
+    # back to back in memory but two storages (one view over both would pass the first's end)
+    memory = np.arange(12, dtype=np.float32)
+    apart = [torch.from_numpy(memory[:5]), torch.from_numpy(memory[5:])]
+    assert apart[1].data_ptr() == apart[0].data_ptr() + 20
+    assert torch.equal(_joined(apart), torch.arange(12, dtype=torch.float32))
+    # a step's layers, gathered into slabs: a run of them is one view, across a slab's end two
+    slabs = LayerSlabs(6, (3, 4), torch.float32, torch.device("cpu"), slab_bytes=4 * 3 * 4 * 4)
+    pieces = [slabs.layer(layer)[i] for layer in range(6) for i in range(3)]
+    for piece in pieces:
+        piece.copy_(torch.randn(4))
+    assert _joined(pieces[:12]).data_ptr() == pieces[0].data_ptr()
+    assert torch.equal(_joined(pieces), torch.cat(pieces))
+
+
+def test_the_caller_posts_layers_that_come_apart_at_once_and_a_burst_in_large_groups(receiver, monkeypatch):
+    """`_may_post_here` on a real pair (gloo: no send stays in flight)."""
+    import kv_transfer.nccl
+    sender = make_sender("nccl-from-caller")
+    try:
+        warm_up(receiver, sender, "nccl")
+        channel = next(iter(sender._channels.values()))
+        monkeypatch.setattr(kv_transfer.nccl, "BURST_GAP_S", 0.0)  # every call comes apart
+        assert channel._may_post_here(channel.pair) and channel._may_post_here(channel.pair)
+        monkeypatch.setattr(kv_transfer.nccl, "BURST_GAP_S", 3600.0)  # every call is in a burst
+        assert not channel._may_post_here(channel.pair)
+        with channel._lock:
+            channel._items.append(("kv", [], channel.post_bytes - 1))
+            assert not channel._may_post_here(channel.pair)
+            channel._items.append(("kv", [], 1))
+            assert channel._may_post_here(channel.pair)  # POST_BYTES queued
+            channel._items.clear()
+    finally:
+        sender.close()
 
 
 def test_layer_span_finds_consecutive_layers_of_the_same_transfers():
