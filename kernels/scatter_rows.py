@@ -54,7 +54,8 @@ def scatter_rows(staged: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, 
 
 def scatter_rows_ref(staged: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, first_row: int = 0,
                      layer_rows: int = 0) -> None:
-    """Pure torch: the same writes, with one `index_copy_` (what CPU pools use)."""
+    """Pure torch: the same writes, with one `index_copy_` (kv_transfer/nccl.py does the same
+    into CPU pools, where Triton may not be installed)."""
     layers = torch.arange(staged.shape[0], device=slots.device)[:, None]
     rows = (first_row + layers * layer_rows + slots[None, :]).reshape(-1)
     pool.index_copy_(0, rows, staged.reshape(-1, staged.shape[-1]))

@@ -324,9 +324,10 @@ class PairPayloads:
         span = _layer_span(kept)
         if span is None:  # any mix of layers and transfers: a row index for each block
             rows = _rows_of(kept, self.num_blocks)  # one copy to the device, in this stream's order
-            return self._scatter(flat[None], to_device(rows, torch.int64, self.rows.device), None)
+            return self._scatter(flat[None], to_device(rows, torch.int64, self.rows.device), 0, 0)
         first, num_layers, transfers = span  # a row index a block of one layer, for every layer
-        self._scatter(flat.view(num_layers, -1, flat.shape[1]), self._span_rows(transfers), first)
+        self._scatter(flat.view(num_layers, -1, flat.shape[1]), self._span_rows(transfers),
+                      layer_rows(0, first, self.num_blocks), layer_rows(0, 1, self.num_blocks))
 
     def _span_rows(self, transfers: list) -> torch.Tensor:
         """The pool rows of `transfers`' blocks within a layer (K's, then V's, for each), on the
@@ -339,19 +340,16 @@ class PairPayloads:
             self._span_cache[key] = (transfers, to_device(slots, torch.int64, self.rows.device))
         return self._span_cache[key][1]
 
-    def _scatter(self, staged: torch.Tensor, slots: torch.Tensor, first_layer: int | None) -> None:
-        """Each row of `staged` (`[num_layers, num_slots, block_numel]`) into the pool: staged
-        layer l, slot s to slot `slots[s]` of layer `first_layer + l`; with `first_layer` None
-        (one staged layer), `slots` are pool rows. On CUDA by kernels/scatter_rows.py on the
-        copy stream, after the receive; on CPU by one `index_copy_`."""
+    def _scatter(self, staged: torch.Tensor, slots: torch.Tensor, first_row: int, rows_a_layer: int) -> None:
+        """Pool row `first_row + l * rows_a_layer + slots[s]` <- `staged[l, s]`, for `staged`
+        `[num_layers, num_slots, block_numel]` (kernels/scatter_rows.py); on CUDA on the copy
+        stream, after the receive. CPU nodes may lack Triton: its reference's `index_copy_`."""
         if self.copy_stream is None:
-            rows = slots if first_layer is None else layer_rows(
-                slots, torch.arange(first_layer, first_layer + len(staged))[:, None], self.num_blocks)
-            self.rows.index_copy_(0, rows.reshape(-1), staged.reshape(-1, staged.shape[-1]))
+            layers = torch.arange(len(staged))[:, None]
+            rows = (first_row + layers * rows_a_layer + slots).reshape(-1)
+            self.rows.index_copy_(0, rows, staged.reshape(-1, staged.shape[-1]))
             return
         from kernels.scatter_rows import scatter_rows  # Triton: what a CUDA node runs anyway
-        first_row, rows_a_layer = (0, 0) if first_layer is None else \
-            (layer_rows(0, first_layer, self.num_blocks), layer_rows(0, 1, self.num_blocks))
         self.copy_stream.wait_event(self.pair.stream.record_event())
         torch.cuda.set_stream(self.copy_stream)  # cheaper than a stream context; this thread's own
         try:
