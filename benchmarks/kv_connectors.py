@@ -198,10 +198,12 @@ def connector_seconds(peer: Peer, sender, connector: str, block_ids, layers) -> 
     sync()
     clock = DeviceClock(DEVICES["send"]) if TIMELINE and torch.cuda.is_available() else None
     start = time.monotonic()
+    handed_over = []  # when each call returned: --timeline
     for layer in range(CFG.num_layers):  # as a prefill step hands them over: layer by layer
         sender.send_layers(layer, [(t, kv[layer]) for t, kv in zip(tickets, layers)])
+        handed_over.append(time.monotonic())
     futures = [sender.finish(t, 1) for t in tickets]
-    handed_over = time.monotonic()
+    handed_over.append(time.monotonic())
     reply = peer.read()
     for f in futures:
         f.result(60)
@@ -292,7 +294,9 @@ def throughput(reps: int) -> list[dict]:
             best_raw = max(gbps[f"raw {how}"] for how in RAW_WAYS)  # the ratios are against the fastest
             rows.append({"case": name, "MiB": num_bytes / 2**20, **{f"{k} GiB/s": g for k, g in gbps.items()},
                          **{f"{c} / raw": gbps[c] / best_raw for c in senders},
-                         "nccl layers / group": statistics.mean(GROUP_SIZES)})
+                         "nccl layers / group": statistics.mean(GROUP_SIZES),
+                         **{f"{c} / raw each rep": [num_bytes / t / 2**30 / best_raw for t in times[c]]
+                            for c in senders}})  # --json only
             del layers
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -355,7 +359,7 @@ def pipeline_samples(connector: str, prompts, args, params) -> list[tuple[float,
 
 
 def table(rows: list[dict]) -> str:
-    keys = list(rows[0])
+    keys = [k for k, v in rows[0].items() if not isinstance(v, list)]
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     widths = [max(len(k), *(len(fmt(r[k])) for r in rows)) for k in keys]
     lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]

@@ -69,17 +69,19 @@ class DeviceClock:
         return out
 
 
-def print_timeline(start: float, handed_over: float, reply: dict, sent: list, sent_nccl: list,
+def print_timeline(start: float, handed_over: list[float], reply: dict, sent: list, sent_nccl: list,
                    sender_steps: dict) -> None:
-    """One line a group, in ms from the first hand-over: on the sender, when its thread took
-    the group, posted the send, the post returned, and the thread returned, and when the
-    device had joined its bytes; on the receiver, when its thread read the GROUP frame, posted
-    the receive, the post returned, and the thread returned, and when the bytes landed."""
+    """In ms from the first hand-over: when each hand-over call (each send_layers, then the
+    finishes) returned; then one line a group: on the sender, when its thread took the group,
+    posted the send, the post returned, and the thread returned, and when the device had joined
+    its bytes; on the receiver, when its thread read the GROUP frame, posted the receive, the
+    post returned, and the thread returned, and when the bytes landed."""
     ms = lambda t: f"{1e3 * (t - start):7.2f}" if t is not None else "      -"  # noqa: E731
     spent = lambda steps: ", ".join(f"{k} {1e3 * v:.2f}" for k, v in steps.items())  # noqa: E731
     print(f"  switch interval {1e3 * sys.getswitchinterval():.2f} ms (receiver "
-          f"{1e3 * reply['switch interval']:.2f}); handed over by {ms(handed_over)} ms; "
+          f"{1e3 * reply['switch interval']:.2f}); handed over by {ms(handed_over[-1])} ms; "
           f"done {ms(reply['done'])} ms\n"
+          f"  calls returned at ms: {' '.join(f'{1e3 * (t - start):.2f}' for t in handed_over)}\n"
           f"  busy ms: sender {1e3 * sum(m[2] for m in sent):.2f} (send_many {1e3 * sum(m[2] for m in sent_nccl):.2f}, "
           f"{spent(sender_steps)}); receiver {1e3 * sum(m[2] for m in reply['posted']):.2f} (recv_many "
           f"{1e3 * sum(m[2] for m in reply['received']):.2f}, {spent(reply['steps'])})\n"

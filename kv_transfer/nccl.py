@@ -6,10 +6,11 @@ A sender's connection to a receiver starts with a PAIR frame; both ends then joi
 process group. Layers go in groups: whatever layers are queued when they are posted, up to
 GROUP_BYTES. On CUDA the thread that hands them over posts them itself once the pair is up
 (`_PairChannel.post_queued`): at once while the wire is idle and the layers come apart (a
-live prefill), else once POST_BYTES are queued (a burst); at a transfer's DONE, whatever is
-still queued and the DONE frame. (The channel's thread, woken, would first wait for the GIL
-that thread holds: milliseconds.) The channel's thread connects, writes ABORT frames, and
-everything on CPU, where a gloo send blocks until the peer took it.
+live prefill; the first layer after a DONE waits for the next, which tells), else once
+POST_BYTES are queued (a burst); at a transfer's DONE, whatever is still queued and the DONE
+frame. (The channel's thread, woken, would first wait for the GIL that thread holds:
+milliseconds.) The channel's thread connects, writes ABORT frames, and everything on CPU,
+where a gloo send blocks until the peer took it.
 
 A group is a GROUP frame on the socket (a 28-byte entry per layer: transfer id, layer, byte
 count; no payload checksum: NCCL/gloo carry their own integrity), then all its bytes as one
@@ -23,7 +24,7 @@ The receiver checks each entry against its ticket, receives the group into a sta
 and writes every block of it with one copy into the KV pool (kernels/scatter_rows.py;
 engine/kv_pool.py: the caches of all layers are views of one tensor, one row per block of K
 or V). The usual group, consecutive layers of the same transfers, needs only the rows of one
-layer, uploaded once for those transfers; any other group uploads a row for each of its
+layer, uploaded to the device at `expect`; any other group uploads a row for each of its
 blocks. On CUDA that copy runs on a copy stream, so the next group's receive does not wait
 for it, and nothing waits on the CPU until DONE: a completion thread settles the transfer
 once its copies have run, or fails it at the ticket's deadline.
@@ -118,8 +119,14 @@ class _PairChannel(_Channel):
         self.pair: ProcessGroupPair | None = None
         self.completions = Completions(f"kv-pair-sent-{endpoint}")
         self.broken = False  # set by the completion thread when the pair timed out
-        self._last_put_at = 0.0  # time.monotonic() of the last KV item the caller may post: _may_post_here
+        # time.monotonic() of the last KV item the caller may post; None after a DONE: _may_post_here
+        self._last_put_at: float | None = None
         super().__init__(sender, endpoint)
+
+    def put(self, item, wake: bool = True) -> None:
+        if item is not None and item[0] == "done":
+            self._last_put_at = None  # the next layer starts a new run
+        super().put(item, wake)
 
     def _run(self) -> None:
         super()._run()
@@ -163,10 +170,12 @@ class _PairChannel(_Channel):
     def _may_post_here(self, pair: ProcessGroupPair) -> bool:
         """At once while the wire is idle, if the layers come apart (a live prefill: each goes
         as it is computed); else once `post_bytes` are queued, so that layers handed over in a
-        burst go in a few large groups (a group costs each side ~0.1-0.3 ms of host time)."""
-        now = time.monotonic()
-        apart, self._last_put_at = now - self._last_put_at >= BURST_GAP_S, now
-        if apart and pair.num_sends_in_flight() == 0:
+        burst go in a few large groups (a group costs each side ~0.1-0.3 ms of host time). The
+        first layer after a DONE cannot tell yet: it waits for the next one (in a live prefill a
+        layer's compute time, which the wire makes up at once)."""
+        now, last = time.monotonic(), self._last_put_at
+        self._last_put_at = now
+        if last is not None and now - last >= BURST_GAP_S and pair.num_sends_in_flight() == 0:
             return True
         return sum(item[2] for item in list(self._items) if item and item[0] == "kv") >= self.post_bytes
 
@@ -331,13 +340,20 @@ class PairPayloads:
 
     def _span_rows(self, transfers: list) -> torch.Tensor:
         """The pool rows of `transfers`' blocks within a layer (K's, then V's, for each), on the
-        device: uploaded once for the groups of the same transfers (a prefill step's)."""
+        device, in this (the pair's) stream's order: each transfer's were uploaded at `expect`
+        (tcp.py `_Incoming.device_slots`); joined once for the groups of the same transfers (a
+        prefill step's)."""
         key = tuple(map(id, transfers))  # the cache keeps them alive: no id is reused while cached
         if key not in self._span_cache:
             if len(self._span_cache) >= 8:
                 del self._span_cache[next(iter(self._span_cache))]
-            slots = np.concatenate([incoming.slots for incoming in transfers])
-            self._span_cache[key] = (transfers, to_device(slots, torch.int64, self.rows.device))
+            uploaded = [incoming.device_slots for incoming in transfers]
+            for slots, ready in uploaded:
+                if ready is not None:  # made on the stream of the thread that called expect
+                    self.pair.stream.wait_event(ready)
+                    slots.record_stream(self.pair.stream)
+            rows = uploaded[0][0] if len(uploaded) == 1 else torch.cat([slots for slots, _ in uploaded])
+            self._span_cache[key] = (transfers, rows)
         return self._span_cache[key][1]
 
     def _scatter(self, staged: torch.Tensor, slots: torch.Tensor, first_row: int, rows_a_layer: int) -> None:

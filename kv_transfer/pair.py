@@ -16,6 +16,7 @@ deadlines fire first and `close` aborts the communicator.
 from __future__ import annotations
 
 import collections
+import ctypes
 import datetime
 import logging
 import os
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 MAX_OFFER_BYTES = 256
+POLL_S = 20e-6  # Completions: between two looks at an event (with a 1 us timer slack: ~25 us)
 NCCL_WATCHDOG_S = 24 * 3600  # far beyond any transfer deadline: we abort first
 
 
@@ -207,6 +209,7 @@ class Completions:
         self._queue.put(None)
 
     def _run(self) -> None:
+        _tight_timer_slack()
         while (item := self._queue.get()) is not None:
             event, deadline, on_done = item
             error = None
@@ -214,8 +217,18 @@ class Completions:
                 if time.monotonic() > deadline:
                     error = TimeoutError("the peer did not complete the transfer in time")
                     break
-                time.sleep(50e-6)
+                time.sleep(POLL_S)
             try:
                 on_done(error)
             except Exception:  # a callback's bug must not stop the others
                 log.exception("completion callback failed")
+
+
+def _tight_timer_slack() -> None:
+    """Linux: the calling thread's sleeps end within ~1 us of their time instead of Linux's
+    default 50 us timer slack (prctl PR_SET_TIMERSLACK), which doubles a 50 us sleep. Elsewhere
+    nothing changes."""
+    try:
+        ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, in ns
+    except (OSError, AttributeError):  # no libc prctl: not Linux
+        pass

@@ -78,6 +78,18 @@ class _Incoming:
         the nccl connector's groups (made at `expect` for its tickets)."""
         return np.array(kv_slots(self.ticket.block_ids, self.num_blocks), dtype=np.int64)
 
+    @cached_property
+    def device_slots(self) -> tuple[torch.Tensor, object]:
+        """`slots` on the cache's device, and on CUDA an event after their upload (None on CPU):
+        the nccl connector's groups, made at `expect` for its tickets, so that the first group
+        does not wait for the upload (0.1-0.2 ms of host time)."""
+        slots = to_device(self.slots, torch.int64, self.device)
+        if self.device.type != "cuda":
+            return slots, None
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        return slots, ready
+
 
 class TcpKVReceiver(KVReceiver):
     """Listens on `host:port` (port 0: any free one) and writes frames into `kv_caches`, a
@@ -118,7 +130,7 @@ class TcpKVReceiver(KVReceiver):
             raise ValueError(f"ticket's block ids are outside the cache's {cache.shape[0]} blocks")
         incoming = _Incoming(ticket, on_done, self.device, cache.shape[0])
         if ticket.connector == "nccl":  # made now, not when its first group is on the wire
-            incoming.slots  # noqa: B018
+            incoming.device_slots  # noqa: B018
         with self._lock:
             self._tickets[ticket.transfer_key] = incoming
 
