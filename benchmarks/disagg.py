@@ -5,8 +5,9 @@
      channel) against the in-process Engine. TTFT, mean inter-token latency (ITL) per stream,
      output tokens/s, wall time per output token (all streams together; also while every
      stream is decoding, when no prefill shares the cores). Each overhead is disaggregated
-     minus in-process, taken in each round (the two sides back to back) and reported as the
-     median over rounds: this machine's speed drifts by tens of percent between minutes. Also
+     minus in-process, taken in each round (engine, cluster, cluster, engine: a drift of the
+     machine's speed that is linear over the round cancels) and reported as the median over
+     rounds: this machine's speed drifts by tens of percent between minutes. Also
      the CPU time each process spent per output token (from /proc): where the overhead goes.
   2. KV transfer: the TCP connector (frames, CRC32C on both sides, writes into the cache)
      against a plain socket sending the same bytes in the same layer-sized chunks.
@@ -133,10 +134,10 @@ def end_to_end(model: str, max_tokens: int, repeat: int) -> list[dict]:
             prompts = make_prompts(concurrency, vocab, seed=concurrency)
             run_cluster(cluster.router_address, prompts[:1], SamplingParams(max_tokens=4))  # warm up
             engine_runs, cluster_runs = [], []
-            for _ in range(repeat):  # alternate sides; the machine's speed drifts between rounds
+            for _ in range(repeat):  # a round: engine, cluster, cluster, engine (see _overhead)
                 engine_runs.append(run_engine(engine, prompts, params))
-                cluster_runs.append(run_cluster_measured(cluster, prompts, params))
-            # the overhead of each round, engine and cluster measured back to back, then the median
+                cluster_runs += [run_cluster_measured(cluster, prompts, params) for _ in range(2)]
+                engine_runs.append(run_engine(engine, prompts, params))
             rows.append({"concurrency": concurrency, "engine": _median_run(engine_runs),
                          "disagg": _median_run(cluster_runs),
                          **{name: _overhead(engine_runs, cluster_runs, key) for name, key in OVERHEADS.items()}})
@@ -152,8 +153,10 @@ OVERHEADS = {
 
 
 def _overhead(engine_runs, cluster_runs, key) -> dict:
-    """The difference in each round (both sides back to back), and its median over rounds."""
-    rounds = sorted(d for e, c in zip(engine_runs, cluster_runs) if not math.isnan(d := key(c) - key(e)))
+    """The difference in each round (two runs a side, engine ones around cluster ones: a drift
+    of the machine's speed that is linear over the round cancels), and its median over rounds."""
+    pairs = lambda runs: [(key(a) + key(b)) / 2 for a, b in zip(runs[::2], runs[1::2])]  # noqa: E731
+    rounds = sorted(d for e, c in zip(pairs(engine_runs), pairs(cluster_runs)) if not math.isnan(d := c - e))
     return {"median_ms": statistics.median(rounds) if rounds else math.nan, "rounds_ms": rounds}
 
 
@@ -225,7 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (each runs both sides twice)")
     parser.add_argument("--kv-tokens", type=int, default=2048)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
