@@ -373,8 +373,9 @@ def test_the_caller_posts_layers_that_come_apart_at_once_and_a_burst_in_large_gr
         monkeypatch.setattr(kv_transfer.nccl, "BURST_GAP_S", 0.0)  # every call comes apart
         assert not channel._may_post_here(channel.pair)  # the first layer after a DONE waits
         assert channel._may_post_here(channel.pair) and channel._may_post_here(channel.pair)
-        channel.put(("done", None, 0), wake=False)
-        channel._items.clear()
+        with channel._lock:  # no other thread drains this stand-in DONE
+            channel.put(("done", None, 0), wake=False)
+            channel._items.clear()
         assert not channel._may_post_here(channel.pair)  # a new run
         monkeypatch.setattr(kv_transfer.nccl, "BURST_GAP_S", 3600.0)  # every call is in a burst
         assert not channel._may_post_here(channel.pair)
