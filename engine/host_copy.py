@@ -28,5 +28,21 @@ def to_host(tensor: torch.Tensor):
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(tensor.device))  # the device spares a slow lookup
+    event.record(current_stream(tensor.device))
     return host, event.synchronize
+
+
+_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> stream
+
+
+def current_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The calling thread's current stream on CUDA `device`, as `torch.cuda.current_stream`
+    gives it, for a fraction of its host time (6 us warm, 26 us after a pause on the device
+    machines' hosts): the raw handle (as Triton's launcher reads it) and a lookup. Stream
+    objects of one handle are interchangeable; torch never frees its pool's streams."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    key = (index, torch._C._cuda_getCurrentRawStream(index))
+    stream = _STREAMS.get(key)
+    if stream is None:
+        stream = _STREAMS[key] = torch.cuda.current_stream(index)
+    return stream

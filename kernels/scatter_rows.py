@@ -11,6 +11,8 @@ run beside it and still find room on every SM, and the copy keeps ahead of NVLin
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +32,11 @@ def _scatter_rows_kernel(staged_ptr, pool_ptr, slots_ptr, num_rows, num_slots, f
             tl.store(dst + start + cols, tl.load(src + start + cols, mask=mask), mask=mask)
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def scatter_rows(staged: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, first_row: int = 0,
                  layer_rows: int = 0, programs_per_sm: int = 2) -> None:
     """pool[first_row + l * layer_rows + slots[s]] = staged[l, s] for every layer l and slot s.
@@ -45,8 +52,7 @@ def scatter_rows(staged: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, 
     num_rows = num_layers * num_slots
     if num_rows == 0:
         return
-    num_sms = torch.cuda.get_device_properties(pool.device).multi_processor_count if pool.is_cuda else 2
-    grid = (min(num_rows, programs_per_sm * num_sms),)
+    grid = (min(num_rows, programs_per_sm * _num_sms(pool.device)),)
     block = min(triton.next_power_of_2(row), 8192)
     _scatter_rows_kernel[grid](staged, pool, slots, num_rows, num_slots, first_row, layer_rows,
                                ROW=row, BLOCK=block, num_warps=8 if block >= 4096 else 4)

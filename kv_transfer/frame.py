@@ -12,7 +12,9 @@ and its layers then go in GROUP frames instead of KV frames.
 GROUP announces N layers whose payloads come over the process group as one message (`layer`
 holds N): its payload is N entries of `16 bytes transfer id | u32 layer | u64 num_bytes`,
 and the layers' bytes move as one message, concatenated in entry order. Dtype and shape are the
-ticket's (the sender checked them), so an entry is 28 bytes, not a 72-byte header.
+ticket's (the sender checked them), so an entry is 28 bytes, not a 72-byte header. BEGIN (no
+payload, zero transfer id) says a run of layers starts on a PAIR connection: its receiver
+watches the connection closely from then on (kv_transfer/tcp.py `_await_frame`).
 Nothing here is ever unpickled: the receiver checks the header against its ticket, then reads
 plain numbers.
 """
@@ -44,6 +46,7 @@ class FrameType(enum.IntEnum):
     ABORT = 3
     PAIR = 4  # the nccl connector: payloads of this connection go over a process group
     GROUP = 5  # the nccl connector: `layer` layers whose payloads move as one group
+    BEGIN = 6  # the nccl connector: a run of layers starts (no payload)
 
 
 class FrameError(ValueError):
@@ -131,6 +134,9 @@ def group_entries(header: FrameHeader, payload) -> list[tuple[bytes, int, int]]:
     if checksum(payload) != header.payload_checksum:
         raise FrameError("checksum mismatch in GROUP frame")
     return list(GROUP_ENTRY.iter_unpack(payload))
+
+
+BEGIN_FRAME = FrameHeader(FrameType.BEGIN, bytes(16)).pack()
 
 
 def abort_frame(transfer_id: bytes) -> bytes:

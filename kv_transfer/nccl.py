@@ -6,7 +6,8 @@ A sender's connection to a receiver starts with a PAIR frame; both ends then joi
 process group. Layers go in groups: whatever layers are queued when they are posted, up to
 GROUP_BYTES. On CUDA the thread that hands them over posts them itself once the pair is up
 (`_PairChannel.post_queued`): at once while the wire is idle and the layers come apart (a
-live prefill; the first layer after a DONE waits for the next, which tells), else once
+live prefill; the first layer after a DONE waits for the next, which tells, and sends a
+BEGIN frame meanwhile, so that the receiver's reader is awake for the first group), else once
 POST_BYTES are queued (a burst); at a transfer's DONE, whatever is still queued and the DONE
 frame. (The channel's thread, woken, would first wait for the GIL that thread holds:
 milliseconds.) The channel's thread connects, writes ABORT frames, and everything on CPU,
@@ -41,11 +42,11 @@ import time
 import numpy as np
 import torch
 
-from engine.host_copy import to_device
+from engine.host_copy import current_stream, to_device
 from engine.kv_pool import layer_rows
 
 from .connector import KVTicket, TransferResult
-from .frame import GROUP_ENTRY, MAX_GROUP, FrameError, done_frame, group_frame, pair_frame, summary_checksum
+from .frame import BEGIN_FRAME, GROUP_ENTRY, MAX_GROUP, FrameError, done_frame, group_frame, pair_frame, summary_checksum
 from .pair import Completions, ProcessGroupPair
 from .tcp_sender import TcpKVSender, _Channel, _Outgoing
 
@@ -89,7 +90,7 @@ class NcclKVSender(TcpKVSender):
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))  # the device spares a slow lookup
+            ready.record(current_stream(self.device))
         by_endpoint: dict[str, list] = {}
         for out, kv in zip(self._states([ticket for ticket, _ in items]), staged):
             by_endpoint.setdefault(out.ticket.kv_endpoint, []).append((out, layer, kv, ready))
@@ -156,8 +157,12 @@ class _PairChannel(_Channel):
             if pair is None or pair.num_sends == 0:  # NCCL's first op makes its communicator: it
                 return False  # waits for the peer, which the caller must not (the thread's work)
             last = self._items[-1] if self._items else None
-            if last is not None and last[0] == "kv" and not self._may_post_here(pair):
-                return True
+            if last is not None and last[0] == "kv":
+                starts_run = self._last_put_at is None
+                if not self._may_post_here(pair):
+                    if starts_run:
+                        self._begin_run()
+                    return True
             previous = pair.use_stream()
             try:
                 self._drain(caller=True)
@@ -178,6 +183,17 @@ class _PairChannel(_Channel):
         if last is not None and now - last >= BURST_GAP_S and pair.num_sends_in_flight() == 0:
             return True
         return sum(item[2] for item in list(self._items) if item and item[0] == "kv") >= self.post_bytes
+
+    def _begin_run(self) -> None:
+        """A BEGIN frame: the receiver's reader, which may have slept in recv for long, wakes
+        and watches the connection (tcp.py `WATCH_S`) while this thread hands over the layers
+        of the first group (waking from a long sleep took 0.05-0.26 ms on the device machines'
+        hosts: it delayed the first receive). A write error surfaces at the next frame."""
+        if self._connected():
+            try:
+                self.sock.sendall(BEGIN_FRAME)
+            except OSError:
+                pass
 
     def _connected(self) -> bool:
         return self.pair is not None and not self.broken and super()._connected()

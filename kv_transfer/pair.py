@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed
 
+from engine.host_copy import current_stream
+
 log = logging.getLogger(__name__)
 
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
@@ -107,7 +109,7 @@ class ProcessGroupPair:
         stream that was current (None on CPU)."""
         if self.stream is None:
             return None
-        previous = torch.cuda.current_stream(self.device)
+        previous = current_stream(self.device)
         torch.cuda.set_stream(stream or self.stream)
         return previous
 
@@ -209,7 +211,7 @@ class Completions:
         self._queue.put(None)
 
     def _run(self) -> None:
-        _tight_timer_slack()
+        tight_timer_slack()
         while (item := self._queue.get()) is not None:
             event, deadline, on_done = item
             error = None
@@ -224,7 +226,7 @@ class Completions:
                 log.exception("completion callback failed")
 
 
-def _tight_timer_slack() -> None:
+def tight_timer_slack() -> None:
     """Linux: the calling thread's sleeps end within ~1 us of their time instead of Linux's
     default 50 us timer slack (prctl PR_SET_TIMERSLACK), which doubles a 50 us sleep. Elsewhere
     nothing changes."""

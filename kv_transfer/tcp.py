@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,33 +22,24 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from engine.host_copy import to_device
+from engine.host_copy import current_stream, to_device
 from engine.kv_pool import kv_slots, pool_rows
 
 from .connector import KVReceiver, KVTicket, TransferResult
 from .frame import (DONE, GROUP_ENTRY, HEADER_SIZE, MAX_GROUP, FrameError, FrameHeader, FrameType, checksum,
                     group_entries, summary_checksum)
-from .pair import MAX_OFFER_BYTES, PairOffer
+from .pair import MAX_OFFER_BYTES, POLL_S, PairOffer, tight_timer_slack
+from .sockets import await_readable, recv_checksummed, recv_exact, tune_socket
 
 log = logging.getLogger(__name__)
 
+# a pair connection's reader polls its socket (every POLL_S) for this long after each frame,
+# and after a BEGIN, instead of sleeping in recv: the frames of a run of layers come within
+# milliseconds of each other (a prefill's layers), and a wake-up from a sleep costs 0.05-0.26 ms
+WATCH_S = 20e-3
+
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
-SOCKET_BUFFER = 4 << 20
-CHECKSUM_CHUNK = 128 << 10  # a payload is checksummed as each chunk lands, still in the core's L2
-
-
-def tune_socket(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-
-
-def split_endpoint(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"kv endpoint must be host:port, got {endpoint!r}")
-    return host.strip("[]"), int(port)
 
 
 @dataclass
@@ -87,7 +79,7 @@ class _Incoming:
         if self.device.type != "cuda":
             return slots, None
         ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(self.device))
+        ready.record(current_stream(self.device))
         return slots, ready
 
 
@@ -186,13 +178,16 @@ class TcpKVReceiver(KVReceiver):
             self._connections.add(conn)
         try:
             while True:
-                head = _recv_exact(conn.sock, memoryview(bytearray(HEADER_SIZE)))
+                if conn.pair is not None:  # a run of layers may be coming: look, do not sleep
+                    await_readable(conn.sock, conn.watch_until, POLL_S)
+                head = recv_exact(conn.sock, memoryview(bytearray(HEADER_SIZE)))
                 if head is None:
                     return  # clean close between frames
                 header = FrameHeader.unpack(bytes(head))
                 if len(conn.buffer) < header.num_bytes <= self.max_frame_bytes:
                     conn.buffer = bytearray(header.num_bytes)
                 self._on_frame(conn, header)
+                conn.watch_until = time.monotonic() + WATCH_S
         except (FrameError, ConnectionError, OSError, RuntimeError, ValueError) as e:
             self.num_bad_connections += 1
             log.warning("kv receiver: closing connection from %s: %s", conn.addr, e)
@@ -210,16 +205,20 @@ class TcpKVReceiver(KVReceiver):
             return self._open_pair(conn, header)
         if header.type is FrameType.GROUP:
             return self._recv_group(conn, header)
+        if header.type is FrameType.BEGIN:  # the watch on the connection starts: all it asks
+            if conn.pair is None or header.num_bytes:
+                raise FrameError("unexpected BEGIN frame")
+            return
         if conn.pair is not None and header.type is FrameType.KV:
             raise FrameError("KV frame on a pair connection (its layers come in GROUP frames)")
         incoming = self._admit(conn, header)
         if incoming is None:  # cancelled or expired: read past it
-            _recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
+            recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
             return
         if header.type is FrameType.KV and self.in_place:
             return self._recv_layer_in_place(conn.sock, incoming, header)
         payload = memoryview(conn.buffer)[:header.num_bytes]
-        value = _recv_checksummed(conn.sock, payload)
+        value = recv_checksummed(conn.sock, payload)
         incoming.num_bytes += HEADER_SIZE + header.num_bytes
         if value != header.payload_checksum:
             self._fail(incoming, f"checksum mismatch in {header.type.name} frame (layer {header.layer})")
@@ -263,7 +262,7 @@ class TcpKVReceiver(KVReceiver):
             raise FrameError("unexpected GROUP frame")
         if len(conn.buffer) < header.num_bytes:  # a cache so small that _serve did not grow it
             conn.buffer = bytearray(header.num_bytes)
-        payload = _recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
+        payload = recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
         conn.payloads.recv_group(group_entries(header, payload))  # entries copy out what they keep
 
     def _admit_entries(self, conn: "_Connection", entries: list[tuple[bytes, int, int]]) -> list[_Incoming | None]:
@@ -292,11 +291,12 @@ class TcpKVReceiver(KVReceiver):
         from .nccl import PairPayloads
         if conn.pair is not None or not 0 < header.num_bytes <= MAX_OFFER_BYTES:
             raise FrameError("unexpected PAIR frame")
-        payload = _recv_exact(conn.sock, memoryview(bytearray(header.num_bytes)), eof_ok=False)
+        payload = recv_exact(conn.sock, memoryview(bytearray(header.num_bytes)), eof_ok=False)
         if checksum(payload) != header.payload_checksum:
             raise FrameError("checksum mismatch in PAIR frame")
         conn.payloads = PairPayloads.join(PairOffer.unpack(payload), self, conn)
         conn.pair = conn.payloads.pair
+        tight_timer_slack()  # this thread's polls (_serve) sleep POLL_S, not POLL_S + 50 us
 
     def _check(self, incoming: _Incoming, header: FrameHeader) -> None:
         ticket = incoming.ticket
@@ -321,7 +321,7 @@ class TcpKVReceiver(KVReceiver):
         for cache in self.kv_caches[header.layer]:
             rows = cache.view(cache.shape[0], -1).view(torch.uint8).numpy()  # [num_blocks, block bytes]
             for start, end in incoming.runs:
-                value = _recv_checksummed(conn, memoryview(rows[start:end]).cast("B"), value)
+                value = recv_checksummed(conn, memoryview(rows[start:end]).cast("B"), value)
         incoming.num_bytes += HEADER_SIZE + header.num_bytes
         if value != header.payload_checksum:
             return self._fail(incoming, f"checksum mismatch in KV frame (layer {header.layer})")
@@ -375,6 +375,7 @@ class _Connection:
     transfers: set[bytes] = field(default_factory=set)  # transfer keys that had frames here
     pair: object | None = None  # ProcessGroupPair
     payloads: object | None = None  # nccl.PairPayloads
+    watch_until: float = 0.0  # time.monotonic(): a pair connection's reader polls until then
 
     def shutdown(self) -> None:
         """Ends the connection from another thread: its reader sees EOF (or its receive on the
@@ -411,28 +412,3 @@ def _runs(block_ids) -> list[tuple[int, int]]:
         else:
             runs.append((b, b + 1))
     return runs
-
-
-def _recv_checksummed(conn: socket.socket, view: memoryview, value: int = 0) -> int:
-    """Fills `view` from the socket (EOF is an error) and returns the CRC32C of its bytes,
-    continued from `value`. Each chunk is summed right after it lands, while it is still in
-    the core's cache: 0.63 -> 0.70x of a plain socket in benchmarks/disagg.py on 2 cores."""
-    for start in range(0, len(view), CHECKSUM_CHUNK):
-        part = view[start:start + CHECKSUM_CHUNK]
-        _recv_exact(conn, part, eof_ok=False)
-        value = checksum(part, value)
-    return value
-
-
-def _recv_exact(conn: socket.socket, view: memoryview, eof_ok: bool = True):
-    """Fills `view` from the socket. None on a clean EOF before the first byte (if eof_ok)."""
-    got = 0
-    while got < len(view):
-        n = conn.recv_into(view[got:])
-        if n == 0:
-            if got == 0 and eof_ok:
-                return None
-            raise ConnectionError(f"connection closed after {got} of {len(view)} bytes")
-        got += n
-    return view
-

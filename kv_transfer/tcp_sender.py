@@ -18,7 +18,8 @@ from engine.host_copy import to_host
 
 from .connector import KVSender, KVTicket, TransferError
 from .frame import HEADER_SIZE, FrameHeader, abort_frame, done_frame, kv_frame, summary_checksum
-from .tcp import DTYPE_NAMES, split_endpoint, tune_socket
+from .sockets import split_endpoint, tune_socket
+from .tcp import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,7 @@ fails its transfers within the timeout (real processes, killed), and pairs come 
 their nodes. The oracle: the tensors pushed, compared with the receiver's cache."""
 
 import itertools
+import socket
 import subprocess
 import sys
 import threading
@@ -387,6 +388,39 @@ def test_the_caller_posts_layers_that_come_apart_at_once_and_a_burst_in_large_gr
             channel._items.clear()
     finally:
         sender.close()
+
+
+def test_a_run_of_layers_begins_with_a_frame_that_puts_the_receiver_on_watch(receiver, monkeypatch):
+    """The first layer of a run waits for the next (`_may_post_here`); meanwhile a BEGIN frame
+    wakes the receiver's reader, which then polls its socket (until `watch_until`) instead of
+    sleeping in recv. The layers then land as usual."""
+    import kv_transfer.tcp
+    sender = make_sender("nccl-from-caller")
+    try:
+        warm_up(receiver, sender, "nccl")  # ends with a DONE
+        [conn] = [c for c in receiver._connections if c.pair is not None]
+        assert wait_until(lambda: conn.watch_until < time.monotonic())  # the reader sleeps in recv
+        monkeypatch.setattr(kv_transfer.tcp, "WATCH_S", 3600.0)
+        t, waiter = ticket(receiver, [3, 4], "nccl"), Waiter()
+        layers = random_layers(t)
+        receiver.expect(t, waiter)
+        sender.send_layers(0, [(t, layers[0])])
+        assert wait_until(lambda: conn.watch_until > time.monotonic() + 1000)  # woken by BEGIN
+        assert not receiver._tickets[t.transfer_key].layer_checksums  # layer 0 still queued
+        for layer, kv in enumerate(layers[1:], 1):
+            sender.send_layers(layer, [(t, kv)])
+        assert_all_landed(receiver, [t], [layers], [waiter], [sender.finish(t, 0)])
+    finally:
+        sender.close()
+
+
+def test_a_begin_frame_on_a_plain_connection_closes_it(receiver):
+    """BEGIN belongs to pair connections: anywhere else the stream cannot be trusted."""
+    from kv_transfer.frame import BEGIN_FRAME
+    with socket.create_connection(("127.0.0.1", receiver.port)) as sock:
+        sock.sendall(BEGIN_FRAME)
+        assert wait_until(lambda: receiver.num_bad_connections == 1)
+        assert sock.recv(1) == b""  # closed by the receiver
 
 
 def test_layer_span_finds_consecutive_layers_of_the_same_transfers():
