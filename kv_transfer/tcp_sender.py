@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-import select
 import socket
 import threading
 import time
@@ -18,7 +17,7 @@ from engine.host_copy import to_host
 
 from .connector import KVSender, KVTicket, TransferError
 from .frame import HEADER_SIZE, FrameHeader, abort_frame, done_frame, kv_frame, summary_checksum
-from .sockets import split_endpoint, tune_socket
+from .sockets import readable, split_endpoint, tune_socket
 from .tcp import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
@@ -291,4 +290,4 @@ class _Channel:
 
 def _peer_closed(sock: socket.socket) -> bool:
     """The receiver never writes, so a readable socket means it closed (or reset) the connection."""
-    return bool(select.select([sock], [], [], 0)[0])
+    return readable(sock)

@@ -116,6 +116,27 @@ def test_group_frame_round_trip_and_rejects():
         group_entries(dataclasses.replace(header, layer=4), frame[HEADER_SIZE:])
 
 
+def test_readable_sees_bytes_and_eof_on_descriptors_past_1023():
+    """The connectors look at sockets with poll: select refuses descriptors past 1023, which
+    the sockets of a busy node reach."""
+    import resource
+    from kv_transfer.sockets import readable
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 2048)), hard))
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(a.fileno(), 1500))  # the limit must allow it: a test
+    try:
+        assert not readable(high)
+        b.sendall(b"x")
+        assert readable(high) and high.recv(1) == b"x"
+        b.close()
+        assert readable(high)  # EOF
+    finally:
+        high.close()
+        a.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_a_ticket_must_fit_the_cache():
     receiver = TcpKVReceiver(make_caches(torch.float32))
     try:
