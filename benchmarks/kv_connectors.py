@@ -292,11 +292,12 @@ def throughput(reps: int) -> list[dict]:
                 times[c] = [connector_seconds(peer, sender, c, block_ids, layers) for _ in range(reps + 1)][1:]
             gbps = {k: num_bytes / statistics.median(v) / 2**30 for k, v in times.items()}
             best_raw = max(gbps[f"raw {how}"] for how in RAW_WAYS)  # the ratios are against the fastest
+            each_rep = {c: [num_bytes / t / 2**30 / best_raw for t in times[c]] for c in senders}
             rows.append({"case": name, "MiB": num_bytes / 2**20, **{f"{k} GiB/s": g for k, g in gbps.items()},
                          **{f"{c} / raw": gbps[c] / best_raw for c in senders},
+                         "nccl / raw reps": f"{min(each_rep['nccl']):.2f}-{max(each_rep['nccl']):.2f}",
                          "nccl layers / group": statistics.mean(GROUP_SIZES),
-                         **{f"{c} / raw each rep": [num_bytes / t / 2**30 / best_raw for t in times[c]]
-                            for c in senders}})  # --json only
+                         **{f"{c} / raw each rep": ratios for c, ratios in each_rep.items()}})  # --json only
             del layers
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call on nvidia-h200-x2 (issue 7): the nccl connector's contract tests, the
-# two-GPU pipeline test, the landing kernel's GPU test, then benchmarks/kv_connectors.py (its
-# tables are printed last).
+# two-GPU pipeline test, the landing kernel's GPU test, then benchmarks/kv_connectors.py with 9
+# reps (a run's median varies by ~0.05 between runs; its tables are printed last).
 # Carry .whl (the packages the image lacks, as wheels: it has no package index), made with
 #   pip download -d .whl/extra --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
 #     --python-version 3.12 crc32c redis async-timeout grpcio==1.85.1 \
@@ -20,4 +20,4 @@ nvidia-smi topo -m 2>/dev/null | head -4
 python3 -m pytest -q -p no:cacheprovider tests/unit/test_kv_connectors.py 2>&1 | tail -3
 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/integration/test_gpu_pipeline.py 2>&1 | tee "$out/gpu_pipeline.log" | tail -15
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_kernels.py -k scatter 2>&1 | tail -2
-python3 benchmarks/kv_connectors.py --reps 5 --json "$out/kv_connectors.json" 2>&1 | tee "$out/kv_connectors.log" | tail -14
+python3 benchmarks/kv_connectors.py --reps 9 --json "$out/kv_connectors.json" 2>&1 | tee "$out/kv_connectors.log" | tail -14
