@@ -1,0 +1,13 @@
+import pytest
+
+from kv_transfer.tcp import TcpKVReceiver
+
+from .test_kv_transfer import make_caches
+
+
+@pytest.fixture
+def receiver():
+    """A KV receiver (both connectors) on this process's loopback, into fresh caches."""
+    receiver = TcpKVReceiver(make_caches(), pair_timeout=10)
+    yield receiver
+    receiver.close()
