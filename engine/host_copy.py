@@ -27,9 +27,15 @@ def to_host(tensor: torch.Tensor):
         return tensor.contiguous(), lambda: None
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
+    return host, stream_event(tensor.device).synchronize
+
+
+def stream_event(device: torch.device) -> "torch.cuda.Event":
+    """An event after the work queued so far on the calling thread's current stream of CUDA
+    `device`."""
     event = torch.cuda.Event()
-    event.record(current_stream(tensor.device))
-    return host, event.synchronize
+    event.record(current_stream(device))
+    return event
 
 
 _STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> stream

@@ -42,7 +42,7 @@ import time
 import numpy as np
 import torch
 
-from engine.host_copy import current_stream, to_device
+from engine.host_copy import stream_event, to_device
 from engine.kv_pool import layer_rows
 
 from .connector import KVTicket, TransferResult
@@ -87,10 +87,7 @@ class NcclKVSender(TcpKVSender):
             assert kv.device == self.device, (kv.device, self.device)
         # is_contiguous first: contiguous() releases the GIL, which the channel thread then holds
         staged = [kv if kv.is_contiguous() else kv.contiguous() for _, kv in items]
-        ready = None
-        if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record(current_stream(self.device))
+        ready = stream_event(self.device) if self.device.type == "cuda" else None
         by_endpoint: dict[str, list] = {}
         for out, kv in zip(self._states([ticket for ticket, _ in items]), staged):
             by_endpoint.setdefault(out.ticket.kv_endpoint, []).append((out, layer, kv, ready))

@@ -22,7 +22,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from engine.host_copy import current_stream, to_device
+from engine.host_copy import stream_event, to_device
 from engine.kv_pool import kv_slots, pool_rows
 
 from .connector import KVReceiver, KVTicket, TransferResult
@@ -76,11 +76,7 @@ class _Incoming:
         the nccl connector's groups, made at `expect` for its tickets, so that the first group
         does not wait for the upload (0.1-0.2 ms of host time)."""
         slots = to_device(self.slots, torch.int64, self.device)
-        if self.device.type != "cuda":
-            return slots, None
-        ready = torch.cuda.Event()
-        ready.record(current_stream(self.device))
-        return slots, ready
+        return slots, stream_event(self.device) if self.device.type == "cuda" else None
 
 
 class TcpKVReceiver(KVReceiver):
