@@ -17,7 +17,7 @@ python3 -m pip install -q --no-index --no-deps --find-links .whl/extra --target 
 export PYTHONPATH=/tmp/site
 python3 -c "import sys, torch, grpc; print(sys.version.split()[0], 'torch', torch.__version__, 'grpc', grpc.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name())"
 nvidia-smi topo -m 2>/dev/null | head -4
-python3 -m pytest -q -p no:cacheprovider tests/unit/test_kv_connectors.py 2>&1 | tail -3
+python3 -m pytest -q -p no:cacheprovider tests/unit/test_kv_connectors.py tests/unit/test_nccl_connector.py 2>&1 | tail -3
 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/integration/test_gpu_pipeline.py 2>&1 | tee "$out/gpu_pipeline.log" | tail -15
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_kernels.py -k scatter 2>&1 | tail -2
 python3 benchmarks/kv_connectors.py --reps 9 --json "$out/kv_connectors.json" 2>&1 | tee "$out/kv_connectors.log" | tail -14
