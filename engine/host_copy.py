@@ -33,9 +33,7 @@ def to_host(tensor: torch.Tensor):
 def stream_event(device: torch.device) -> "torch.cuda.Event":
     """An event after the work queued so far on the calling thread's current stream of CUDA
     `device`."""
-    event = torch.cuda.Event()
-    event.record(current_stream(device))
-    return event
+    return current_stream(device).record_event()
 
 
 _STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> stream

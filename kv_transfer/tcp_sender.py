@@ -75,7 +75,7 @@ class TcpKVSender(KVSender):
 
     @staticmethod
     def _check(ticket: KVTicket, kv: torch.Tensor) -> None:
-        assert tuple(kv.shape) == ticket.layer_shape, (tuple(kv.shape), ticket.layer_shape)
+        assert kv.shape == ticket.layer_shape, (tuple(kv.shape), ticket.layer_shape)
         assert DTYPE_NAMES[kv.dtype] == ticket.dtype, (kv.dtype, ticket.dtype)
 
     def _state(self, ticket: KVTicket) -> _Outgoing:
