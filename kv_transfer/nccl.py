@@ -183,9 +183,9 @@ class _PairChannel(_Channel):
 
     def _begin_run(self) -> None:
         """A BEGIN frame: the receiver's reader, which may have slept in recv for long, wakes
-        and watches the connection (tcp.py `WATCH_S`) while this thread hands over the layers
-        of the first group (waking from a long sleep took 0.05-0.26 ms on the device machines'
-        hosts: it delayed the first receive). A write error surfaces at the next frame."""
+        and watches the connection (tcp.py `WATCH_S`, sockets.py `await_readable`) while this
+        thread hands over the layers of the first group, instead of waking late for it. A write
+        error surfaces at the next frame."""
         if self._connected():
             try:
                 self.sock.sendall(BEGIN_FRAME)
@@ -393,8 +393,7 @@ class PairPayloads:
         stream has run its scatters (each waited for its receive)."""
         if self.copy_stream is None:
             return self.receiver._settle(incoming, result)
-        event = torch.cuda.Event()
-        event.record(self.copy_stream)
+        event = self.copy_stream.record_event()
         deadline = time.monotonic() + max(0.0, incoming.ticket.deadline - time.time())
 
         def landed(error: BaseException | None) -> None:

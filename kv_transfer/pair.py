@@ -169,9 +169,7 @@ class ProcessGroupPair:
             self._last_send.wait()
             self._last_send = None
             self._sends.clear()
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        return event
+        return self.stream.record_event()
 
     def close(self) -> None:
         """Aborts the group (once): a pending op on a broken pair ends instead of hanging."""

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 # a pair connection's reader polls its socket (every POLL_S) for this long after each frame,
 # and after a BEGIN, instead of sleeping in recv: the frames of a run of layers come within
-# milliseconds of each other (a prefill's layers), and a wake-up from a sleep costs 0.05-0.26 ms
+# milliseconds of each other (a prefill's layers), and a wake-up from a sleep comes late
+# (sockets.py `await_readable`)
 WATCH_S = 20e-3
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
