@@ -36,15 +36,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.engine import Engine  # noqa: E402
-from engine.model_source import resolve_model  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from kv_transfer.connector import KVTicket  # noqa: E402
-from kv_transfer.tcp import TcpKVReceiver  # noqa: E402
-from kv_transfer.tcp_sender import TcpKVSender  # noqa: E402
+from pdserve.engine.engine import Engine  # noqa: E402
+from pdserve.engine.model_source import resolve_model  # noqa: E402
+from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
+from pdserve.kv_transfer.connector import KVTicket  # noqa: E402
+from pdserve.kv_transfer.tcp import TcpKVReceiver  # noqa: E402
+from pdserve.kv_transfer.tcp_sender import TcpKVSender  # noqa: E402
 from pdserve.client import generate_request  # noqa: E402
 from pdserve.cluster import Cluster  # noqa: E402
-from protos import pdserve_pb2_grpc as pb_grpc  # noqa: E402
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc  # noqa: E402
 
 
 def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.engine import Engine  # noqa: E402
-from engine.hf_reference import hf_model  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from pdserve.engine.engine import Engine  # noqa: E402
+from pdserve.engine.hf_reference import hf_model  # noqa: E402
+from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
 
 
 def make_workloads(vocab_size: int, seed: int = 0):

@@ -22,10 +22,10 @@ import time
 import torch
 
 from benchmarks.kernels import bench, copy_bandwidth
-from engine.engine import Engine
-from engine.hf_reference import hf_model_sharing
-from engine.sampling_params import SamplingParams
-from kernels.compile_count import num_compiled_kernels
+from pdserve.engine.engine import Engine
+from pdserve.engine.hf_reference import hf_model_sharing
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kernels.compile_count import num_compiled_kernels
 
 DECODE_BATCHES = (1, 8, 32, 128)
 CONTEXT = 512

@@ -37,11 +37,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.model_source import resolve_model  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from pdserve.engine.model_source import resolve_model  # noqa: E402
+from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
 from pdserve.client import generate_request  # noqa: E402
 from pdserve.cluster import Cluster  # noqa: E402
-from protos import pdserve_pb2_grpc as pb_grpc  # noqa: E402
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc  # noqa: E402
 
 
 def make_prompt_pairs(n: int, vocab: int, seed: int) -> tuple[list, list]:

@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.engine_gpu import forced_logits, random_prompts  # noqa: E402
-from engine.engine import Engine  # noqa: E402
-from engine.hf_reference import hf_model_sharing  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from pdserve.engine.engine import Engine  # noqa: E402
+from pdserve.engine.hf_reference import hf_model_sharing  # noqa: E402
+from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
 
 NUM, PROMPT_LEN, OUTPUT_LEN = 16, 512, 128
 

@@ -23,9 +23,9 @@ from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref  # noqa: E402
-from kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
-from kernels.store_kv import store_kv  # noqa: E402
+from pdserve.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref  # noqa: E402
+from pdserve.kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
+from pdserve.kernels.store_kv import store_kv  # noqa: E402
 from tests.kernels.paged_inputs import make_paged_batch, rel_err  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16

@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.kv_pool import LayerSlabs, allocate_kv_caches  # noqa: E402
-from engine.presets import PRESETS  # noqa: E402
-from kv_transfer.connector import KVTicket  # noqa: E402
-from kv_transfer.pair import PairOffer, ProcessGroupPair  # noqa: E402
+from pdserve.engine.kv_pool import LayerSlabs, allocate_kv_caches  # noqa: E402
+from pdserve.engine.presets import PRESETS  # noqa: E402
+from pdserve.kv_transfer.connector import KVTicket  # noqa: E402
+from pdserve.kv_transfer.pair import PairOffer, ProcessGroupPair  # noqa: E402
 
 from benchmarks.kv_timeline import DeviceClock, busy, print_timeline, timeline  # noqa: E402
 
@@ -83,15 +83,15 @@ def blocks_checksum(caches, block_ids) -> int:
 
 def serve_receiver() -> None:
     """Lines of JSON on stdin -> lines of JSON on stdout."""
-    import kv_transfer.nccl
-    from kv_transfer.nccl import PairPayloads
-    from kv_transfer.tcp import TcpKVReceiver
+    from pdserve.kv_transfer import nccl as nccl_module
+    from pdserve.kv_transfer.nccl import PairPayloads
+    from pdserve.kv_transfer.tcp import TcpKVReceiver
     posted, nccl, steps = [], [], {}
     if TIMELINE:
         timeline(PairPayloads, "recv_group", posted)
         timeline(ProcessGroupPair, "recv_many", nccl, device_times=True)
         busy(PairPayloads, ["_scatter", "_span_rows"], steps)
-        busy(kv_transfer.nccl, ["_rows_of", "to_device", "_layer_span"], steps)
+        busy(nccl_module, ["_rows_of", "to_device", "_layer_span"], steps)
         busy(TcpKVReceiver, ["_admit_entries"], steps)
     device = torch.device(DEVICES["recv"])
     caches = allocate_kv_caches(CFG.num_layers, block_shape(), NUM_BLOCKS, DTYPE, device)
@@ -265,16 +265,16 @@ def raw_seconds(peer: Peer, pair_state: dict, layers, how: str) -> float:
 
 
 def throughput(reps: int) -> list[dict]:
-    import kv_transfer.nccl
-    from kv_transfer.nccl import NcclKVSender, _PairChannel
-    from kv_transfer.tcp_sender import TcpKVSender
+    from pdserve.kv_transfer import nccl
+    from pdserve.kv_transfer.nccl import NcclKVSender, _PairChannel
+    from pdserve.kv_transfer.tcp_sender import TcpKVSender
     peer, pair_state, rows = Peer(), {}, []
     timeline(_PairChannel, "_send_layers", SENT)  # its group sizes: whatever was queued when it got to them
     if TIMELINE:
         timeline(ProcessGroupPair, "send_many", SENT_NCCL, device_times=True)
         busy(_PairChannel, ["_write", "_drop_if_closed"], SENDER_STEPS)
         busy(NcclKVSender, ["send_layers"], SENDER_STEPS)
-        busy(kv_transfer.nccl, ["_joined"], SENDER_STEPS)
+        busy(nccl, ["_joined"], SENDER_STEPS)
     senders = {"nccl": NcclKVSender(DEVICES["send"], 30, 60), "tcp": TcpKVSender(30)}
     if SKIP_TCP:
         senders.pop("tcp").close()
@@ -311,8 +311,8 @@ def throughput(reps: int) -> list[dict]:
 # ---- exposed transfer time in the pipeline -----------------------------------------------
 
 def exposed_transfer(reps: int) -> list[dict]:
-    from engine.engine import Engine
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.engine import Engine
+    from pdserve.engine.sampling_params import SamplingParams
     rng = random.Random(1)
     prompts = [[rng.randrange(100, 128000) for _ in range(4096)] for _ in range(4 * (reps + 1))]
     args = ["--num-kv-blocks", "1200", "--max-model-len", "8192", "--max-num-batched-tokens", "4096"]

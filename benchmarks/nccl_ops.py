@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kv_transfer.pair import PairOffer, ProcessGroupPair  # noqa: E402
+from pdserve.kv_transfer.pair import PairOffer, ProcessGroupPair  # noqa: E402
 
 TOTAL = 512 << 20
 # name: (bytes per tensor, tensors per op)

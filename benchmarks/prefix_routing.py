@@ -30,13 +30,13 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.block_hash import block_hashes  # noqa: E402
-from engine.model_source import resolve_model  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from pdserve.engine.block_hash import block_hashes  # noqa: E402
+from pdserve.engine.model_source import resolve_model  # noqa: E402
+from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
 from pdserve.client import generate_request  # noqa: E402
 from pdserve.cluster import Cluster  # noqa: E402
-from protos import pdserve_pb2_grpc as pb_grpc  # noqa: E402
-from router.prefix_index import PrefixIndex  # noqa: E402
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc  # noqa: E402
+from pdserve.router.prefix_index import PrefixIndex  # noqa: E402
 
 POLICIES = ("prefix", "round_robin", "load")
 PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

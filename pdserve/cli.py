@@ -13,13 +13,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import logging
+import os
 import signal
 import sys
 import time
 
-from engine.config import EngineConfig
+# Only the config dataclasses here: `pdserve --help` must not import torch or gRPC. Each
+# subcommand imports what it runs.
 from pdserve.config_args import add_config_args, config_from_args
+from pdserve.decode_node.config import DecodeNodeConfig
+from pdserve.engine.config import EngineConfig
+from pdserve.prefill_node.config import PrefillNodeConfig
+from pdserve.router.config import GatewayConfig, RouterConfig
 
 SAMPLE_CHAT = "Give me three short tips for writing clear code."
 DEFAULT_ROUTER = "127.0.0.1:50051"
@@ -68,11 +75,6 @@ HELP = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from decode_node.node import DecodeNodeConfig
-    from prefill_node.node import PrefillNodeConfig
-    from router.gateway import GatewayConfig
-    from router.node import RouterConfig
-
     parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with disaggregated "
                                      "prefill and decode")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=50051, help="the router's gRPC port (default 50051)")
     up.add_argument("--http-port", type=int, default=8000, help="the OpenAI HTTP gateway's port "
                     "(default 8000; -1: no gateway)")
-    up.add_argument("--api-key", default=None, help="require this key on the gateway's /v1/*")
+    up.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"), help="require this key on "
+                    "the gateway's /v1/* (env PDSERVE_API_KEY; the gateway gets it in its environment)")
     up.add_argument("--policy", default="prefix", help="routing policy: round_robin, load or "
                     "prefix (default prefix)")
     up.add_argument("--redis-url", default=None, help="use this Redis for the prefix index and "
@@ -121,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return run_generate(args)
         if args.command == "router":
-            from router.node import serve
+            from pdserve.router.node import serve
             asyncio.run(serve(config_from_args(RouterConfig, args)))
         elif args.command == "gateway":
-            from router.gateway import serve
+            from pdserve.router.gateway import serve
             asyncio.run(serve(config_from_args(GatewayConfig, args)))
         else:
-            module = __import__(f"{args.command}_node.node", fromlist=["serve"])
+            module = importlib.import_module(f"pdserve.{args.command}_node.node")
             asyncio.run(module.serve(config_from_args(EngineConfig, args),
                                      config_from_args(roles[args.command][0], args)))
         return 0
@@ -154,7 +157,6 @@ def run_up(args) -> int:
 
     config = config_from_args(EngineConfig, args)
     redis = None if args.no_redis else args.redis_url or "local"
-    gateway_args = ["--api-key", args.api_key] if args.api_key else []
     device_args = node_device_args(config, node_devices(config.device, args.num_prefill + args.num_decode))
     cluster = Cluster(config.model, args.num_prefill, args.num_decode, args.port,
                       node_args=engine_flags(config), router_args=["--policy", args.policy], redis=redis,
@@ -162,7 +164,7 @@ def run_up(args) -> int:
                       decode_args=[[*a, "--kv-connector", args.kv_connector]
                                    for a in device_args[args.num_prefill:]],
                       gateway_port=None if args.http_port < 0 else args.http_port,
-                      gateway_args=gateway_args)
+                      gateway_env={"PDSERVE_API_KEY": args.api_key} if args.api_key else None)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     # Ctrl-C stops the cluster even when this process was started with SIGINT ignored (an
     # ignored signal stays ignored across exec, and Python then installs no handler)
@@ -235,7 +237,7 @@ def stream_answer(address: str, prompt: str, raw: bool, max_tokens: int, tempera
     """Streams one answer from a router, printing the text as it comes."""
     import grpc
 
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
     from pdserve.client import generate_request, stream
 
     request = generate_request(prompt, SamplingParams(temperature=temperature, max_tokens=max_tokens),
@@ -256,8 +258,8 @@ def stream_answer(address: str, prompt: str, raw: bool, max_tokens: int, tempera
 
 
 def run_prompt(config: EngineConfig, prompt: str, raw: bool, max_tokens: int, temperature: float) -> int:
-    from engine.engine import Engine
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.engine import Engine
+    from pdserve.engine.sampling_params import SamplingParams
 
     print(f"loading {config.model} on {config.device} ...", file=sys.stderr)
     start = time.monotonic()

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from engine.sampling_params import SamplingParams
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
-from service.convert import sampling_to_proto
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.service.convert import sampling_to_proto
 
 
 def generate_request(prompt, params: SamplingParams | None = None, chat: bool = False,

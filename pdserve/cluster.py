@@ -48,12 +48,13 @@ class Cluster:
     `redis`: None, the router gets the nodes as flags and there is no prefix index; "local",
     start a redis-server (stopped with the cluster); or a URL. With Redis, the nodes register
     there and the router finds them there. `gateway_port` (0: any free port): also run the
-    OpenAI HTTP gateway over the router."""
+    OpenAI HTTP gateway over the router; `gateway_env` adds to its environment (secrets such
+    as PDSERVE_API_KEY go there: a command line is visible to every user of the machine)."""
 
     def __init__(self, model: str, num_prefill: int = 1, num_decode: int = 1, router_port: int = 0,
                  node_args: list[str] = (), prefill_args=(), decode_args=(), router_args=(),
                  log_dir: str | None = None, log_level: str = "INFO", redis: str | None = None,
-                 gateway_port: int | None = None, gateway_args=()):
+                 gateway_port: int | None = None, gateway_args=(), gateway_env: dict[str, str] | None = None):
         if num_prefill < 1 or num_decode < 1:
             raise ValueError("a cluster needs at least one prefill and one decode node")
         self.model, self.num_prefill, self.num_decode = model, num_prefill, num_decode
@@ -67,6 +68,7 @@ class Cluster:
         self.redis, self.redis_url = redis, None if redis == "local" else redis
         self.local_redis = None
         self.gateway_port, self.gateway_args = gateway_port, list(gateway_args)
+        self.gateway_env = dict(gateway_env or {})
         self.gateway: Process | None = None
         self.prefill: list[Process] = []
         self.decode: list[Process] = []
@@ -108,14 +110,15 @@ class Cluster:
             self._wait_ready([self.router], timeout, progress)
             if self.gateway_port is not None:
                 self.gateway = self._spawn("gateway", "gateway", [
-                    "--router", self.router_address, "--port", str(self.gateway_port), *self.gateway_args])
+                    "--router", self.router_address, "--port", str(self.gateway_port), *self.gateway_args],
+                    self.gateway_env)
                 self._wait_ready([self.gateway], timeout, progress)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _spawn(self, name: str, role: str, args: list[str]) -> Process:
+    def _spawn(self, name: str, role: str, args: list[str], env: dict[str, str] | None = None) -> Process:
         ready = self.log_dir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log = self.log_dir / f"{name}.log"
@@ -124,7 +127,7 @@ class Cluster:
                *metrics, "--ready-file", str(ready), "--log-level", self.log_level, *args]
         with open(log, "w") as out:
             popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=os.environ.copy(), start_new_session=True)
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
         return Process(name, popen, ready, log, args=list(args), role=role)
 
     def restart(self, name: str, timeout: float = 120.0) -> Process:

@@ -11,6 +11,7 @@ import dataclasses
 import os
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+SECRETS = {"api_key"}
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, help_texts: dict[str, str] | None = None,
@@ -27,7 +28,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls, help_texts: dict[str, 
                 default = parse(os.environ[env])
             except (ValueError, argparse.ArgumentTypeError) as e:
                 parser.error(f"${env}: {e}")
-        help_text = f"{help_texts.get(f.name, '')} (env {env}; default {default})".strip()
+        shown = "<set>" if f.name in SECRETS and default is not None else default  # never print a secret
+        help_text = f"{help_texts.get(f.name, '')} (env {env}; default {shown})".strip()
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=parse, default=default,
                             metavar=f.name.upper(), help=help_text)
 

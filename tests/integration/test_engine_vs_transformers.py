@@ -5,10 +5,10 @@ import pytest
 import torch
 import transformers
 
-from engine.engine import Engine
-from engine.model_source import resolve_model
-from engine.sampling_params import SamplingParams
-from engine.hf_reference import hf_logits, hf_model, hf_model_sharing, rel_err
+from pdserve.engine.engine import Engine
+from pdserve.engine.model_source import resolve_model
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.hf_reference import hf_logits, hf_model, hf_model_sharing, rel_err
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
             num_attention_heads=4, head_dim=16, max_position_embeddings=512)

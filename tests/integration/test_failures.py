@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from engine.engine import Engine
-from engine.sampling_params import SamplingParams
+from pdserve.engine.engine import Engine
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.cluster import Cluster
 
 from .serving import GREEDY, all_blocks_free, generate, health, node_stats, wait_for

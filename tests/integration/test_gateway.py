@@ -10,26 +10,31 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.engine import Engine
-from engine.sampling_params import SamplingParams
 from pdserve.cluster import Cluster
+from pdserve.engine.engine import Engine
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.service.convert import sampling_to_proto
 
 from .serving import all_blocks_free, wait_for
 
 MODEL, KEY = "smollm2-135m", "test-key"
 DECODE_BLOCKS = 48  # room for two 260-token prompts (17 blocks each) and their output, not three
+HOLD_S = 600  # a reservation whose KV never comes holds its blocks this long
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with Cluster(MODEL, 1, 1, gateway_port=0, gateway_args=["--api-key", KEY],
-                 decode_args=["--num-kv-blocks", str(DECODE_BLOCKS)]) as c:
+    with Cluster(MODEL, 1, 1, gateway_port=0, gateway_env={"PDSERVE_API_KEY": KEY},
+                 decode_args=["--num-kv-blocks", str(DECODE_BLOCKS), "--reservation-timeout-s", str(HOLD_S)]) as c:
         yield c
 
 
@@ -110,26 +115,23 @@ def test_errors_come_as_the_matching_openai_exceptions(cluster, client):
 
 
 def test_a_full_cluster_answers_429(cluster, client):
-    """Two streams hold the decode node's blocks; a third prompt does not fit."""
-    holding, started = [], threading.Barrier(3)
-
-    def hold(seed):
-        stream = client.completions.create(model=MODEL, prompt=[100 + seed] * 260, max_tokens=60,
-                                           temperature=0, stream=True)
-        chunks = iter(stream)
-        holding.append(next(chunks))
-        started.wait()
-        holding.extend(chunks)
-
-    threads = [threading.Thread(target=hold, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    started.wait(timeout=120)
-    with pytest.raises(openai.RateLimitError, match="full"):
-        client.completions.create(model=MODEL, prompt=[300] * 260, max_tokens=1)
-    for t in threads:
-        t.join(120)
-    assert len(holding) >= 2 * 60
+    """Two reservations made on the decode node itself hold its blocks by construction (their KV
+    never comes, and they outlive the test); a third prompt of the same size cannot fit. Once
+    they are cancelled, every block is free again."""
+    params = sampling_to_proto(SamplingParams(temperature=0, max_tokens=60))
+    with grpc.insecure_channel(cluster.decode[0].address) as channel:
+        stub = pb_grpc.DecodeServiceStub(channel)
+        holds = [stub.Decode(pb.DecodeRequest(request_id=f"hold-{i}", prompt_token_ids=[100 + i] * 260,
+                                              sampling=params), timeout=HOLD_S) for i in range(2)]
+        try:
+            for hold in holds:
+                assert next(hold).HasField("ticket")  # its blocks are reserved
+            with pytest.raises(openai.RateLimitError, match="full"):
+                client.completions.create(model=MODEL, prompt=[300] * 260, max_tokens=1)
+        finally:
+            for hold in holds:
+                hold.cancel()
+    assert wait_for(lambda: all_blocks_free(cluster), timeout=30)
 
 
 def test_no_router_answers_503(tmp_path):
@@ -197,18 +199,21 @@ def test_the_gateway_stays_up_and_a_client_that_leaves_frees_its_blocks(cluster,
 
 
 def test_the_readme_examples_work(cluster):
-    """The README's curl line and openai snippet, pointed at this cluster's gateway (and key)."""
+    """The README's curl line and every Python snippet as written (the openai one pointed at
+    this cluster's gateway and key) give sensible answers."""
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     url, body = re.search(r"curl (http://\S+/v1/chat/completions) .*?-d '(.+?)'", readme, re.S).groups()
     url = url.replace("http://127.0.0.1:8000/v1", cluster.gateway_url)
     reply = httpx.post(url, content=body, headers={"Content-Type": "application/json",
                                                    "Authorization": f"Bearer {KEY}"}, timeout=120)
     assert "Paris" in reply.json()["choices"][0]["message"]["content"]
-    snippet = re.search(r"```python\n(from openai import OpenAI\n.+?)```", readme, re.S).group(1)
-    snippet = snippet.replace("http://127.0.0.1:8000/v1", cluster.gateway_url).replace('"none"', repr(KEY))
-    printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
-    assert printed.returncode == 0, printed.stderr
-    assert any(color in printed.stdout.lower() for color in ("red", "blue", "yellow"))
+    snippets = re.findall(r"```python\n(.+?)```", readme, re.S)
+    assert len(snippets) == 2  # the openai client and the in-process engine; both ask for colors
+    for snippet in snippets:
+        snippet = snippet.replace("http://127.0.0.1:8000/v1", cluster.gateway_url).replace('"none"', repr(KEY))
+        printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300)
+        assert printed.returncode == 0, printed.stderr
+        assert sum(color in printed.stdout.lower() for color in ("red", "blue", "yellow")) >= 2, printed.stdout
 
 
 def test_an_error_mid_stream_is_an_error_chunk_then_done():

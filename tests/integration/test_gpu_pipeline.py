@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from engine.engine import Engine
-from engine.sampling_params import SamplingParams
+from pdserve.engine.engine import Engine
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.cluster import Cluster
 
 from .serving import all_blocks_free, generate, wait_for

@@ -1,42 +1,36 @@
 """`pdserve up` as a user runs it: SmolLM2-135M on two prefill and two decode nodes, a local
 redis-server and the HTTP gateway. Answers through the router equal the in-process engine's;
-`pdserve generate --router` and the printed curl line get sensible answers; Ctrl-C stops
-every process."""
+`pdserve generate --router` and the printed curl line get sensible answers; the API key
+reaches the gateway without showing on any command line; Ctrl-C stops every process."""
 
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from engine.engine import Engine
-from engine.sampling_params import SamplingParams
+from pdserve.engine.engine import Engine
+from pdserve.engine.sampling_params import SamplingParams
 
 from .serving import generate
 
 CHATS = ["Name three primary colors.", "What is 2 + 2?", "Write one sentence about the sea."]
+KEY = "up-test-key-7f3a"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def up():
-    port = free_port()
+def start_up(*args: str):
+    """`pdserve up` with these flags, read until it says it is up: (router address, the
+    process, its log directory, what it printed). `stop_up` ends it."""
     proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--model", "smollm2-135m",
-                             "--num-prefill", "2", "--num-decode", "2", "--port", str(port), "--http-port", "0",
-                             "--no-sample"],
+                             "--port", "0", "--http-port", "0", "--no-sample", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, deadline = [], time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -50,8 +44,11 @@ def up():
     assert "pdserve is up" in output, output
     # keep reading what it prints, so that a full pipe can never block it
     threading.Thread(target=lambda: [lines.append(line) for line in proc.stdout], daemon=True).start()
-    log_dir = Path(re.search(r"logs: (\S+)", output).group(1))
-    yield f"127.0.0.1:{port}", proc, log_dir, output
+    address = re.search(r"router at (\S+) ", output).group(1)
+    return address, proc, Path(re.search(r"logs: (\S+)", output).group(1)), output
+
+
+def stop_up(proc, log_dir: Path) -> None:
     if proc.poll() is None:
         proc.kill()
     for ready in log_dir.glob("*.ready.json"):  # never leave a node behind, whatever failed
@@ -59,6 +56,13 @@ def up():
             os.kill(json.loads(ready.read_text())["pid"], signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture(scope="module")
+def up():
+    address, proc, log_dir, output = start_up("--num-prefill", "2", "--num-decode", "2", "--api-key", KEY)
+    yield address, proc, log_dir, output
+    stop_up(proc, log_dir)
 
 
 def test_chats_through_the_cluster_equal_the_engine(up):
@@ -82,21 +86,39 @@ def test_generate_command_gets_a_sensible_answer(up):
 
 def test_the_printed_curl_line_gets_an_answer(up):
     output = up[3]
-    url, body = re.search(r"curl (\S+) -H 'Content-Type: application/json' -d '(.+)'", output).groups()
+    url, key, body = re.search(r"curl (\S+) -H 'Content-Type: application/json' "
+                               r"-H 'Authorization: Bearer (\S+)' -d '(.+)'", output).groups()
+    assert key == KEY
     body = {**json.loads(body), "messages": [{"role": "user", "content": "What is the capital of France?"}]}
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the key is required
+        urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode(), headers), timeout=120)
+    assert refused.value.code == 401
+    request = urllib.request.Request(url, json.dumps(body).encode(), {**headers, "Authorization": f"Bearer {key}"})
     answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
     assert "Paris" in answer["choices"][0]["message"]["content"]
 
 
-def test_ctrl_c_stops_every_process(up):
+def test_the_api_key_is_on_no_command_line(up):
     _, proc, log_dir, _ = up
     pids = [json.loads(f.read_text())["pid"] for f in log_dir.glob("*.ready.json")]
-    assert len(pids) == 6  # router, gateway, two prefill, two decode
-    assert (log_dir / "redis" / "redis.sock").exists()
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(120) == 0
+    assert len(pids) == 6
     for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-    assert not (log_dir / "redis" / "redis.sock").exists()  # redis-server stopped too
+        assert KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_ctrl_c_stops_every_process():
+    """A cluster of its own (the other tests share one), stopped with Ctrl-C."""
+    _, proc, log_dir, _ = start_up("--num-prefill", "1", "--num-decode", "1")
+    try:
+        pids = [json.loads(f.read_text())["pid"] for f in log_dir.glob("*.ready.json")]
+        assert len(pids) == 4  # router, gateway, a prefill and a decode node
+        assert (log_dir / "redis" / "redis.sock").exists()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert not (log_dir / "redis" / "redis.sock").exists()  # redis-server stopped too
+    finally:
+        stop_up(proc, log_dir)

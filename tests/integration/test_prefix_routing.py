@@ -10,14 +10,14 @@ import threading
 import pytest
 import redis
 
-from engine.block_hash import block_hashes
-from engine.engine import Engine
-from engine.model_source import resolve_model
-from engine.sampling_params import SamplingParams
+from pdserve.engine.block_hash import block_hashes
+from pdserve.engine.engine import Engine
+from pdserve.engine.model_source import resolve_model
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.cluster import Cluster
 from pdserve.redis_local import LocalRedis
-from router.prefix_index import PrefixIndex
-from service.redis_keys import IndexKeys
+from pdserve.router.prefix_index import PrefixIndex
+from pdserve.service.redis_keys import IndexKeys
 
 from .serving import GREEDY, generate, metric, wait_for
 

@@ -4,10 +4,10 @@ nothing captured or compiled after start-up, and the KV cache sized from the GPU
 import pytest
 import torch
 
-from engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from engine.engine import Engine
-from engine.sampling_params import SamplingParams
-from kernels.compile_count import num_compiled_kernels
+from pdserve.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from pdserve.engine.engine import Engine
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kernels.compile_count import num_compiled_kernels
 from tests.kernels.paged_inputs import rel_err
 from tests.unit.test_async_scheduling import check_async_matches_sync, count_launches
 

@@ -4,13 +4,13 @@ under TRITON_INTERPRET=1 at small shapes (make test); the `gpu` tests use real s
 import pytest
 import torch
 
-from kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
-from kernels.prefill_attention import prefill_attention, prefill_attention_ref
-from kernels.rms_norm import rms_norm, rms_norm_ref
-from kernels.rotary import rotary, rotary_ref
-from kernels.scatter_rows import scatter_rows, scatter_rows_ref
-from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
-from kernels.store_kv import store_kv, store_kv_ref
+from pdserve.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+from pdserve.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from pdserve.kernels.rms_norm import rms_norm, rms_norm_ref
+from pdserve.kernels.rotary import rotary, rotary_ref
+from pdserve.kernels.scatter_rows import scatter_rows, scatter_rows_ref
+from pdserve.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from pdserve.kernels.store_kv import store_kv, store_kv_ref
 from tests.kernels.paged_inputs import make_paged_batch, rel_err
 
 SHAPES = [(group, head_dim, page) for group in (1, 4, 8) for head_dim in (64, 128) for page in (16, 32)]
@@ -150,7 +150,7 @@ def check_rms_norm(num_tokens, hidden, dtype, tol, device="cpu"):
 
 
 def check_rotary(num_tokens, num_heads, num_kv_heads, head_dim, dtype, tol, device="cpu"):
-    from engine.layers import RotaryEmbedding
+    from pdserve.engine.layers import RotaryEmbedding
     gen = torch.Generator(device).manual_seed(num_heads + head_dim)
     rope = RotaryEmbedding(head_dim, 4096, 500000.0, None).to(device)
     rope.build_cache()

@@ -4,8 +4,8 @@ and greedy tokens, through chunked prefill, decode and prefix-cache hits."""
 import pytest
 import torch
 
-from engine.engine import Engine
-from engine.sampling_params import SamplingParams
+from pdserve.engine.engine import Engine
+from pdserve.engine.sampling_params import SamplingParams
 from tests.kernels.paged_inputs import rel_err
 
 

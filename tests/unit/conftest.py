@@ -1,6 +1,6 @@
 import pytest
 
-from kv_transfer.tcp import TcpKVReceiver
+from pdserve.kv_transfer.tcp import TcpKVReceiver
 
 from .test_kv_transfer import make_caches
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from kv_transfer.connector import KVTicket
+from pdserve.kv_transfer.connector import KVTicket
 
 
 def ticket_to_json(ticket: KVTicket) -> str:
@@ -33,8 +33,8 @@ def layer_data(ticket: KVTicket, layer: int) -> torch.Tensor:
 def make_sender(connector: str):
     """`connector`: tcp, nccl (its channel thread posts every group, as on CPU nodes), or
     nccl-from-caller (`send_layers` posts what it can itself, as on CUDA nodes)."""
-    from kv_transfer.nccl import NcclKVSender
-    from kv_transfer.tcp_sender import TcpKVSender
+    from pdserve.kv_transfer.nccl import NcclKVSender
+    from pdserve.kv_transfer.tcp_sender import TcpKVSender
     if connector == "tcp":
         return TcpKVSender(connect_timeout=5)
     return NcclKVSender("cpu", 5, 10, post_from_caller=connector == "nccl-from-caller")
@@ -49,9 +49,9 @@ def main(argv: list[str]) -> None:
         time.sleep(1.0)  # long enough for the frames to leave
         os._exit(17)  # dies mid-transfer: no DONE, no clean close of the process group
     if argv[0] == "receive":
-        from kv_transfer.tcp import TcpKVReceiver
+        from pdserve.kv_transfer.tcp import TcpKVReceiver
         ticket = ticket_from_json(argv[1])
-        from engine.kv_pool import allocate_kv_caches
+        from pdserve.engine.kv_pool import allocate_kv_caches
         caches = allocate_kv_caches(ticket.num_layers, (ticket.block_size, ticket.num_kv_heads, ticket.head_dim),
                                     max(ticket.block_ids) + 1, torch.float32, torch.device("cpu"))
         receiver = TcpKVReceiver(caches, pair_timeout=10)

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from engine.engine import Engine
-from engine.request import FinishReason
-from engine.sampling_params import SamplingParams
+from pdserve.engine.engine import Engine
+from pdserve.engine.request import FinishReason
+from pdserve.engine.sampling_params import SamplingParams
 from tests.unit.test_engine_core import check_invariants
 
 

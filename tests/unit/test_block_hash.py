@@ -1,7 +1,7 @@
 import hashlib
 import struct
 
-from engine.block_hash import block_hashes, hash_block, root_hash
+from pdserve.engine.block_hash import block_hashes, hash_block, root_hash
 
 
 def independent_hashes(tokens, block_size, fingerprint, salt=""):

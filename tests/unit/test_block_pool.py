@@ -1,6 +1,6 @@
 import pytest
 
-from engine.block_pool import BlockPool
+from pdserve.engine.block_pool import BlockPool
 
 
 def test_allocate_free_refcounts_and_lru_eviction():

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.sampling_params import SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import Engine
+from pdserve.engine.sampling_params import SamplingParams
 
 PDSERVE = [sys.executable, "-m", "pdserve.cli"]
 

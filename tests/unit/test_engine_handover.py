@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from engine.engine import Engine
-from engine.sampling_params import SamplingParams
+from pdserve.engine.engine import Engine
+from pdserve.engine.sampling_params import SamplingParams
 
 KW = dict(model="dummy:tiny", num_kv_blocks=96, max_model_len=512, max_num_batched_tokens=40)
 

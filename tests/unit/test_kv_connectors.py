@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from kv_transfer.tcp import TcpKVReceiver
+from pdserve.kv_transfer.tcp import TcpKVReceiver
 
 from .kv_peer import layer_data, make_sender, ticket_to_json
 from .test_kv_transfer import (NUM_LAYERS, Waiter, assert_landed, make_caches, make_ticket, push,
@@ -264,7 +264,7 @@ def test_a_steps_layers_split_across_groups_all_land(connector, receiver, monkey
     """A prefill step hands each layer of all its prompts over in one call; a group that cannot
     take them all (3 layers, or bytes for 2 of these) leaves the rest for the next group:
     every layer lands once, in its own blocks, whichever thread posts the groups."""
-    from kv_transfer.nccl import _PairChannel
+    from pdserve.kv_transfer.nccl import _PairChannel
     monkeypatch.setattr(_PairChannel, "max_batch", 3)
     tickets = [ticket(receiver, [2 * i, 2 * i + 1], connector) for i in range(5)]
     layers = [random_layers(t) for t in tickets]

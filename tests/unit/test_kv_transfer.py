@@ -12,12 +12,12 @@ import uuid
 import pytest
 import torch
 
-from engine.kv_pool import allocate_kv_caches
-from kv_transfer.connector import KVTicket
-from kv_transfer.frame import (HEADER_SIZE, FrameError, FrameHeader, FrameType, group_entries, group_frame, kv_frame,
+from pdserve.engine.kv_pool import allocate_kv_caches
+from pdserve.kv_transfer.connector import KVTicket
+from pdserve.kv_transfer.frame import (HEADER_SIZE, FrameError, FrameHeader, FrameType, group_entries, group_frame, kv_frame,
                                pair_frame)
-from kv_transfer.tcp import TcpKVReceiver
-from kv_transfer.tcp_sender import TcpKVSender
+from pdserve.kv_transfer.tcp import TcpKVReceiver
+from pdserve.kv_transfer.tcp_sender import TcpKVSender
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 32, 4, 2, 8
 
@@ -120,7 +120,7 @@ def test_readable_sees_bytes_and_eof_on_descriptors_past_1023():
     """The connectors look at sockets with poll: select refuses descriptors past 1023, which
     the sockets of a busy node reach."""
     import resource
-    from kv_transfer.sockets import readable
+    from pdserve.kv_transfer.sockets import readable
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 2048)), hard))
     a, b = socket.socketpair()

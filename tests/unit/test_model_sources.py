@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.gguf_file import read_gguf
-from engine.gguf_weights import dequantize, unpermute_rope_rows
-from engine.model import LlamaForCausalLM
-from engine.model_source import resolve_model
-from engine.presets import PRESETS
+from pdserve.engine.gguf_file import read_gguf
+from pdserve.engine.gguf_weights import dequantize, unpermute_rope_rows
+from pdserve.engine.model import LlamaForCausalLM
+from pdserve.engine.model_source import resolve_model
+from pdserve.engine.presets import PRESETS
 
 SMOLLM2 = resolve_model("smollm2-135m")
 
@@ -69,7 +69,7 @@ def test_presets_have_the_real_parameter_counts(preset, num_params):
 
 
 def test_dummy_weights_are_the_same_on_every_load():
-    from engine.engine import Engine
+    from pdserve.engine.engine import Engine
     a = Engine(model="dummy:tiny", num_kv_blocks=8).runner.model.state_dict()
     b = Engine(model="dummy:tiny", num_kv_blocks=8).runner.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -83,9 +83,12 @@ def test_unknown_models_are_clear_errors(name, match):
 
 
 def test_router_side_modules_do_not_import_torch():
-    code = ("import sys; import engine.block_hash, engine.tokenizer, engine.sampling_params, "
-            "engine.request, engine.config, engine.model_source, engine.block_pool, "
-            "engine.kv_cache_manager, engine.gguf_file; "
-            "from engine.model_source import resolve_model; resolve_model('smollm2-135m').tokenizer(); "
+    """The router, the gateway and what they use from the engine run without torch; the CLI
+    imports it only in the subcommands that run a model."""
+    code = ("import sys; import pdserve.engine.block_hash, pdserve.engine.tokenizer, "
+            "pdserve.engine.sampling_params, pdserve.engine.request, pdserve.engine.config, "
+            "pdserve.engine.model_source, pdserve.engine.block_pool, pdserve.engine.kv_cache_manager, "
+            "pdserve.engine.gguf_file, pdserve.router.node, pdserve.router.gateway, pdserve.cli; "
+            "from pdserve.engine.model_source import resolve_model; resolve_model('smollm2-135m').tokenizer(); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

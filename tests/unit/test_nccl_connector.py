@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.kv_pool import LayerSlabs, pool_rows
-from kv_transfer.nccl import NcclKVSender, _joined, _layer_span
-from kv_transfer.tcp import TcpKVReceiver
+from pdserve.engine.kv_pool import LayerSlabs, pool_rows
+from pdserve.kv_transfer.nccl import NcclKVSender, _joined, _layer_span
+from pdserve.kv_transfer.tcp import TcpKVReceiver
 
 from .kv_peer import make_sender
 from .test_kv_connectors import assert_all_landed, ticket, wait_until, warm_up
@@ -24,7 +24,7 @@ def test_layers_the_caller_leaves_queued_go_with_its_next_call_or_done(receiver,
     """A caller that posts its own groups leaves the layers queued while the wire is busy and
     too few are queued (here: two calls in three), for its next call or, after the last, the
     DONE, which wakes the channel's thread: every layer lands once, none waits forever."""
-    from kv_transfer.nccl import _PairChannel
+    from pdserve.kv_transfer.nccl import _PairChannel
     sender = make_sender("nccl-from-caller")
     try:
         warm_up(receiver, sender, "nccl")
@@ -67,19 +67,19 @@ def test_a_group_sends_views_lying_back_to_back_as_one_view():
 
 def test_the_caller_posts_layers_that_come_apart_at_once_and_a_burst_in_large_groups(receiver, monkeypatch):
     """`_may_post_here` on a real pair (gloo: no send stays in flight)."""
-    import kv_transfer.nccl
+    from pdserve.kv_transfer import nccl
     sender = make_sender("nccl-from-caller")
     try:
         warm_up(receiver, sender, "nccl")  # ends with a DONE
         channel = next(iter(sender._channels.values()))
-        monkeypatch.setattr(kv_transfer.nccl, "BURST_GAP_S", 0.0)  # every call comes apart
+        monkeypatch.setattr(nccl, "BURST_GAP_S", 0.0)  # every call comes apart
         assert not channel._may_post_here(channel.pair)  # the first layer after a DONE waits
         assert channel._may_post_here(channel.pair) and channel._may_post_here(channel.pair)
         with channel._lock:  # no other thread drains this stand-in DONE
             channel.put(("done", None, 0), wake=False)
             channel._items.clear()
         assert not channel._may_post_here(channel.pair)  # a new run
-        monkeypatch.setattr(kv_transfer.nccl, "BURST_GAP_S", 3600.0)  # every call is in a burst
+        monkeypatch.setattr(nccl, "BURST_GAP_S", 3600.0)  # every call is in a burst
         assert not channel._may_post_here(channel.pair)
         with channel._lock:
             channel._items.append(("kv", [], channel.post_bytes - 1))
@@ -95,13 +95,13 @@ def test_a_run_of_layers_begins_with_a_frame_that_puts_the_receiver_on_watch(rec
     """The first layer of a run waits for the next (`_may_post_here`); meanwhile a BEGIN frame
     wakes the receiver's reader, which then polls its socket (until `watch_until`) instead of
     sleeping in recv. The layers then land as usual."""
-    import kv_transfer.tcp
+    from pdserve.kv_transfer import tcp
     sender = make_sender("nccl-from-caller")
     try:
         warm_up(receiver, sender, "nccl")  # ends with a DONE
         [conn] = [c for c in receiver._connections if c.pair is not None]
         assert wait_until(lambda: conn.watch_until < time.monotonic())  # the reader sleeps in recv
-        monkeypatch.setattr(kv_transfer.tcp, "WATCH_S", 3600.0)
+        monkeypatch.setattr(tcp, "WATCH_S", 3600.0)
         t, waiter = ticket(receiver, [3, 4], "nccl"), Waiter()
         layers = random_layers(t)
         receiver.expect(t, waiter)
@@ -117,7 +117,7 @@ def test_a_run_of_layers_begins_with_a_frame_that_puts_the_receiver_on_watch(rec
 
 def test_a_begin_frame_on_a_plain_connection_closes_it(receiver):
     """BEGIN belongs to pair connections: anywhere else the stream cannot be trusted."""
-    from kv_transfer.frame import BEGIN_FRAME
+    from pdserve.kv_transfer.frame import BEGIN_FRAME
     with socket.create_connection(("127.0.0.1", receiver.port)) as sock:
         sock.sendall(BEGIN_FRAME)
         assert wait_until(lambda: receiver.num_bad_connections == 1)

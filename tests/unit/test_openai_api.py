@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from protos import pdserve_pb2 as pb
-from router.openai_api import APIError, parse_request
-from router.stop_strings import StopStringMatcher
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.router.openai_api import APIError, parse_request
+from pdserve.router.stop_strings import StopStringMatcher
 
 
 def stream_through(matcher: StopStringMatcher, pieces: list[str]) -> tuple[str, bool]:

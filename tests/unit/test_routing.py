@@ -7,12 +7,12 @@ import time
 import redis
 
 from pdserve.redis_local import LocalRedis
-from protos import pdserve_pb2 as pb
-from router.nodes import NodeClient
-from router.pending_prefixes import PendingPrefixes
-from router.policy import LeastLoaded, PrefixAware, RoundRobin
-from router.prefix_index import PrefixIndex
-from service.redis_keys import IndexKeys, NodeRecord
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.router.nodes import NodeClient
+from pdserve.router.pending_prefixes import PendingPrefixes
+from pdserve.router.policy import LeastLoaded, PrefixAware, RoundRobin
+from pdserve.router.prefix_index import PrefixIndex
+from pdserve.service.redis_keys import IndexKeys, NodeRecord
 
 
 def test_lookup_returns_each_nodes_run_of_leading_blocks(tmp_path):

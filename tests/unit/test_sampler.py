@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from engine.sampler import Sampler, filtered_probs
-from engine.sampling_params import SamplingParams
+from pdserve.engine.sampler import Sampler, filtered_probs
+from pdserve.engine.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize("field,value", [

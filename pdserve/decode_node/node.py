@@ -1,0 +1,59 @@
+"""`pdserve decode`: loads the engine, opens the KV receiver, serves DecodeService."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pdserve.engine.config import EngineConfig
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.service import metrics
+from pdserve.service.node_registration import register
+from pdserve.service.server import Server, service_name
+
+from .config import DecodeNodeConfig
+from .service import DecodeServicer
+
+log = logging.getLogger(__name__)
+
+
+async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
+    from pdserve.engine.engine import Engine
+    from pdserve.engine.engine_loop import EngineLoop
+    from pdserve.kv_transfer.senders import CONNECTORS
+    from pdserve.kv_transfer.tcp import TcpKVReceiver
+
+    if config.kv_connector not in CONNECTORS:
+        raise ValueError(f"--kv-connector must be one of {', '.join(CONNECTORS)}, got {config.kv_connector!r}")
+
+    server = Server(service_name("DecodeService"), config.host, config.port, config.metrics_port,
+                    config.drain_timeout_s)
+    servicer = DecodeServicer(config.reservation_timeout_s, config.kv_connector)
+    servicer.server = server
+    pb_grpc.add_DecodeServiceServicer_to_server(servicer, server.grpc)
+    await server.start()  # health answers NOT_SERVING while the model loads
+    engine = await asyncio.to_thread(Engine, engine_config)
+    receiver = TcpKVReceiver(engine.runner.kv_caches, config.kv_host, config.kv_port,
+                             config.kv_advertise_host, pair_timeout=config.reservation_timeout_s)
+    registration = None
+
+    def after_step(stats: dict) -> None:
+        metrics.update_engine_gauges(stats)
+        if registration is not None:
+            registration.update_load(stats)
+
+    loop = EngineLoop(engine, after_step=after_step)
+    servicer.attach(loop, receiver)
+    loop.start()
+    registration = await register(config, "decode", config.host, server.port, engine.fingerprint)
+    after_step(engine.stats())
+    await server.set_serving(True)
+    server.write_ready_file(config.ready_file, kv_port=receiver.port, role="decode",
+                            node_id=registration.record.node_id if registration else None)
+    log.info("decode node ready: grpc %s:%d, kv %s", config.host, server.port, receiver.endpoint)
+
+    await server.wait_and_drain(servicer.num_active)
+    if registration is not None:
+        await registration.close()
+    receiver.close()
+    await loop.close()

@@ -1,0 +1,140 @@
+"""DecodeService: reserve -> ticket -> receive KV -> admit -> stream tokens -> free.
+
+Who frees a reservation's blocks: this handler, always, in its `finally` (engine abort is a
+no-op once the request finished): when the transfer fails, when the deadline passes, when
+the router cancels the call, or when the node drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+
+from pdserve.engine.engine_loop import EngineLoop
+from pdserve.kv_transfer.connector import KVReceiver, KVTicket, TransferResult
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.service import metrics
+from pdserve.service.convert import FINISH_TO_PROTO, sampling_from_proto, stats_to_proto, ticket_to_proto
+from pdserve.service.server import Drainable, abort
+
+log = logging.getLogger(__name__)
+
+
+class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
+    """Registered before the model loads (so health answers at once); `attach` makes it work."""
+
+    def __init__(self, reservation_timeout_s: float, kv_connector: str = "tcp"):
+        super().__init__()
+        self.reservation_timeout_s = reservation_timeout_s
+        self.kv_connector = kv_connector
+        self.loop: EngineLoop | None = None
+        self.num_transfer_failures = 0
+
+    def attach(self, loop: EngineLoop, receiver: KVReceiver) -> None:
+        self.loop, self.engine, self.receiver = loop, loop.engine, receiver
+
+    async def Decode(self, request: pb.DecodeRequest, context):
+        if self.draining or self.loop is None:
+            await abort(context, grpc.StatusCode.UNAVAILABLE,
+                        "decode node is " + ("draining" if self.draining else "loading"))
+        request_id = request.request_id or f"dec-{uuid.uuid4().hex[:12]}"
+        queue = self.loop.open_stream(request_id)
+        ticket, finished = None, False
+        self.active.add(request_id)
+        try:
+            ticket = await self._reserve(request, request_id, context)
+            transfer = asyncio.get_running_loop().create_future()
+            self.receiver.expect(ticket, _settle_from_thread(transfer))
+            yield pb.DecodeResponse(ticket=ticket_to_proto(ticket))
+            first_token_id = await self._await_transfer(transfer, ticket, request_id, context)
+            admitted = await self.loop.call(self.engine.admit, request_id, first_token_id)
+            if admitted is None:
+                await abort(context, grpc.StatusCode.ABORTED, f"{request_id}: reservation lost")
+            if admitted.finished:  # the first token already ended it (EOS, max_tokens 1)
+                finished = True
+                yield _chunk([], admitted.finish_reason)
+                return
+            while not finished:
+                outputs = [await queue.get()]
+                while not queue.empty():
+                    outputs.append(queue.get_nowait())
+                if None in outputs:
+                    await abort(context, grpc.StatusCode.INTERNAL, f"{request_id}: engine step failed")
+                finished = outputs[-1].finished
+                yield _chunk([t for o in outputs for t in o.new_token_ids], outputs[-1].finish_reason)
+            metrics.requests_total.labels("decode", "ok").inc()
+        finally:
+            self.active.discard(request_id)
+            self.loop.close_stream(request_id)
+            if not finished:  # cancelled, failed or expired: give the blocks back
+                if ticket is not None:
+                    self.receiver.forget(ticket.transfer_id)
+                self.loop.call_soon(self.engine.abort_request, request_id)
+
+    async def _reserve(self, request: pb.DecodeRequest, request_id: str, context) -> KVTicket:
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_from_proto(request.sampling)
+            block_ids = await self.loop.call(self.engine.reserve, prompt, params, request_id,
+                                             request.cache_salt or None)
+        except ValueError as e:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if block_ids is None:
+            need = -(-len(prompt) // self.engine.config.block_size)
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"decode node is full: the prompt needs {need} KV blocks, "
+                        f"{self.engine.kv.num_free_blocks} are free")
+        cfg, runner = self.engine.model_config, self.engine.runner
+        return KVTicket(uuid.uuid4().hex, self.receiver.endpoint, tuple(block_ids),
+                        self.engine.config.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                        str(runner.dtype).removeprefix("torch."),
+                        time.time() + self.reservation_timeout_s, self.engine.fingerprint,
+                        self.kv_connector)
+
+    async def _await_transfer(self, transfer: asyncio.Future, ticket: KVTicket, request_id: str,
+                              context) -> int:
+        try:
+            result: TransferResult = await asyncio.wait_for(transfer, ticket.deadline - time.time())
+        except asyncio.TimeoutError:
+            self._count_failure()
+            await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"{request_id}: no complete KV transfer within {self.reservation_timeout_s:.0f}s")
+        if not result.ok:
+            self._count_failure()
+            await abort(context, grpc.StatusCode.DATA_LOSS, f"{request_id}: kv transfer failed: {result.error}")
+        metrics.kv_transfer_bytes.labels("received").inc(result.num_bytes)
+        return result.first_token_id
+
+    def _count_failure(self) -> None:
+        self.num_transfer_failures += 1
+        metrics.kv_transfer_failures.inc()
+
+    async def GetStats(self, request, context):
+        if self.loop is None:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "decode node is loading")
+        stats = self.loop.stats  # as of the last step or call: never waits for a step
+        return stats_to_proto("decode", self.engine.fingerprint, stats,
+                              max_model_len=self.engine.max_model_len,
+                              block_size=self.engine.config.block_size,
+                              vocab_size=self.engine.model_config.vocab_size, draining=self.draining,
+                              num_kv_transfer_failures=self.num_transfer_failures)
+
+
+def _chunk(token_ids, finish_reason) -> pb.DecodeResponse:
+    return pb.DecodeResponse(chunk=pb.TokenChunk(token_ids=token_ids,
+                                                 finish_reason=FINISH_TO_PROTO[finish_reason]))
+
+
+def _settle_from_thread(future: asyncio.Future):
+    """A receiver callback (called on a receiver thread) that resolves `future` on its loop."""
+    loop = future.get_loop()
+
+    def on_done(result: TransferResult) -> None:
+        loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+
+    return on_done

@@ -1,0 +1,59 @@
+"""`pdserve prefill`: loads the engine, opens the KV sender, serves PrefillService."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pdserve.engine.config import EngineConfig
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.service import metrics
+from pdserve.service.node_registration import register
+from pdserve.service.server import Server, service_name
+
+from .config import PrefillNodeConfig
+from .service import PrefillServicer
+
+log = logging.getLogger(__name__)
+
+
+async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
+    from pdserve.engine.engine import Engine
+    from pdserve.engine.engine_loop import EngineLoop
+    from pdserve.kv_transfer.nccl import NcclKVSender
+    from pdserve.kv_transfer.senders import SenderByConnector
+    from pdserve.kv_transfer.tcp_sender import TcpKVSender
+
+    server = Server(service_name("PrefillService"), config.host, config.port, config.metrics_port,
+                    config.drain_timeout_s)
+    servicer = PrefillServicer()
+    servicer.server = server
+    pb_grpc.add_PrefillServiceServicer_to_server(servicer, server.grpc)
+    await server.start()  # health answers NOT_SERVING while the model loads
+    engine = await asyncio.to_thread(Engine, engine_config)
+    sender = SenderByConnector({  # the connector each ticket asks for, made on first use
+        "tcp": lambda: TcpKVSender(config.kv_connect_timeout_s, config.kv_test_corrupt_transfers),
+        "nccl": lambda: NcclKVSender(engine.runner.device, config.kv_connect_timeout_s,
+                                     config.kv_transfer_timeout_s)})
+    registration = None
+
+    def after_step(stats: dict) -> None:
+        metrics.update_engine_gauges(stats)
+        if registration is not None:
+            registration.update_load(stats)
+
+    servicer.attach(EngineLoop(engine, servicer.step, after_step), sender)
+    servicer.loop.start()
+    registration = await register(config, "prefill", config.host, server.port, engine.fingerprint,
+                                  cache=engine.kv.pool, run_on_engine=servicer.loop.call)
+    after_step(engine.stats())
+    await server.set_serving(True)
+    server.write_ready_file(config.ready_file, role="prefill",
+                            node_id=registration.record.node_id if registration else None)
+    log.info("prefill node ready: grpc %s:%d", config.host, server.port)
+
+    await server.wait_and_drain(servicer.num_active)
+    if registration is not None:
+        await registration.close()
+    sender.close()
+    await servicer.loop.close()

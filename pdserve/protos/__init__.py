@@ -1,0 +1,1 @@
+"""Stubs generated from protos/*.proto by scripts/gen_protos.sh (a test fails on drift)."""

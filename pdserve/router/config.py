@@ -1,0 +1,34 @@
+"""The router's and the HTTP gateway's settings (flags and PDSERVE_* variables);
+importing this is cheap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model: str = "smollm2-135m"  # for the tokenizer and vocabulary; the nodes hold the weights
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9400
+    prefill_nodes: str = ""  # comma-separated host:port (static; Redis may add more)
+    decode_nodes: str = ""
+    redis_url: str | None = None  # the prefix index and node registry
+    policy: str = "prefix"  # round_robin | load | prefix
+    heartbeat_grace_s: float = 10.0  # after Redis comes up: time for nodes to re-register
+    max_attempts: int = 3  # per request: the first try plus retries/resumes on other pairs
+    health_interval_s: float = 0.5
+    drain_timeout_s: float = 30.0
+    ready_file: str | None = None
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    router: str = "127.0.0.1:50051"
+    api_key: str | None = None  # required as "Authorization: Bearer <key>" on /v1/* when set
+    served_model_name: str | None = None  # default: the router's --model
+    request_timeout_s: float = 600.0
+    ready_file: str | None = None

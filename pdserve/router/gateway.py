@@ -1,0 +1,221 @@
+"""`pdserve gateway`: the OpenAI HTTP API (aiohttp) over the router's gRPC API (torch-free).
+
+    POST /v1/completions, /v1/chat/completions   streaming (SSE) or not
+    GET  /v1/models, /health, /metrics
+
+Every request is one RouterService.Generate stream; the router tokenizes, applies the chat
+template and stop strings, routes and retries. A client that disconnects cancels its handler
+(aiohttp handler cancellation), which cancels the gRPC call, which frees the blocks on both
+nodes. gRPC statuses become HTTP ones: INVALID_ARGUMENT 400, RESOURCE_EXHAUSTED 429,
+UNAVAILABLE 503, DEADLINE_EXCEEDED 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+
+import grpc
+import prometheus_client as prom
+from aiohttp import web
+
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+
+from .config import GatewayConfig
+from .openai_api import FINISH_REASONS, APIError, ParsedRequest, chunk_body, parse_request, response_body
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 << 20
+HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+               grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+               grpc.StatusCode.NOT_FOUND: 404}
+http_requests = prom.Counter("pdserve_http_requests_total", "Gateway: requests by path and status",
+                             ["path", "status"])
+# what the gateway itself adds: "request" from the HTTP request's arrival to the gRPC call, plus
+# from the first gRPC answer to its first chunk written; "chunk" from each later gRPC answer to
+# its SSE chunk written
+gateway_added = prom.Histogram("pdserve_gateway_added_seconds", "Gateway: latency it adds", ["stage"],
+                               buckets=(5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 0.1))
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.channel = grpc.aio.insecure_channel(config.router)
+        self.stub = pb_grpc.RouterServiceStub(self.channel)
+        self.model_name = config.served_model_name
+        self.started = int(time.time())
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth])
+        app.add_routes([web.post("/v1/completions", self.completions),
+                        web.post("/v1/chat/completions", self.chat_completions),
+                        web.get("/v1/models", self.models), web.get("/health", self.health),
+                        web.get("/metrics", self.metrics)])
+        return app
+
+    # ---- middlewares ------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            response = await handler(request)
+        except APIError as e:
+            response = web.json_response(e.body(), status=e.status)
+        except web.HTTPException as e:  # aiohttp's own: 404 no route, 405, 413 too large
+            response = web.json_response(APIError(e.status, e.reason).body(), status=e.status)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as e:  # a bug: say so, keep serving
+            log.exception("unexpected error on %s", request.path)
+            response = web.json_response(APIError(500, f"internal error: {e}").body(), status=500)
+        http_requests.labels(request.path if request.match_info.route.resource else "other",
+                             str(response.status)).inc()
+        return response
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        key = self.config.api_key
+        if key and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                               code="invalid_api_key")
+        return await handler(request)
+
+    # ---- endpoints ----------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def models(self, request: web.Request) -> web.Response:
+        info = await self._info()
+        return web.json_response({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.started, "owned_by": "pdserve",
+            "root": info.model, "max_model_len": info.max_model_len}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        try:
+            info = await self._info()
+        except APIError as e:
+            return web.json_response({"status": "unavailable", "reason": e.message}, status=503)
+        if not (info.num_prefill_nodes and info.num_decode_nodes):
+            return web.json_response({"status": "unavailable", "reason": "no prefill/decode pair"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=prom.generate_latest(), content_type="text/plain")
+
+    async def _info(self) -> pb.RouterInfo:
+        try:
+            return await self.stub.GetInfo(pb.InfoRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError as e:
+            raise APIError(503, f"router at {self.config.router} unavailable: {e.details()}") from None
+
+    # ---- generation ---------------------------------------------------------------------
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        arrived = time.perf_counter()
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise APIError(400, f"the request body is not valid JSON: {e}"[:300]) from None
+        parsed = parse_request(body, chat, self.model_name)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        parsed.generate.request_id = request_id
+        call = self.stub.Generate(parsed.generate, timeout=self.config.request_timeout_s)
+        before_call = time.perf_counter() - arrived
+        try:
+            if parsed.stream:
+                return await self._stream(request, parsed, call, request_id, before_call)
+            return await self._collect(parsed, call, request_id)
+        finally:
+            call.cancel()  # a no-op when it ended; frees the request's blocks when it did not
+
+    async def _collect(self, parsed: ParsedRequest, call, request_id: str) -> web.Response:
+        texts, last = [], None
+        try:
+            async for response in call:
+                texts.append(response.text)
+                last = response
+        except grpc.aio.AioRpcError as e:
+            raise _api_error(e) from None
+        return web.json_response(response_body(parsed, request_id, int(time.time()), "".join(texts),
+                                               FINISH_REASONS.get(last.finish_reason), last.usage))
+
+    async def _stream(self, request: web.Request, parsed: ParsedRequest, call, request_id: str,
+                      before_call: float) -> web.StreamResponse:
+        try:  # wait for the first answer: errors before it are plain HTTP errors
+            first = await call.read()
+        except grpc.aio.AioRpcError as e:
+            raise _api_error(e) from None
+        received = time.perf_counter()
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                          "Cache-Control": "no-cache"})
+        await out.prepare(request)
+        created, response, is_first = int(time.time()), first, True
+        try:
+            while response is not grpc.aio.EOF:
+                finish = FINISH_REASONS.get(response.finish_reason)
+                await _send(out, chunk_body(parsed, request_id, created, response.text, finish, first=is_first))
+                elapsed = time.perf_counter() - received
+                gateway_added.labels("request" if is_first else "chunk").observe(
+                    elapsed + before_call if is_first else elapsed)
+                is_first = False
+                if finish is not None and parsed.include_usage:
+                    await _send(out, chunk_body(parsed, request_id, created, None, None, response.usage))
+                response = await call.read()
+                received = time.perf_counter()
+        except grpc.aio.AioRpcError as e:  # mid-stream: an error chunk, then [DONE]
+            await _send(out, _api_error(e).body())
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+
+async def _send(out: web.StreamResponse, body: dict) -> None:
+    await out.write(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _api_error(error: grpc.aio.AioRpcError) -> APIError:
+    status = HTTP_STATUS.get(error.code(), 500)
+    return APIError(status, error.details() or error.code().name, code=error.code().name.lower())
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Serves until SIGTERM/SIGINT; the ready file is written once the router has answered."""
+    import signal
+
+    from pdserve.service.server import write_ready
+
+    gateway = Gateway(config)
+    runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    log.info("gateway listening on http://%s:%d (router %s)", config.host, port, config.router)
+    while gateway.model_name is None:  # with --served-model-name it serves (503s) without a router
+        try:
+            gateway.model_name = (await gateway.stub.GetInfo(pb.InfoRequest(), timeout=2.0)).model
+        except grpc.aio.AioRpcError as e:
+            log.warning("waiting for the router at %s: %s", config.router, e.details())
+            await asyncio.sleep(1.0)
+    write_ready(config.ready_file, host=config.host, port=port, role="gateway",
+                model=gateway.model_name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    await gateway.channel.close()

@@ -1,0 +1,78 @@
+"""`pdserve router`: serves RouterService over the prefill and decode nodes it is given or
+finds in the Redis registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.service.server import Server, service_name
+
+from .config import RouterConfig
+from .nodes import NodePool
+from .policy import make_policy
+from .prefix_index import PrefixIndex
+from .service import RouterServicer
+
+log = logging.getLogger(__name__)
+
+
+def _addresses(text: str, flag: str, required: bool) -> list[str]:
+    addresses = [a.strip() for a in text.split(",") if a.strip()]
+    for a in addresses:
+        host, _, port = a.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{flag}: {a!r} is not host:port")
+    if required and not addresses:
+        raise ValueError(f"{flag}: give at least one host:port, or --redis-url to find nodes there")
+    return addresses
+
+
+async def serve(config: RouterConfig) -> None:
+    from pdserve.engine.model_source import resolve_model
+
+    policy = make_policy(config.policy)
+    if config.max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {config.max_attempts}")
+    source = resolve_model(config.model)
+    model_config = source.model_config()
+    tokenizer, vocab_size = source.tokenizer(), model_config.vocab_size
+    fingerprint = model_config.fingerprint(source.weights_id())
+    static = config.redis_url is None
+    index = PrefixIndex(config.redis_url, fingerprint) if config.redis_url else None
+    if policy.uses_index and index is None:
+        log.warning("policy %s without --redis-url: no prefix index, routing by load", policy.name)
+    pool = NodePool(_addresses(config.prefill_nodes, "--prefill-nodes", static),
+                    _addresses(config.decode_nodes, "--decode-nodes", static), config.health_interval_s,
+                    index, fingerprint, config.heartbeat_grace_s)
+    server = Server(service_name("RouterService"), config.host, config.port, config.metrics_port,
+                    config.drain_timeout_s)
+    pb_grpc.add_RouterServiceServicer_to_server(
+        RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint,
+                       config.model),
+        server.grpc)
+    await server.start()
+    pool.start()
+    watcher = asyncio.get_running_loop().create_task(_follow_nodes(server, pool, config.ready_file))
+    await server.wait_and_drain()
+    watcher.cancel()
+    await pool.close()
+    if index is not None:
+        await index.close()
+
+
+async def _follow_nodes(server: Server, pool: NodePool, ready_file: str | None) -> None:
+    """Health SERVING while at least one prefill and one decode node are; the ready file is
+    written the first time."""
+    ready = None
+    while True:
+        await pool.changed.wait()
+        pool.changed.clear()
+        serving = bool(pool.healthy("prefill") and pool.healthy("decode"))
+        if serving != ready:
+            log.info("router %s", "serving" if serving else "NOT serving: no healthy prefill/decode pair")
+            await server.set_serving(serving)
+            if serving and ready is None:
+                server.write_ready_file(ready_file, role="router")
+            ready = serving

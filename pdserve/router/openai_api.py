@@ -1,0 +1,223 @@
+"""The OpenAI API's request and response shapes, checked field by field (torch-free).
+
+`parse_request` turns a /v1/completions or /v1/chat/completions body into a GenerateRequest
+for the router, or raises APIError(400) naming the field. The `*_body` and `*_chunk`
+functions build the answers in OpenAI's shapes. Extensions, as in vLLM: top_k, min_p,
+stop_token_ids, ignore_eos, cache_salt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pdserve.protos import pdserve_pb2 as pb
+
+MAX_TOKENS_LIMIT = 1 << 31
+FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                  pb.FINISH_REASON_ABORT: "abort"}
+# fields that would change the answer and that pdserve does not implement: refused, not ignored
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "tool_choice")
+
+
+class APIError(Exception):
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ParsedRequest:
+    chat: bool
+    model: str
+    stream: bool
+    include_usage: bool
+    generate: pb.GenerateRequest
+
+
+def bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param)
+
+
+def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = _get(body, "model", str, required=True)
+    if model != model_name:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves `{model_name}`",
+                       param="model", code="model_not_found")
+    for name in UNSUPPORTED:
+        if body.get(name) not in (None, False, [], 0):
+            raise bad(name, "is not supported by pdserve")
+    n = _get(body, "n", int)
+    if n not in (None, 1):
+        raise bad("n", f"only n=1 is supported, got {n}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _get(body, name, float) not in (None, 0):
+            raise bad(name, "is not supported by pdserve (only 0)")
+    if _get(body, "logit_bias", dict):
+        raise bad("logit_bias", "is not supported by pdserve")
+    stream = bool(_get(body, "stream", bool))
+    options = _get(body, "stream_options", dict) or {}
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad("stream_options.include_usage", f"expected a boolean, got {include_usage!r}")
+    _get(body, "user", str)  # accepted; not used
+    request = pb.GenerateRequest(sampling=_sampling(body, chat),
+                                 cache_salt=_get(body, "cache_salt", str) or "", stop=_stop(body))
+    if chat:
+        request.messages.CopyFrom(_messages(body))
+    else:
+        _prompt(body, request)
+    return ParsedRequest(chat, model, stream, include_usage, request)
+
+
+def _sampling(body: dict, chat: bool) -> pb.SamplingParams:
+    msg = pb.SamplingParams()
+    max_tokens = _get(body, "max_completion_tokens" if chat and "max_completion_tokens" in body
+                      else "max_tokens", int)
+    if max_tokens is not None:
+        if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+            raise bad("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}")
+        msg.max_tokens = max_tokens
+    elif chat:
+        msg.max_tokens = 0  # chat: until the context is full (OpenAI's default)
+    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0)):
+        value = _get(body, name, float)
+        if value is not None:
+            if not low <= value <= high or (name == "top_p" and value == 0):
+                raise bad(name, f"must be in {'(' if name == 'top_p' else '['}{low}, {high}], got {value}")
+            setattr(msg, name, value)
+    top_k = _get(body, "top_k", int)
+    if top_k is not None:
+        if top_k < -1 or top_k > MAX_TOKENS_LIMIT:
+            raise bad("top_k", f"must be -1 (off) or a positive integer, got {top_k}")
+        msg.top_k = top_k
+    seed = _get(body, "seed", int)
+    if seed is not None:
+        if not -2**63 <= seed < 2**63:
+            raise bad("seed", "must fit in 64 bits")
+        msg.seed = seed
+    stop_ids = _get(body, "stop_token_ids", list) or []
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < MAX_TOKENS_LIMIT for t in stop_ids):
+        raise bad("stop_token_ids", "expected a list of token ids")
+    msg.stop_token_ids.extend(stop_ids)
+    msg.ignore_eos = bool(_get(body, "ignore_eos", bool))
+    return msg
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad("stop", "expected a string or a list of strings")
+    return stop
+
+
+def _prompt(body: dict, request: pb.GenerateRequest) -> None:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        request.text = prompt
+    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not all(0 <= t < 2**32 for t in prompt):
+            raise bad("prompt", "token ids must be non-negative 32-bit integers")
+        request.token_ids.ids.extend(prompt)
+    elif prompt is None:
+        raise bad("prompt", "required")
+    else:
+        raise bad("prompt", "expected a string or a list of token ids (one prompt per request)")
+
+
+def _messages(body: dict) -> pb.ChatMessages:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "expected a non-empty list of messages")
+    out = pb.ChatMessages()
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad(f"messages[{i}]", "expected an object with a string role")
+        out.messages.add(role=m["role"], content=_content(m.get("content"), f"messages[{i}].content"))
+    return out
+
+
+def _content(content, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # parts: only text ones
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(param, "only text parts ({\"type\": \"text\", \"text\": ...}) are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad(param, "expected a string or a list of text parts")
+
+
+def _get(body: dict, name: str, kind: type, required: bool = False):
+    """body[name] checked against `kind` (None when absent or null)."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise bad(name, "required")
+        return None
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise bad(name, f"expected {_KIND_NAMES[kind]}, got {value!r}"[:200])
+    return float(value) if kind is float else value
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+               dict: "an object", list: "a list"}
+
+
+# ---- answers ---------------------------------------------------------------------------
+
+def usage_body(usage: pb.Usage) -> dict:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+def response_body(parsed: ParsedRequest, request_id: str, created: int, text: str, finish_reason: str,
+                  usage: pb.Usage) -> dict:
+    if parsed.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        kind = "text_completion"
+    return {"id": request_id, "object": kind, "created": created, "model": parsed.model,
+            "choices": [choice], "usage": usage_body(usage)}
+
+
+def chunk_body(parsed: ParsedRequest, request_id: str, created: int, text: str | None,
+               finish_reason: str | None, usage: pb.Usage | None = None, first: bool = False) -> dict:
+    """One streamed chunk; `text` None with `usage`: the final usage-only chunk."""
+    if parsed.chat:
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        kind = "chat.completion.chunk"
+    else:
+        choices = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+        kind = "text_completion"
+    body = {"id": request_id, "object": kind, "created": created, "model": parsed.model,
+            "choices": [] if text is None else choices}
+    if parsed.include_usage:
+        body["usage"] = usage_body(usage) if usage is not None else None
+    return body

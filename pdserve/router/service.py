@@ -1,0 +1,341 @@
+"""RouterService.Generate: validate -> pick a pair -> reserve on D -> prefill on P -> stream.
+
+Nothing is lost: an attempt that fails after some tokens were streamed is resumed on another
+pair from the prompt plus the tokens already sent (the client sees no gap and no duplicate);
+an attempt that fails before is simply retried. The client cancelling cancels both node
+calls, which free their blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.engine.block_hash import block_hashes
+from pdserve.engine.request import FinishReason
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.service import metrics
+from pdserve.service.convert import FINISH_FROM_PROTO, FINISH_TO_PROTO, sampling_from_proto, sampling_to_proto
+from pdserve.service.server import abort
+
+from .detokenizer import IncrementalDetokenizer
+from .nodes import NodeClient, NodePool
+from .pending_prefixes import PendingPrefixes
+from .prefix_index import MAX_LOOKUP_BLOCKS
+from .stop_strings import StopStringMatcher, validate_stop
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 4 << 20
+MAX_REQUEST_ID_CHARS = 256
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class ClientError(Exception):
+    """A node rejected the request itself (bad input): no other node would take it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class Retry(Exception):
+    """An attempt failed in a way another pair may not: try again, avoiding `nodes`."""
+
+    def __init__(self, reason: str, nodes: set, full: bool = False):
+        super().__init__(reason)
+        self.nodes, self.full = nodes, full
+
+
+@dataclass
+class Progress:
+    """What one Generate call has streamed so far, across attempts."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stop: StopStringMatcher | None = None
+    start: float = field(default_factory=time.monotonic)
+    sent: list[int] = field(default_factory=list)
+    first_at: float | None = None
+    last_at: float | None = None
+    num_attempts: int = 0
+    prefill: pb.PrefillResponse | None = None
+
+    def remaining_params(self) -> pb.SamplingParams:
+        msg = sampling_to_proto(self.params)
+        if self.params.max_tokens is not None:
+            msg.max_tokens = self.params.max_tokens - len(self.sent)
+        return msg
+
+
+@dataclass
+class Route:
+    prefill: NodeClient
+    decode: NodeClient
+    num_cached_tokens: int  # what the index says the prefill node holds of the prompt
+
+
+class RouterServicer(pb_grpc.RouterServiceServicer):
+    def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3,
+                 index=None, model_fingerprint: str = "", model_name: str = ""):
+        self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
+        self.model_name = model_name
+        self.vocab_size = vocab_size
+        self.max_attempts = max_attempts
+        self.index, self.model_fingerprint = index, model_fingerprint
+        self.pending = PendingPrefixes()
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        request_id = request.request_id or f"gen-{uuid.uuid4().hex[:16]}"
+        progress = await self._parse(request, context)
+        detok = IncrementalDetokenizer(self.tokenizer, progress.prompt) if self.tokenizer else None
+        failures: list[str] = []
+        excluded: set[NodeClient] = set()  # failed this request: avoided while others exist
+        full_nodes: set[NodeClient] = set()  # decode nodes without room: never retried
+        full = False  # the last failure was a full decode node: try the others, uncounted
+        while progress.num_attempts < self.max_attempts or full:
+            route = await self._route(progress.prompt + progress.sent, request.cache_salt, excluded,
+                                      full_nodes)
+            if route is None:
+                break
+            progress.num_attempts += 1
+            try:
+                async with contextlib.aclosing(
+                        self._attempt(request_id, request.cache_salt, progress, route)) as chunks:
+                    async for token_ids, reason in chunks:
+                        response = self._response(request_id, progress, detok, token_ids, reason)
+                        yield response
+                        if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                            metrics.requests_total.labels("router", "ok").inc()
+                            return  # closing `chunks` cancels the decode call, freeing its blocks
+            except ClientError as e:
+                await abort(context, e.code, e.details)
+            except Retry as e:
+                failures.append(str(e))
+                excluded |= e.nodes
+                full = e.full
+                if full:
+                    full_nodes |= e.nodes
+                metrics.retries_total.labels("full" if full else "failure").inc()
+                log.warning("%s: attempt %d failed: %s", request_id, progress.num_attempts, e)
+        metrics.requests_total.labels("router", "failed").inc()
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE
+        detail = "; ".join(failures) or "no healthy prefill and decode nodes"
+        await abort(context, code, f"{request_id}: not served after {progress.num_attempts} "
+                                   f"attempt(s): {detail}")
+
+    async def _route(self, prompt: list[int], cache_salt: str, excluded: set,
+                     full_nodes: set) -> Route | None:
+        """A (prefill, decode) pair, avoiding nodes that failed this request where others exist;
+        decode nodes that were full are never retried."""
+        candidates = []
+        for role in ("prefill", "decode"):
+            healthy = [n for n in self.pool.healthy(role) if n not in full_nodes]
+            candidates.append([n for n in healthy if n not in excluded] or healthy)
+        prefill_nodes, decode_nodes = candidates
+        if not prefill_nodes or not decode_nodes:
+            return None
+        hashes = self._block_hashes(prompt, cache_salt, prefill_nodes[0]) if self.policy.uses_index else []
+        cached = await self._cached_tokens(hashes, prefill_nodes) if self.policy.uses_index else {}
+        prefill, reason = self.policy.pick_prefill(prefill_nodes, len(prompt), cached)
+        metrics.route_decisions.labels(self.policy.name, reason).inc()
+        if hashes:
+            self.pending.add(hashes, prefill)
+        return Route(prefill, self.policy.pick_decode(decode_nodes, len(prompt)),
+                     (cached or {}).get(prefill, 0))
+
+    def _block_hashes(self, prompt: list[int], cache_salt: str, node: NodeClient) -> list[bytes]:
+        """The hashes of the prompt's blocks a prefill node could reuse (not the one holding the
+        last token, which is always computed), at most MAX_LOOKUP_BLOCKS."""
+        if self.index is None or node.stats is None:
+            return []
+        block_size = node.stats.block_size
+        leading = prompt[:min(len(prompt) - 1, MAX_LOOKUP_BLOCKS * block_size)]
+        return block_hashes(leading, block_size, self.model_fingerprint, cache_salt or None)
+
+    async def _cached_tokens(self, hashes: list[bytes], nodes: list[NodeClient]) -> dict[NodeClient, int] | None:
+        """Prefill node -> prompt tokens it holds, or will once the requests this router sent
+        it are computed; None (route by load) without an answering index."""
+        runs = await self.index.lookup(hashes) if self.index is not None else None
+        if runs is None:
+            return None
+        by_id, block_size = self.pool.by_node_id(), nodes[0].stats.block_size
+        cached = {by_id[i]: n for i, n in runs.items() if by_id.get(i) in nodes}
+        for node, n in self.pending.runs(hashes).items():
+            if node in nodes:
+                cached[node] = max(cached.get(node, 0), n)
+        return {node: n * block_size for node, n in cached.items()}
+
+    async def _attempt(self, request_id: str, cache_salt: str, progress: Progress, route: Route):
+        """Yields (token ids, finish reason or None) chunks; raises Retry on node trouble."""
+        prefill, decode = route.prefill, route.decode
+        prompt = progress.prompt + progress.sent
+        attempt_id = f"{request_id}.{progress.num_attempts}"
+        params = progress.remaining_params()
+        decode.num_inflight += 1
+        decode_call = decode.stub.Decode(pb.DecodeRequest(
+            request_id=attempt_id, prompt_token_ids=prompt, sampling=params, cache_salt=cache_salt))
+        try:
+            first = await _read(decode_call, decode)
+            if not first.HasField("ticket"):
+                raise Retry(f"decode node {decode.address} sent no ticket", {decode})
+            response = await self._prefill(prefill, pb.PrefillRequest(
+                request_id=attempt_id, prompt_token_ids=prompt, sampling=params,
+                cache_salt=cache_salt, ticket=first.ticket), route.num_cached_tokens)
+            progress.prefill = progress.prefill or response
+            metrics.routed_cached_tokens.inc(response.num_cached_tokens)
+            reason = FINISH_FROM_PROTO[response.finish_reason]
+            yield [response.first_token_id], reason
+            if reason is not None:
+                return
+            while (message := await _read(decode_call, decode)) is not None:
+                reason = FINISH_FROM_PROTO[message.chunk.finish_reason]
+                yield list(message.chunk.token_ids), reason
+                if reason is not None:
+                    return
+            raise Retry(f"decode node {decode.address} ended the stream early", {decode})
+        finally:
+            decode_call.cancel()  # a no-op once it finished; frees the blocks otherwise
+            decode.num_inflight -= 1
+
+    async def _prefill(self, node: NodeClient, message: pb.PrefillRequest, num_cached_tokens: int):
+        num_prompt_tokens = len(message.prompt_token_ids)
+        num_tokens = num_prompt_tokens - num_cached_tokens  # the work it adds to the node
+        node.num_inflight += 1
+        node.num_inflight_tokens += num_tokens
+        node.num_sent_prompt_tokens += num_prompt_tokens
+        try:
+            return await node.stub.Prefill(message)
+        except grpc.aio.AioRpcError as e:
+            raise _classify(e, node) from None
+        finally:
+            node.num_inflight -= 1
+            node.num_inflight_tokens -= num_tokens
+            node.num_done_prompt_tokens += num_prompt_tokens
+
+    def _response(self, request_id, progress: Progress, detok, token_ids, reason) -> pb.GenerateResponse:
+        now = time.monotonic()
+        if progress.first_at is None:
+            progress.first_at = now
+            metrics.time_to_first_token.observe(now - progress.start)
+        elif token_ids:
+            for _ in token_ids:
+                metrics.inter_token_latency.observe((now - progress.last_at) / len(token_ids))
+        progress.last_at = now
+        progress.sent += token_ids
+        text = detok.push(token_ids, final=reason is not None) if detok else ""
+        if progress.stop is not None:
+            text, stopped = progress.stop.push(text, final=reason is not None)
+            reason = FinishReason.STOP if stopped else reason
+        response = pb.GenerateResponse(request_id=request_id, token_ids=token_ids, text=text,
+                                       finish_reason=FINISH_TO_PROTO[reason])
+        if reason is not None:
+            pre = progress.prefill
+            response.usage.CopyFrom(pb.Usage(prompt_tokens=len(progress.prompt),
+                                             completion_tokens=len(progress.sent),
+                                             cached_tokens=pre.num_cached_tokens if pre else 0))
+            response.timings.CopyFrom(pb.Timings(
+                time_to_first_token_seconds=progress.first_at - progress.start,
+                total_seconds=now - progress.start, num_attempts=progress.num_attempts,
+                prefill_seconds=pre.prefill_seconds if pre else 0.0,
+                kv_transfer_seconds=pre.kv_transfer_seconds if pre else 0.0))
+        return response
+
+    # ---- validation -------------------------------------------------------------------
+
+    async def _parse(self, request: pb.GenerateRequest, context) -> Progress:
+        """The prompt's token ids and the sampling params; INVALID_ARGUMENT naming the field."""
+        limits = self.pool.model_limits()
+        if limits is None:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "no healthy prefill and decode nodes")
+        max_model_len, _ = limits
+        try:
+            if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+                raise ValueError(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
+            prompt = await self._prompt_token_ids(request)
+            params = sampling_from_proto(request.sampling)
+            params.validate(self.vocab_size)
+            bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt.token_ids: {bad} is not a token id of this model "
+                                 f"(vocabulary of {self.vocab_size})")
+            if len(prompt) >= max_model_len:
+                raise ValueError(f"prompt: {len(prompt)} tokens, the model takes at most "
+                                 f"{max_model_len - 1} (max_model_len {max_model_len})")
+            validate_stop(list(request.stop))
+            if request.stop and self.tokenizer is None:
+                raise ValueError("stop: this model has no tokenizer to match text; use stop_token_ids")
+        except ValueError as e:
+            metrics.requests_total.labels("router", "invalid").inc()
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return Progress(prompt, params, StopStringMatcher(list(request.stop)) if request.stop else None)
+
+    async def GetInfo(self, request: pb.InfoRequest, context) -> pb.RouterInfo:
+        limits = self.pool.model_limits()
+        return pb.RouterInfo(model=self.model_name, max_model_len=limits[0] if limits else 0,
+                             vocab_size=self.vocab_size,
+                             num_prefill_nodes=len(self.pool.healthy("prefill")),
+                             num_decode_nodes=len(self.pool.healthy("decode")),
+                             has_tokenizer=self.tokenizer is not None)
+
+    async def _prompt_token_ids(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            raise ValueError("prompt: set one of text, token_ids or messages")
+        if kind == "token_ids":
+            prompt = list(request.token_ids.ids)
+        else:
+            if self.tokenizer is None:
+                raise ValueError(f"prompt.{kind}: this model has no tokenizer; send token_ids")
+            prompt = await asyncio.to_thread(self._tokenize, request, kind)
+        if not prompt:
+            raise ValueError(f"prompt.{kind}: the prompt is empty")
+        return prompt
+
+    def _tokenize(self, request: pb.GenerateRequest, kind: str) -> list[int]:
+        if kind == "text":
+            if len(request.text) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt.text: longer than {MAX_PROMPT_CHARS} characters")
+            return self.tokenizer.encode(request.text) if request.text else []
+        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+        for i, m in enumerate(messages):
+            if m["role"] not in CHAT_ROLES:
+                raise ValueError(f"prompt.messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, "
+                                 f"got {m['role']!r}")
+        if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt.messages: longer than {MAX_PROMPT_CHARS} characters")
+        if not messages:
+            return []
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except Exception as e:  # a template that rejects the conversation
+            raise ValueError(f"prompt.messages: the chat template failed: {e}") from None
+
+
+async def _read(call, node: NodeClient):
+    """The next message of a node's stream (None at its end); node failures become Retry."""
+    try:
+        message = await call.read()
+    except grpc.aio.AioRpcError as e:
+        raise _classify(e, node) from None
+    return None if message is grpc.aio.EOF else message
+
+
+def _classify(error: grpc.aio.AioRpcError, node: NodeClient) -> Exception:
+    code = error.code()
+    detail = f"{node.role} node {node.address}: {code.name}: {error.details()}"
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return ClientError(code, error.details())
+    if code == grpc.StatusCode.UNAVAILABLE:
+        node.mark_down(detail)
+    return Retry(detail, {node}, full=code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+

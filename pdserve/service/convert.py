@@ -1,0 +1,52 @@
+"""Protobuf <-> internal dataclasses, at the edges only (torch-free)."""
+
+from __future__ import annotations
+
+from pdserve.engine.request import FinishReason
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_transfer.connector import KVTicket
+from pdserve.protos import pdserve_pb2 as pb
+
+_DEFAULTS = SamplingParams()
+FINISH_TO_PROTO = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FINISH_REASON_STOP,
+                   FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.ABORT: pb.FINISH_REASON_ABORT}
+FINISH_FROM_PROTO = {v: k for k, v in FINISH_TO_PROTO.items()}
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Unset fields take SamplingParams' defaults; max_tokens 0 means no limit."""
+    def get(name):
+        return getattr(msg, name) if msg.HasField(name) else getattr(_DEFAULTS, name)
+
+    max_tokens = get("max_tokens")
+    return SamplingParams(
+        temperature=get("temperature"), top_p=get("top_p"), top_k=get("top_k"), min_p=get("min_p"),
+        seed=get("seed"), max_tokens=None if max_tokens == 0 else max_tokens,
+        stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos)
+
+
+def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                            min_p=params.min_p, max_tokens=params.max_tokens or 0,
+                            stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos)
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def ticket_to_proto(t: KVTicket) -> pb.KVTicket:
+    return pb.KVTicket(transfer_id=t.transfer_id, kv_endpoint=t.kv_endpoint, block_ids=t.block_ids,
+                       block_size=t.block_size, num_layers=t.num_layers, num_kv_heads=t.num_kv_heads,
+                       head_dim=t.head_dim, dtype=t.dtype, deadline=t.deadline,
+                       model_fingerprint=t.model_fingerprint, connector=t.connector)
+
+
+def ticket_from_proto(m: pb.KVTicket) -> KVTicket:
+    return KVTicket(m.transfer_id, m.kv_endpoint, tuple(m.block_ids), m.block_size, m.num_layers,
+                    m.num_kv_heads, m.head_dim, m.dtype, m.deadline, m.model_fingerprint, m.connector)
+
+
+def stats_to_proto(role: str, fingerprint: str, stats: dict, **extra) -> pb.NodeStats:
+    """An Engine.stats() dict (plus node fields) as NodeStats."""
+    fields = {k: v for k, v in {**stats, **extra}.items() if k in pb.NodeStats.DESCRIPTOR.fields_by_name}
+    return pb.NodeStats(role=role, model_fingerprint=fingerprint, **fields)
