@@ -9,8 +9,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp}
-if [ -d .whl ]; then  # test tools carried as wheels (the device has no package index)
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+if [ -d .whl ]; then  # test tools (and in .whl/extra the runtime packages it lacks) carried as
+  # wheels: the device has no package index. See gpu_nccl_check.sh for how .whl/extra is made.
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl $(ls .whl/extra/*.whl 2>/dev/null) \
+    && export PYTHONPATH=/tmp/site
 fi
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels 2>&1 | tee "$out/gpu_tests.log" | tail -25

@@ -4,9 +4,10 @@
 # reps (a run's median varies by ~0.05 between runs; its tables are printed last).
 # Carry .whl (the packages the image lacks, as wheels: it has no package index), made with
 #   pip download -d .whl/extra --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
-#     --python-version 3.12 crc32c redis async-timeout grpcio==1.85.1 \
+#     --python-version 3.12 crc32c redis async-timeout grpcio==1.85.4 \
 #     grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
-# (grpcio and protobuf at least the versions protos/ was generated with).
+# (the versions requirements/test.lock pins; grpcio and protobuf at least those the stubs in
+# pdserve/protos were generated with).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

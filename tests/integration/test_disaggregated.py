@@ -171,6 +171,7 @@ def test_random_bytes_on_the_kv_port_do_not_hurt_the_decode_node(cluster, refere
 def test_health_reflection_and_metrics(cluster):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+    generate(cluster.router_address, prompts(12, [40])[0])  # a request for the metrics to count
     for p in cluster.processes:
         assert health(p.address) == "SERVING"
     with grpc.insecure_channel(cluster.router_address) as channel:

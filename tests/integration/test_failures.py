@@ -1,5 +1,7 @@
 """Failures on real processes: a corrupted KV transfer, a decode node killed mid-stream, a
-decode node drained by SIGTERM. Every request still returns the engine's exact tokens."""
+decode node drained by SIGTERM. Every request still returns the engine's exact tokens. Each
+test breaks a cluster of its own (one prefill and two decode nodes), so none depends on what
+another did."""
 
 import concurrent.futures
 import random
@@ -16,13 +18,22 @@ from .serving import GREEDY, all_blocks_free, generate, health, node_stats, wait
 LONG = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
+def start_cluster(prefill_args=()) -> Cluster:
+    return Cluster("dummy:tiny", num_prefill=1, num_decode=2,
+                   node_args=["--num-kv-blocks", "160", "--drain-timeout-s", "60"], prefill_args=prefill_args,
+                   router_args=["--policy", "round_robin", "--health-interval-s", "0.2"])
+
+
+@pytest.fixture
 def cluster():
-    # the prefill node corrupts its first transfer; three decode nodes to lose two of
-    with Cluster("dummy:tiny", num_prefill=1, num_decode=3,
-                 node_args=["--num-kv-blocks", "160", "--drain-timeout-s", "60"],
-                 prefill_args=["--kv-test-corrupt-transfers", "1"],
-                 router_args=["--policy", "round_robin", "--health-interval-s", "0.2"]) as c:
+    with start_cluster() as c:
+        yield c
+
+
+@pytest.fixture
+def corrupting_cluster():
+    """Its prefill node corrupts its first transfer's payload (a test hook)."""
+    with start_cluster(["--kv-test-corrupt-transfers", "1"]) as c:
         yield c
 
 
@@ -36,8 +47,8 @@ def prompt(seed: int, n: int):
     return [rng.randrange(3, 512) for _ in range(n)]
 
 
-def test_corrupted_transfer_is_caught_and_the_request_resumed(cluster, reference):
-    p = prompt(0, 70)
+def test_corrupted_transfer_is_caught_and_the_request_resumed(corrupting_cluster, reference):
+    cluster, p = corrupting_cluster, prompt(0, 70)
     tokens, last, _ = generate(cluster.router_address, p)
     assert tokens == reference.generate([p], GREEDY)[0].token_ids
     assert last.timings.num_attempts == 2

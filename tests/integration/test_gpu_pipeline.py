@@ -1,7 +1,8 @@
-"""On a host of two GPUs (the nvidia-h200-x2 device): prefill on cuda:0, decode on cuda:1, the
-KV over the nccl connector (NVLink), `dummy:llama3-8b`. The oracle: the in-process engine on
-one GPU. Requests go one at a time, so both sides run the same batch shapes and bf16 gives
-bit-equal logits; then 16 at once, which must all complete and free every block."""
+"""The disaggregated path on GPUs, `dummy:llama3-8b`: on a host of two GPUs prefill on cuda:0,
+decode on cuda:1, the KV over the nccl connector (NVLink); on one GPU both nodes share it and
+the KV goes over tcp. The oracle: the in-process engine on one GPU. Requests go one at a time,
+so both sides run the same batch shapes and bf16 gives bit-equal logits; then 16 at once,
+which must all complete and free every block."""
 
 import concurrent.futures
 import random
@@ -25,23 +26,31 @@ def flags(args: dict) -> list[str]:
     return [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (nvidia-h200-x2)")
-def test_two_gpu_pipeline_over_nccl_equals_the_engine_on_one_gpu():
+def check_pipeline(prefill_args: list[str], decode_args: list[str]) -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 128000) for _ in range(rng.randrange(16, 1500))] for _ in range(16)]
     reference = Engine(model=MODEL, device="cuda:0", **ENGINE_ARGS)
     expected = [reference.generate([p], PARAMS)[0].token_ids for p in prompts]
     del reference
     torch.cuda.empty_cache()
-    with Cluster(MODEL, 1, 1, node_args=flags(ENGINE_ARGS), prefill_args=["--device", "cuda:0"],
-                 decode_args=["--device", "cuda:1", "--kv-connector", "nccl"]).start(timeout=600) as cluster:
+    with Cluster(MODEL, 1, 1, node_args=flags(ENGINE_ARGS), prefill_args=prefill_args,
+                 decode_args=decode_args).start(timeout=600) as cluster:
         for prompt, want in zip(prompts, expected):
             tokens, last, _ = generate(cluster.router_address, prompt, PARAMS)
             assert tokens == want
-            assert last.timings.num_attempts == 1  # no retry: the nccl transfer itself worked
+            assert last.timings.num_attempts == 1  # no retry: the transfer itself worked
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda p: generate(cluster.router_address, p, PARAMS), prompts))
         assert all(len(tokens) == PARAMS.max_tokens for tokens, _, _ in results)
         matching = sum(tokens == want for (tokens, _, _), want in zip(results, expected))
         print(f"16 concurrent requests: {matching}/16 equal the one-at-a-time tokens")
         assert wait_for(lambda: all_blocks_free(cluster))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (nvidia-h200-x2)")
+def test_two_gpu_pipeline_over_nccl_equals_the_engine_on_one_gpu():
+    check_pipeline(["--device", "cuda:0"], ["--device", "cuda:1", "--kv-connector", "nccl"])
+
+
+def test_one_gpu_pipeline_over_tcp_equals_the_engine():
+    check_pipeline(["--device", "cuda:0"], ["--device", "cuda:0", "--kv-connector", "tcp"])

@@ -2,11 +2,7 @@
 the layers, and no import cycles between modules (a lazy import inside a function counts too)."""
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pdserve"
