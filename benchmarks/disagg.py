@@ -40,7 +40,7 @@ from pdserve.engine.engine import Engine  # noqa: E402
 from pdserve.engine.model_source import resolve_model  # noqa: E402
 from pdserve.engine.sampling_params import SamplingParams  # noqa: E402
 from pdserve.kv_transfer.connector import KVTicket  # noqa: E402
-from pdserve.kv_transfer.tcp import TcpKVReceiver  # noqa: E402
+from pdserve.kv_transfer.receiver import KVSocketReceiver  # noqa: E402
 from pdserve.kv_transfer.tcp_sender import TcpKVSender  # noqa: E402
 from pdserve.client import generate_request  # noqa: E402
 from pdserve.cluster import Cluster  # noqa: E402
@@ -171,7 +171,7 @@ def kv_transfer(num_tokens: int, num_layers: int, kv_heads: int, head_dim: int, 
     shape = (num_blocks, block_size, kv_heads, head_dim)
     caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(num_layers)]
     layers = [torch.randn(2, *shape) for _ in range(num_layers)]
-    receiver, sender = TcpKVReceiver(caches), TcpKVSender()
+    receiver, sender = KVSocketReceiver(caches), TcpKVSender()
     total = sum(t.numel() * t.element_size() for t in layers)
 
     def connector_once() -> float:

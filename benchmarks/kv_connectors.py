@@ -83,19 +83,19 @@ def blocks_checksum(caches, block_ids) -> int:
 
 def serve_receiver() -> None:
     """Lines of JSON on stdin -> lines of JSON on stdout."""
-    from pdserve.kv_transfer import nccl as nccl_module
-    from pdserve.kv_transfer.nccl import PairPayloads
-    from pdserve.kv_transfer.tcp import TcpKVReceiver
+    from pdserve.kv_transfer import nccl_receiver
+    from pdserve.kv_transfer.nccl_receiver import PairPayloads
+    from pdserve.kv_transfer.receiver import KVSocketReceiver
     posted, nccl, steps = [], [], {}
     if TIMELINE:
         timeline(PairPayloads, "recv_group", posted)
         timeline(ProcessGroupPair, "recv_many", nccl, device_times=True)
         busy(PairPayloads, ["_scatter", "_span_rows"], steps)
-        busy(nccl_module, ["_rows_of", "to_device", "_layer_span"], steps)
-        busy(TcpKVReceiver, ["_admit_entries"], steps)
+        busy(nccl_receiver, ["_rows_of", "to_device", "_layer_span"], steps)
+        busy(KVSocketReceiver, ["admit_entries"], steps)
     device = torch.device(DEVICES["recv"])
     caches = allocate_kv_caches(CFG.num_layers, block_shape(), NUM_BLOCKS, DTYPE, device)
-    receiver = TcpKVReceiver(caches, pair_timeout=60)
+    receiver = KVSocketReceiver(caches, pair_timeout=60)
     raw_pair = None
     emit({"endpoint": receiver.endpoint})
     for line in sys.stdin:
@@ -266,13 +266,13 @@ def raw_seconds(peer: Peer, pair_state: dict, layers, how: str) -> float:
 
 def throughput(reps: int) -> list[dict]:
     from pdserve.kv_transfer import nccl
-    from pdserve.kv_transfer.nccl import NcclKVSender, _PairChannel
+    from pdserve.kv_transfer.nccl import NcclKVSender, PairChannel
     from pdserve.kv_transfer.tcp_sender import TcpKVSender
     peer, pair_state, rows = Peer(), {}, []
-    timeline(_PairChannel, "_send_layers", SENT)  # its group sizes: whatever was queued when it got to them
+    timeline(PairChannel, "send_layers", SENT)  # its group sizes: whatever was queued when it got to them
     if TIMELINE:
         timeline(ProcessGroupPair, "send_many", SENT_NCCL, device_times=True)
-        busy(_PairChannel, ["_write", "_drop_if_closed"], SENDER_STEPS)
+        busy(PairChannel, ["_write", "_drop_if_closed"], SENDER_STEPS)
         busy(NcclKVSender, ["send_layers"], SENDER_STEPS)
         busy(nccl, ["_joined"], SENDER_STEPS)
     senders = {"nccl": NcclKVSender(DEVICES["send"], 30, 60), "tcp": TcpKVSender(30)}

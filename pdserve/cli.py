@@ -52,7 +52,9 @@ HELP = {
     "ready_file": "write the bound ports here as JSON once serving (for launchers)",
     "kv_host": "interface the KV receiver binds to",
     "kv_advertise_host": "host prefill nodes dial for KV (default: --kv-host)",
-    "reservation_timeout_s": "free reserved blocks whose KV has not arrived after this long",
+    "reservation_timeout_s": "free reserved blocks whose KV has not begun to arrive after this long",
+    "max_queued_requests": "requests that may wait for KV blocks; past that the node answers "
+                           "RESOURCE_EXHAUSTED (HTTP 429)",
     "prefill_nodes": "comma-separated host:port of prefill nodes",
     "decode_nodes": "comma-separated host:port of decode nodes",
     "policy": "routing policy: round_robin, load or prefix (needs --redis-url)",
@@ -63,10 +65,12 @@ HELP = {
     "heartbeat_ttl_s": "a node whose heartbeat is older than this is dropped",
     "heartbeat_grace_s": "after Redis comes up, how long nodes may take to re-register",
     "kv_test_corrupt_transfers": "test hook: corrupt the first N KV transfers",
+    "kv_test_hold_prefill_s": "test hook: each prompt waits this long before its prefill (as if queued)",
     "kv_connector": "how prefill nodes send this node KV: tcp, or nccl (a process group per "
                     "node pair: NCCL between GPUs, gloo between CPU processes)",
     "kv_connect_timeout_s": "seconds to connect (and pair) with a decode node's KV receiver",
-    "kv_transfer_timeout_s": "seconds a KV transfer may take to leave once its last layer is queued",
+    "kv_transfer_timeout_s": "seconds a KV transfer may take (prefill: to leave once its last layer "
+                             "is queued; decode: to land once its first bytes came)",
     "router": "the router's gRPC address",
     "api_key": "require this key (Authorization: Bearer) on /v1/*",
     "served_model_name": "the model name clients send (default: the router's --model)",

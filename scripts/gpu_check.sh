@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call: every `gpu` test of tests/kernels (kernels against their references, the
-# engine's CUDA graphs against eager, nothing compiled or captured in steady state, the KV
-# cache's GPU share), then a benchmark, its table printed last:
+# One device call: every `gpu` test (kernels against their references, the engine's CUDA
+# graphs against eager, nothing compiled or captured in steady state, the KV cache's GPU share,
+# the receiver's landings, the cluster on one GPU), then a benchmark, its table printed last:
 #   bash scripts/gpu_check.sh           benchmarks/kernels.py
 #   bash scripts/gpu_check.sh engine    benchmarks/engine.py --device cuda (issue 9)
 # Usage on the device machine, from the repository root (carry .whl).
@@ -15,7 +15,7 @@ if [ -d .whl ]; then  # test tools (and in .whl/extra the runtime packages it la
     && export PYTHONPATH=/tmp/site
 fi
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels 2>&1 | tee "$out/gpu_tests.log" | tail -25
+python3 -m pytest -q -s -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -25
 if [ "${1:-kernels}" = engine ]; then
   python3 benchmarks/engine.py --device cuda --out "$out/engine.json" 2>&1 | tee "$out/engine.log" | tail -22
 else

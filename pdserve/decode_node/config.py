@@ -15,7 +15,11 @@ class DecodeNodeConfig(RegistryConfig):
     kv_host: str = "127.0.0.1"  # the interface the KV receiver binds to
     kv_port: int = 50081
     kv_advertise_host: str | None = None  # what prefill nodes dial (default: kv_host)
-    reservation_timeout_s: float = 30.0
+    # a reservation whose KV has not begun to arrive by then is freed; long, since the prompt
+    # may queue on its prefill node meanwhile (a router that goes away cancels it at once)
+    reservation_timeout_s: float = 600.0
+    kv_transfer_timeout_s: float = 30.0  # from a transfer's first bytes until it has landed
+    max_queued_requests: int = 256  # the admission queue's bound: past it, RESOURCE_EXHAUSTED
     kv_connector: str = "tcp"  # what tickets ask prefill nodes to send with: tcp | nccl
     drain_timeout_s: float = 30.0
     ready_file: str | None = None

@@ -21,23 +21,25 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
     from pdserve.engine.engine import Engine
     from pdserve.engine.engine_loop import EngineLoop
     from pdserve.kv_transfer.senders import CONNECTORS
-    from pdserve.kv_transfer.tcp import TcpKVReceiver
+    from pdserve.kv_transfer.receiver import KVSocketReceiver
 
     if config.kv_connector not in CONNECTORS:
         raise ValueError(f"--kv-connector must be one of {', '.join(CONNECTORS)}, got {config.kv_connector!r}")
 
     server = Server(service_name("DecodeService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
-    servicer = DecodeServicer(config.reservation_timeout_s, config.kv_connector)
+    servicer = DecodeServicer(config.reservation_timeout_s, config.kv_connector, config.max_queued_requests)
     servicer.server = server
     pb_grpc.add_DecodeServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(Engine, engine_config)
-    receiver = TcpKVReceiver(engine.runner.kv_caches, config.kv_host, config.kv_port,
-                             config.kv_advertise_host, pair_timeout=config.reservation_timeout_s)
+    receiver = KVSocketReceiver(engine.runner.kv_caches, config.kv_host, config.kv_port, config.kv_advertise_host,
+                                pair_timeout=config.kv_transfer_timeout_s,
+                                transfer_timeout=config.kv_transfer_timeout_s)
     registration = None
 
     def after_step(stats: dict) -> None:
+        servicer.admission.kick()  # a step may have freed blocks
         metrics.update_engine_gauges(stats)
         if registration is not None:
             registration.update_load(stats)

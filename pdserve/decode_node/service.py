@@ -1,8 +1,14 @@
-"""DecodeService: reserve -> ticket -> receive KV -> admit -> stream tokens -> free.
+"""DecodeService: (queue) -> reserve -> ticket -> receive KV -> admit -> stream tokens -> free.
+
+A request whose prompt does not fit in the free blocks waits in the admission queue
+(admission.py) until it does; only a full queue answers RESOURCE_EXHAUSTED. The ticket's
+deadline is for the KV's first bytes (the prefill may queue until then); once they come, the
+receiver gives the transfer `kv_transfer_timeout_s` to land. The request joins the running
+batch only after its KV is in the blocks (the receiver settles it once its copies have run).
 
 Who frees a reservation's blocks: this handler, always, in its `finally` (engine abort is a
-no-op once the request finished): when the transfer fails, when the deadline passes, when
-the router cancels the call, or when the node drains.
+no-op once the request finished): when the transfer fails, when a deadline passes, when the
+router cancels the call, or when the node drains. Every exit kicks the admission queue.
 """
 
 from __future__ import annotations
@@ -22,16 +28,19 @@ from pdserve.service import metrics
 from pdserve.service.convert import FINISH_TO_PROTO, sampling_from_proto, stats_to_proto, ticket_to_proto
 from pdserve.service.server import Drainable, abort
 
+from .admission import AdmissionQueue, QueueFull
+
 log = logging.getLogger(__name__)
 
 
 class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
     """Registered before the model loads (so health answers at once); `attach` makes it work."""
 
-    def __init__(self, reservation_timeout_s: float, kv_connector: str = "tcp"):
+    def __init__(self, reservation_timeout_s: float, kv_connector: str = "tcp", max_queued_requests: int = 256):
         super().__init__()
         self.reservation_timeout_s = reservation_timeout_s
         self.kv_connector = kv_connector
+        self.admission = AdmissionQueue(max_queued_requests)
         self.loop: EngineLoop | None = None
         self.num_transfer_failures = 0
 
@@ -75,20 +84,23 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                 if ticket is not None:
                     self.receiver.forget(ticket.transfer_id)
                 self.loop.call_soon(self.engine.abort_request, request_id)
+            self.admission.kick()  # after the abort above: the engine thread runs calls in order
 
     async def _reserve(self, request: pb.DecodeRequest, request_id: str, context) -> KVTicket:
+        """Blocks for the prompt, now or after a wait in the admission queue."""
         prompt = list(request.prompt_token_ids)
         try:
             params = sampling_from_proto(request.sampling)
-            block_ids = await self.loop.call(self.engine.reserve, prompt, params, request_id,
-                                             request.cache_salt or None)
+            need = -(-len(prompt) // self.engine.config.block_size)
+            if need > self.engine.kv.pool.num_blocks:
+                raise ValueError(f"prompt_token_ids: the prompt needs {need} KV blocks, this decode node "
+                                 f"has {self.engine.kv.pool.num_blocks} in all")
+            block_ids = await self.admission.reserve(lambda: self.loop.call(
+                self.engine.reserve, prompt, params, request_id, request.cache_salt or None))
         except ValueError as e:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if block_ids is None:
-            need = -(-len(prompt) // self.engine.config.block_size)
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"decode node is full: the prompt needs {need} KV blocks, "
-                        f"{self.engine.kv.num_free_blocks} are free")
+        except QueueFull as e:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode node is full: {e}")
         cfg, runner = self.engine.model_config, self.engine.runner
         return KVTicket(uuid.uuid4().hex, self.receiver.endpoint, tuple(block_ids),
                         self.engine.config.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
@@ -98,15 +110,11 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
 
     async def _await_transfer(self, transfer: asyncio.Future, ticket: KVTicket, request_id: str,
                               context) -> int:
-        try:
-            result: TransferResult = await asyncio.wait_for(transfer, ticket.deadline - time.time())
-        except asyncio.TimeoutError:
-            self._count_failure()
-            await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"{request_id}: no complete KV transfer within {self.reservation_timeout_s:.0f}s")
+        result: TransferResult = await transfer  # the receiver settles it, at its deadlines too
         if not result.ok:
             self._count_failure()
-            await abort(context, grpc.StatusCode.DATA_LOSS, f"{request_id}: kv transfer failed: {result.error}")
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if result.timed_out else grpc.StatusCode.DATA_LOSS
+            await abort(context, code, f"{request_id}: kv transfer failed: {result.error}")
         metrics.kv_transfer_bytes.labels("received").inc(result.num_bytes)
         return result.first_token_id
 
@@ -122,7 +130,8 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                               max_model_len=self.engine.max_model_len,
                               block_size=self.engine.config.block_size,
                               vocab_size=self.engine.model_config.vocab_size, draining=self.draining,
-                              num_kv_transfer_failures=self.num_transfer_failures)
+                              num_kv_transfer_failures=self.num_transfer_failures,
+                              num_waiting=stats["num_waiting"] + self.admission.num_waiting)
 
 
 def _chunk(token_ids, finish_reason) -> pb.DecodeResponse:

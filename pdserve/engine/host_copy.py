@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .private_apis import current_stream
+
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`values` (a list, nested lists or a numpy array) as a tensor on `device`, without a host
@@ -34,19 +36,3 @@ def stream_event(device: torch.device) -> "torch.cuda.Event":
     """An event after the work queued so far on the calling thread's current stream of CUDA
     `device`."""
     return current_stream(device).record_event()
-
-
-_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}  # (device index, raw handle) -> stream
-
-
-def current_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The calling thread's current stream on CUDA `device`, as `torch.cuda.current_stream`
-    gives it, for a fraction of its host time (docs/architecture.md, "Measured figures behind
-    the connectors"): the raw handle (as Triton's launcher reads it) and a lookup. Stream
-    objects of one handle are interchangeable; torch never frees its pool's streams."""
-    index = torch.cuda.current_device() if device.index is None else device.index
-    key = (index, torch._C._cuda_getCurrentRawStream(index))
-    stream = _STREAMS.get(key)
-    if stream is None:
-        stream = _STREAMS[key] = torch.cuda.current_stream(index)
-    return stream

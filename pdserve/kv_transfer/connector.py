@@ -68,6 +68,7 @@ class TransferResult:
     first_token_id: int | None = None
     error: str | None = None
     num_bytes: int = 0
+    timed_out: bool = False  # failed at a deadline (not by a bad frame or a broken connection)
 
 
 class KVSender(abc.ABC):

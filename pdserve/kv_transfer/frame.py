@@ -14,7 +14,7 @@ holds N): its payload is N entries of `16 bytes transfer id | u32 layer | u64 nu
 and the layers' bytes move as one message, concatenated in entry order. Dtype and shape are the
 ticket's (the sender checked them), so an entry is 28 bytes, not a 72-byte header. BEGIN (no
 payload, zero transfer id) says a run of layers starts on a PAIR connection: its receiver
-watches the connection closely from then on (kv_transfer/tcp.py `WATCH_S`).
+watches the connection closely from then on (kv_transfer/receiver.py `WATCH_S`).
 Nothing here is ever unpickled: the receiver checks the header against its ticket, then reads
 plain numbers.
 """

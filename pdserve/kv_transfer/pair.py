@@ -8,7 +8,7 @@ runs `ProcessGroupGloo` on CPU tensors, which is what CI tests.
 
 Waiting: gloo's `work.wait()` blocks until the bytes moved (or the group's timeout raises);
 NCCL's only makes the pair's stream wait, so completion is an event polled against a
-deadline (`Completions`). A stuck peer therefore fails the transfer, and the owner aborts the
+deadline (completions.py). A stuck peer therefore fails the transfer, and the owner aborts the
 pair, instead of hanging a node. NCCL's own watchdog is kept from killing the process: our
 deadlines fire first and `close` aborts the communicator.
 """
@@ -16,26 +16,20 @@ deadlines fire first and `close` aborts the communicator.
 from __future__ import annotations
 
 import collections
-import ctypes
 import datetime
 import logging
 import os
-import queue
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed
 
-from pdserve.engine.host_copy import current_stream
+from pdserve.engine.private_apis import current_stream
 
 log = logging.getLogger(__name__)
 
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 MAX_OFFER_BYTES = 256
-POLL_S = 20e-6  # Completions: between two looks at an event (the thread's timer slack is tight)
 NCCL_WATCHDOG_S = 24 * 3600  # far beyond any transfer deadline: we abort first
 
 
@@ -190,45 +184,3 @@ def backend_for(device: torch.device) -> str:
     if device.type not in BACKENDS:
         raise ValueError(f"the nccl connector needs cuda or cpu tensors, not {device.type}")
     return BACKENDS[device.type]
-
-
-class Completions:
-    """One thread that polls CUDA events against deadlines and calls back once each is done
-    (`on_done(None)`) or late (`on_done(TimeoutError)`), in the order they were added."""
-
-    def __init__(self, name: str):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def add(self, event, deadline: float, on_done: Callable[[BaseException | None], None]) -> None:
-        """`deadline` in time.monotonic(); `event` None means done already."""
-        self._queue.put((event, deadline, on_done))
-
-    def close(self) -> None:
-        self._queue.put(None)
-
-    def _run(self) -> None:
-        tight_timer_slack()
-        while (item := self._queue.get()) is not None:
-            event, deadline, on_done = item
-            error = None
-            while event is not None and not event.query():
-                if time.monotonic() > deadline:
-                    error = TimeoutError("the peer did not complete the transfer in time")
-                    break
-                time.sleep(POLL_S)
-            try:
-                on_done(error)
-            except Exception:  # a callback's bug must not stop the others
-                log.exception("completion callback failed")
-
-
-def tight_timer_slack() -> None:
-    """Linux: the calling thread's sleeps end within ~1 us of their time instead of Linux's
-    default 50 us timer slack (prctl PR_SET_TIMERSLACK), which doubles a 50 us sleep. Elsewhere
-    nothing changes."""
-    try:
-        ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, in ns
-    except (OSError, AttributeError):  # no libc prctl: not Linux
-        pass

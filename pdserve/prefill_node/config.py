@@ -17,3 +17,4 @@ class PrefillNodeConfig(RegistryConfig):
     drain_timeout_s: float = 30.0
     ready_file: str | None = None
     kv_test_corrupt_transfers: int = 0  # test hook: corrupt the first N transfers' payloads
+    kv_test_hold_prefill_s: float = 0.0  # test hook: each prompt waits this long first (as if queued)

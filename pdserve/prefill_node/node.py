@@ -26,7 +26,7 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
 
     server = Server(service_name("PrefillService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
-    servicer = PrefillServicer()
+    servicer = PrefillServicer(config.kv_test_hold_prefill_s)
     servicer.server = server
     pb_grpc.add_PrefillServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
     """Registered before the model loads (so health answers at once); `attach` makes it work."""
 
-    def __init__(self):
+    def __init__(self, test_hold_s: float = 0.0):
         super().__init__()
+        self.test_hold_s = test_hold_s  # test hook: each prompt waits this long, as if queued
         self.loop: EngineLoop | None = None
         self.tickets: dict[str, KVTicket] = {}  # request_id -> where its KV goes
         self.transfers: dict[str, concurrent.futures.Future] = {}  # request_id -> DONE sent
@@ -118,6 +119,8 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
         try:
             try:
                 params = sampling_from_proto(request.sampling)
+                if self.test_hold_s:
+                    await asyncio.sleep(self.test_hold_s)
                 await self.loop.call(self.engine.add_request, prompt, params, request_id,
                                      request.cache_salt or None, prefill_only=True)
             except ValueError as e:

@@ -121,27 +121,6 @@ def test_bad_input_is_invalid_argument_naming_the_field(cluster, prompt, params,
     assert field in info.value.details()
 
 
-def test_a_full_decode_node_answers_resource_exhausted(cluster):
-    decode = cluster.decode[0]
-    prompt = prompts(3, [600])[0]  # 38 of 160 blocks
-    with grpc.insecure_channel(decode.address) as channel:
-        stub = pb_grpc.DecodeServiceStub(channel)
-        calls, code = [], None
-        for i in range(6):
-            call = stub.Decode(pb.DecodeRequest(request_id=f"hold-{i}", prompt_token_ids=prompt))
-            try:
-                assert next(call).HasField("ticket")
-                calls.append(call)
-            except grpc.RpcError as e:
-                code, details = e.code(), e.details()
-                break
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "free" in details
-        assert node_stats(decode).num_reserved == len(calls) == 4
-        for call in calls:
-            call.cancel()
-    assert wait_for(lambda: all_blocks_free(cluster))
-
-
 def test_a_reservation_without_kv_expires_at_its_deadline(cluster):
     decode = cluster.decode[1]
     with grpc.insecure_channel(decode.address) as channel:

@@ -92,3 +92,18 @@ def test_draining_decode_node_finishes_its_stream_and_gets_no_new_work(cluster, 
     assert [generate(cluster.router_address, s)[0] for s in short] == expected
     assert node_stats(survivor).num_free_blocks == node_stats(survivor).num_kv_blocks
     assert health(cluster.router_address) == "SERVING"
+
+
+def test_a_prefill_queued_past_the_transfer_timeout_is_not_retried(reference):
+    """The KV's deadline counts from its first bytes, not from the reservation: a prompt held
+    on its prefill node (a test hook, as if queued behind others) for longer than the decode
+    node's transfer timeout is prefilled once and served on the first attempt."""
+    p = prompt(3, 60)
+    with Cluster("dummy:tiny", num_prefill=1, num_decode=1, node_args=["--num-kv-blocks", "160"],
+                 prefill_args=["--kv-test-hold-prefill-s", "3"],
+                 decode_args=["--kv-transfer-timeout-s", "1", "--reservation-timeout-s", "60"]) as cluster:
+        tokens, last, _ = generate(cluster.router_address, p)
+        assert tokens == reference.generate([p], GREEDY)[0].token_ids
+        assert last.timings.num_attempts == 1
+        assert node_stats(cluster.decode[0]).num_kv_transfer_failures == 0
+        assert wait_for(lambda: all_blocks_free(cluster))

@@ -28,12 +28,14 @@ from .serving import all_blocks_free, wait_for
 MODEL, KEY = "smollm2-135m", "test-key"
 DECODE_BLOCKS = 48  # room for two 260-token prompts (17 blocks each) and their output, not three
 HOLD_S = 600  # a reservation whose KV never comes holds its blocks this long
+# no admission queue: a request that does not fit is refused at once (429) instead of waiting
+NO_QUEUE = ["--max-queued-requests", "0"]
 
 
 @pytest.fixture(scope="module")
 def cluster():
     with Cluster(MODEL, 1, 1, gateway_port=0, gateway_env={"PDSERVE_API_KEY": KEY},
-                 decode_args=["--num-kv-blocks", str(DECODE_BLOCKS), "--reservation-timeout-s", str(HOLD_S)]) as c:
+                 decode_args=["--num-kv-blocks", str(DECODE_BLOCKS), "--reservation-timeout-s", str(HOLD_S), *NO_QUEUE]) as c:
         yield c
 
 
@@ -115,8 +117,9 @@ def test_errors_come_as_the_matching_openai_exceptions(cluster, client):
 
 def test_a_full_cluster_answers_429(cluster, client):
     """Two reservations made on the decode node itself hold its blocks by construction (their KV
-    never comes, and they outlive the test); a third prompt of the same size cannot fit. Once
-    they are cancelled, every block is free again."""
+    never comes, and they outlive the test); a third prompt of the same size cannot fit, and
+    with no room in the admission queue it is refused. Once they are cancelled, every block is
+    free again."""
     params = sampling_to_proto(SamplingParams(temperature=0, max_tokens=60))
     with grpc.insecure_channel(cluster.decode[0].address) as channel:
         stub = pb_grpc.DecodeServiceStub(channel)

@@ -49,12 +49,12 @@ def main(argv: list[str]) -> None:
         time.sleep(1.0)  # long enough for the frames to leave
         os._exit(17)  # dies mid-transfer: no DONE, no clean close of the process group
     if argv[0] == "receive":
-        from pdserve.kv_transfer.tcp import TcpKVReceiver
+        from pdserve.kv_transfer.receiver import KVSocketReceiver
         ticket = ticket_from_json(argv[1])
         from pdserve.engine.kv_pool import allocate_kv_caches
         caches = allocate_kv_caches(ticket.num_layers, (ticket.block_size, ticket.num_kv_heads, ticket.head_dim),
                                     max(ticket.block_ids) + 1, torch.float32, torch.device("cpu"))
-        receiver = TcpKVReceiver(caches, pair_timeout=10)
+        receiver = KVSocketReceiver(caches, pair_timeout=10)
         receiver.expect(dataclasses.replace(ticket, kv_endpoint=receiver.endpoint), lambda result: None)
         print(receiver.endpoint, flush=True)
         time.sleep(600)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from pdserve.kv_transfer.tcp import TcpKVReceiver
+from pdserve.kv_transfer.receiver import KVSocketReceiver
 
 from .kv_peer import layer_data, make_sender, ticket_to_json
 from .test_kv_transfer import (NUM_LAYERS, Waiter, assert_landed, make_caches, make_ticket, push,
@@ -37,7 +37,7 @@ def ticket(receiver, block_ids, connector, dtype="float32"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_transfers_land_in_reserved_blocks(connector, dtype):
     caches = make_caches(dtype)
-    receiver, sender = TcpKVReceiver(caches), make_sender(connector)
+    receiver, sender = KVSocketReceiver(caches), make_sender(connector)
     try:
         name = str(dtype).removeprefix("torch.")
         # scattered ids (staged and scattered), one block, one run of 20 (straight into the cache)
@@ -145,7 +145,7 @@ def test_receiver_process_killed_fails_the_senders_transfers(connector):
 @pytest.mark.parametrize("connector", CONNECTORS)
 def test_pairs_come_and_go_with_their_nodes(connector):
     caches_a, caches_b = make_caches(), make_caches()
-    a, b = TcpKVReceiver(caches_a), TcpKVReceiver(caches_b)
+    a, b = KVSocketReceiver(caches_a), KVSocketReceiver(caches_b)
     sender = make_sender(connector)
     for receiver, caches in ((a, caches_a), (b, caches_b)):  # one sender, two decode nodes
         t, waiter = ticket(receiver, [4, 5], connector), Waiter()
@@ -234,7 +234,7 @@ def test_a_layer_the_ticket_does_not_take_fails_only_that_transfer(connector, re
 
 @pytest.mark.parametrize("connector", CONNECTORS)
 def test_unreachable_receiver_fails_the_future(connector):
-    receiver = TcpKVReceiver(make_caches())
+    receiver = KVSocketReceiver(make_caches())
     t = ticket(receiver, [1], connector)
     receiver.close()
     sender = make_sender(connector)
@@ -264,13 +264,13 @@ def test_a_steps_layers_split_across_groups_all_land(connector, receiver, monkey
     """A prefill step hands each layer of all its prompts over in one call; a group that cannot
     take them all (3 layers, or bytes for 2 of these) leaves the rest for the next group:
     every layer lands once, in its own blocks, whichever thread posts the groups."""
-    from pdserve.kv_transfer.nccl import _PairChannel
-    monkeypatch.setattr(_PairChannel, "max_batch", 3)
+    from pdserve.kv_transfer.nccl import PairChannel
+    monkeypatch.setattr(PairChannel, "max_batch", 3)
     tickets = [ticket(receiver, [2 * i, 2 * i + 1], connector) for i in range(5)]
     layers = [random_layers(t) for t in tickets]
-    monkeypatch.setattr(_PairChannel, "max_batch_bytes", 2 * layers[0][0].nbytes)
+    monkeypatch.setattr(PairChannel, "max_batch_bytes", 2 * layers[0][0].nbytes)
     group_sizes, posters, done_posters = [], set(), set()
-    send_group, send_done = _PairChannel._send_layers, _PairChannel._send_done
+    send_group, send_done = PairChannel.send_layers, PairChannel.send_done
 
     def spy(self, group):
         group_sizes.append(len(group))
@@ -280,8 +280,8 @@ def test_a_steps_layers_split_across_groups_all_land(connector, receiver, monkey
     def done_spy(self, out, first_token_id):
         done_posters.add(threading.current_thread() is threading.main_thread())
         send_done(self, out, first_token_id)
-    monkeypatch.setattr(_PairChannel, "_send_layers", spy)
-    monkeypatch.setattr(_PairChannel, "_send_done", done_spy)
+    monkeypatch.setattr(PairChannel, "send_layers", spy)
+    monkeypatch.setattr(PairChannel, "send_done", done_spy)
     waiters = [Waiter() for _ in tickets]
     for t, w in zip(tickets, waiters):
         receiver.expect(t, w)

@@ -16,7 +16,7 @@ from pdserve.engine.kv_pool import allocate_kv_caches
 from pdserve.kv_transfer.connector import KVTicket
 from pdserve.kv_transfer.frame import (HEADER_SIZE, FrameError, FrameHeader, FrameType, group_entries, group_frame, kv_frame,
                                pair_frame)
-from pdserve.kv_transfer.tcp import TcpKVReceiver
+from pdserve.kv_transfer.receiver import KVSocketReceiver
 from pdserve.kv_transfer.tcp_sender import TcpKVSender
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 3, 32, 4, 2, 8
@@ -61,7 +61,7 @@ def random_layers(ticket, dtype=torch.float32):
 @pytest.fixture
 def pair():
     caches = make_caches()
-    receiver, sender = TcpKVReceiver(caches), TcpKVSender()
+    receiver, sender = KVSocketReceiver(caches), TcpKVSender()
     yield caches, receiver, sender
     sender.close()
     receiver.close()
@@ -138,7 +138,7 @@ def test_readable_sees_bytes_and_eof_on_descriptors_past_1023():
 
 
 def test_a_ticket_must_fit_the_cache():
-    receiver = TcpKVReceiver(make_caches(torch.float32))
+    receiver = KVSocketReceiver(make_caches(torch.float32))
     try:
         with pytest.raises(ValueError, match="bfloat16"):
             receiver.expect(make_ticket(receiver, [1], "bfloat16"), lambda result: None)
@@ -154,7 +154,7 @@ def test_a_ticket_must_fit_the_cache():
 @pytest.mark.parametrize("in_place", [True, False])  # False: the path of CUDA caches
 def test_tcp_payloads_land_in_place_or_through_a_buffer(in_place):
     caches = make_caches()
-    receiver, sender = TcpKVReceiver(caches, in_place=in_place), TcpKVSender()
+    receiver, sender = KVSocketReceiver(caches, in_place=in_place), TcpKVSender()
     try:
         tickets = [make_ticket(receiver, ids) for ids in ([3, 9, 4], list(range(10, 30)))]
         layers = [random_layers(t) for t in tickets]

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from pdserve.engine.kv_pool import LayerSlabs, pool_rows
-from pdserve.kv_transfer.nccl import NcclKVSender, _joined, _layer_span
-from pdserve.kv_transfer.tcp import TcpKVReceiver
+from pdserve.kv_transfer.channel import DoneItem, LayersItem
+from pdserve.kv_transfer.nccl import NcclKVSender, _joined
+from pdserve.kv_transfer.nccl_receiver import _layer_span
+from pdserve.kv_transfer.receiver import KVSocketReceiver
 
 from .kv_peer import make_sender
 from .test_kv_connectors import assert_all_landed, ticket, wait_until, warm_up
@@ -24,12 +26,12 @@ def test_layers_the_caller_leaves_queued_go_with_its_next_call_or_done(receiver,
     """A caller that posts its own groups leaves the layers queued while the wire is busy and
     too few are queued (here: two calls in three), for its next call or, after the last, the
     DONE, which wakes the channel's thread: every layer lands once, none waits forever."""
-    from pdserve.kv_transfer.nccl import _PairChannel
+    from pdserve.kv_transfer.nccl import PairChannel
     sender = make_sender("nccl-from-caller")
     try:
         warm_up(receiver, sender, "nccl")
         decisions = itertools.cycle([False, False, True])
-        monkeypatch.setattr(_PairChannel, "_may_post_here", lambda self, pair: next(decisions))
+        monkeypatch.setattr(PairChannel, "_may_post_here", lambda self, pair: next(decisions))
         tickets = [ticket(receiver, [2 * i, 2 * i + 1], "nccl") for i in range(4)]
         layers = [random_layers(t) for t in tickets]
         waiters = [Waiter() for _ in tickets]
@@ -76,15 +78,15 @@ def test_the_caller_posts_layers_that_come_apart_at_once_and_a_burst_in_large_gr
         assert not channel._may_post_here(channel.pair)  # the first layer after a DONE waits
         assert channel._may_post_here(channel.pair) and channel._may_post_here(channel.pair)
         with channel._lock:  # no other thread drains this stand-in DONE
-            channel.put(("done", None, 0), wake=False)
+            channel.put(DoneItem(None, 0), wake=False)
             channel._items.clear()
         assert not channel._may_post_here(channel.pair)  # a new run
         monkeypatch.setattr(nccl, "BURST_GAP_S", 3600.0)  # every call is in a burst
         assert not channel._may_post_here(channel.pair)
         with channel._lock:
-            channel._items.append(("kv", [], channel.post_bytes - 1))
+            channel._items.append(LayersItem([], channel.post_bytes - 1))
             assert not channel._may_post_here(channel.pair)
-            channel._items.append(("kv", [], 1))
+            channel._items.append(LayersItem([], 1))
             assert channel._may_post_here(channel.pair)  # POST_BYTES queued
             channel._items.clear()
     finally:
@@ -95,13 +97,13 @@ def test_a_run_of_layers_begins_with_a_frame_that_puts_the_receiver_on_watch(rec
     """The first layer of a run waits for the next (`_may_post_here`); meanwhile a BEGIN frame
     wakes the receiver's reader, which then polls its socket (until `watch_until`) instead of
     sleeping in recv. The layers then land as usual."""
-    from pdserve.kv_transfer import tcp
+    from pdserve.kv_transfer import receiver as receiver_module
     sender = make_sender("nccl-from-caller")
     try:
         warm_up(receiver, sender, "nccl")  # ends with a DONE
         [conn] = [c for c in receiver._connections if c.pair is not None]
         assert wait_until(lambda: conn.watch_until < time.monotonic())  # the reader sleeps in recv
-        monkeypatch.setattr(tcp, "WATCH_S", 3600.0)
+        monkeypatch.setattr(receiver_module, "WATCH_S", 3600.0)
         t, waiter = ticket(receiver, [3, 4], "nccl"), Waiter()
         layers = random_layers(t)
         receiver.expect(t, waiter)
@@ -153,7 +155,7 @@ def test_nccl_pair_refused_by_caches_that_are_not_one_pool():
     """The nccl receive needs the pool layout; separate tensors get a closed connection (so
     a failed transfer), and the TCP connector still serves them."""
     caches = [(k.clone(), v.clone()) for k, v in make_caches()]
-    receiver = TcpKVReceiver(caches, pair_timeout=10)
+    receiver = KVSocketReceiver(caches, pair_timeout=10)
     try:
         bad, waiter = ticket(receiver, [1, 2], "nccl"), Waiter()
         receiver.expect(bad, waiter)

@@ -1,0 +1,425 @@
+"""The decode node's KV receiver, for both connectors: it listens on a TCP port, reads each
+sender's frames (frame.py), checks every one against the ticket it names before a byte of
+payload reaches a block, and settles each ticket exactly once.
+
+How a connection's payloads reach the blocks is its `Payloads` (the connector's half):
+`TcpPayloads` (tcp.py) reads a KV frame's bytes off the socket; a connection that opens with a
+PAIR frame switches to `PairPayloads` (nccl_receiver.py), whose layers come over the pair's
+process group, announced by GROUP frames. Both land on a stream of the receiver's own and
+settle a transfer only once its copies have run, so the decode node admits a request only
+when its KV is in the blocks and its decode steps never wait for a landing.
+
+Timeouts, in one place (`_watch`): a ticket whose first bytes have not come by its deadline
+(the reservation's: the prefill may queue that long) fails, and so does a transfer not done
+`transfer_timeout` after its first bytes came. When a connection ends, the transfers that had
+frames on it and have not settled fail at once (their sender cannot finish them).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from pdserve.engine.host_copy import stream_event, to_device
+from pdserve.engine.kv_pool import kv_slots, pool_rows
+
+from .completions import Completions
+from .connector import KVReceiver, KVTicket, TransferResult
+from .frame import DONE, GROUP_ENTRY, HEADER_SIZE, FrameError, FrameHeader, FrameType, checksum, summary_checksum
+from .nccl_receiver import PairPayloads
+from .pair import MAX_OFFER_BYTES, PairOffer
+from .sockets import await_readable, recv_exact, tune_socket
+from .tcp import TcpPayloads
+
+log = logging.getLogger(__name__)
+
+# a pair connection's reader polls its socket for this long after each frame, and after a
+# BEGIN, instead of sleeping in recv: the frames of a run of layers come within milliseconds of
+# each other (a prefill's layers), and a wake-up from a sleep comes late (sockets.py
+# `await_readable`)
+WATCH_S = 20e-3
+POLL_S = 20e-6  # the watch's look at the socket
+WATCHDOG_S = 0.1  # how often `_watch` looks for transfers past their time
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(eq=False)
+class Incoming:
+    """A ticket being received. Its blocks' addresses are made on first use, in the form that
+    the path carrying it needs (a transfer takes one of the three), not for every request."""
+
+    ticket: KVTicket
+    on_done: Callable[[TransferResult], None]
+    device: torch.device  # the cache's
+    num_blocks: int  # the cache's
+    layer_checksums: dict[int, int] = field(default_factory=dict)
+    num_bytes: int = 0
+    started_at: float | None = None  # time.monotonic() of its first frame: `transfer_timeout` runs from it
+    conn: "Connection | None" = None  # where its first frame came
+
+    @cached_property
+    def block_ids(self) -> torch.Tensor:
+        """On the cache's device: tcp frames into device caches."""
+        return to_device(self.ticket.block_ids, torch.int64, self.device)  # torch.tensor would wait for the device
+
+    @cached_property
+    def runs(self) -> list[tuple[int, int]]:
+        """The block ids as [start, end) runs of consecutive ids: tcp frames into host caches."""
+        return _runs(self.ticket.block_ids)
+
+    @cached_property
+    def slots(self) -> np.ndarray:
+        """[2 * num_blocks] its blocks' slots, K's then V's, a layer's pool rows (kv_pool.py):
+        the nccl connector's groups (made at `expect` for its tickets)."""
+        return np.array(kv_slots(self.ticket.block_ids, self.num_blocks), dtype=np.int64)
+
+    @cached_property
+    def device_slots(self) -> tuple[torch.Tensor, object]:
+        """`slots` on the cache's device, and on CUDA an event after their upload (None on CPU):
+        the nccl connector's groups, made at `expect` for its tickets, so that the first group
+        does not wait for the upload (host time on the first group's path)."""
+        slots = to_device(self.slots, torch.int64, self.device)
+        return slots, stream_event(self.device) if self.device.type == "cuda" else None
+
+
+@dataclass(eq=False)
+class Connection:
+    """One sender's connection: its frames, and how its payloads come (`payloads`)."""
+
+    sock: socket.socket
+    addr: tuple
+    payloads: object = None  # TcpPayloads, or PairPayloads once a PAIR frame came
+    buffer: bytearray = field(default_factory=bytearray)  # reused for payloads read off the socket
+    transfers: set[bytes] = field(default_factory=set)  # transfer keys that had frames here
+    watch_until: float = 0.0  # time.monotonic(): a pair connection's reader polls until then
+
+    @property
+    def pair(self):
+        """The connection's process group (ProcessGroupPair), or None."""
+        return getattr(self.payloads, "pair", None)
+
+    def shutdown(self) -> None:
+        """Ends the connection from another thread: its reader sees EOF (or its receive on the
+        aborted group fails) and cleans up."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self.pair is not None:
+            self.pair.close()
+
+    def close(self) -> None:
+        self.payloads.close()
+        self.sock.close()
+
+
+class KVSocketReceiver(KVReceiver):
+    """Listens on `host:port` (port 0: any free one) and writes transfers into `kv_caches`, a
+    list of (k_cache, v_cache) per layer, each [num_blocks, block_size, num_kv_heads, head_dim].
+    `transfer_timeout`: seconds a transfer may take from its first bytes to its last landing;
+    `pair_timeout`: joining a pair's process group (nccl)."""
+
+    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], host: str = "127.0.0.1",
+                 port: int = 0, advertise_host: str | None = None, in_place: bool | None = None,
+                 pair_timeout: float = 30.0, transfer_timeout: float = 30.0):
+        self.kv_caches = kv_caches
+        self.pair_timeout = pair_timeout
+        self.transfer_timeout = transfer_timeout
+        self.device = kv_caches[0][0].device
+        # host caches take payloads straight from the socket; device caches via pinned staging
+        self.in_place = self.device.type == "cpu" if in_place is None else in_place
+        # a frame for an unknown transfer is discarded only up to one whole layer of the cache
+        self.max_frame_bytes = 2 * kv_caches[0][0].nbytes
+        self.pool_rows = pool_rows(kv_caches)  # one row per block of K or V; the nccl connector needs it
+        cuda = self.device.type == "cuda"
+        # landings run here, never on the stream the decode steps run on
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.completions = Completions("kv-landed") if cuda else None  # settles landed transfers
+        self._server = socket.create_server((host, port))
+        self.port = self._server.getsockname()[1]
+        self.endpoint = f"{advertise_host or host}:{self.port}"
+        self._tickets: dict[bytes, Incoming] = {}
+        self._connections: set[Connection] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.num_bytes_received = 0
+        self.num_failed = 0
+        self.num_bad_connections = 0
+        threading.Thread(target=self._accept, name="kv-accept", daemon=True).start()
+        threading.Thread(target=self._watch, name="kv-watchdog", daemon=True).start()
+
+    def expect(self, ticket: KVTicket, on_done: Callable[[TransferResult], None]) -> None:
+        """Raises ValueError for a ticket that does not fit this node's cache."""
+        cache = self.kv_caches[0][0]
+        if (TORCH_DTYPES[ticket.dtype] != cache.dtype or ticket.layer_shape[2:] != tuple(cache.shape[1:])
+                or ticket.num_layers != len(self.kv_caches)):
+            raise ValueError(f"ticket of {ticket.num_layers} layers of {ticket.dtype} blocks "
+                             f"{ticket.layer_shape[2:]} for a cache of {len(self.kv_caches)} layers of "
+                             f"{cache.dtype} blocks {tuple(cache.shape[1:])}")
+        if ticket.block_ids and not (min(ticket.block_ids) >= 0 and max(ticket.block_ids) < cache.shape[0]):
+            raise ValueError(f"ticket's block ids are outside the cache's {cache.shape[0]} blocks")
+        incoming = Incoming(ticket, on_done, self.device, cache.shape[0])
+        if ticket.connector == "nccl":  # made now, not when its first group is on the wire
+            incoming.device_slots  # noqa: B018
+        with self._lock:
+            self._tickets[ticket.transfer_key] = incoming
+
+    def forget(self, transfer_id: str) -> None:
+        """Over a process group, a transfer forgotten midway may leave a receive that never
+        completes on its pair; the pair's connection is closed (the sender makes a new one)."""
+        key = bytes.fromhex(transfer_id)
+        with self._lock:
+            midway = self._tickets.pop(key, None) is not None
+            stuck = [c for c in self._connections if midway and c.pair is not None and key in c.transfers]
+        for conn in stuck:
+            log.warning("kv transfer %s forgotten midway: closing its pair with %s", transfer_id, conn.addr)
+            conn.shutdown()
+
+    @property
+    def num_connections(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    @property
+    def num_pairs(self) -> int:
+        """Connections that carry their payloads over a process group."""
+        with self._lock:
+            return sum(c.pair is not None for c in self._connections)
+
+    def close(self) -> None:
+        """Stops listening and ends every connection (their senders see the receiver gone)."""
+        self._closed = True
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept thread (close alone does not)
+        except OSError:
+            pass
+        self._server.close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            conn.shutdown()
+        if self.completions is not None:
+            self.completions.close()
+
+    # ---- what the payload paths call ----------------------------------------------------
+
+    def admit(self, conn: Connection, header: FrameHeader) -> Incoming | None:
+        """The transfer a KV, DONE or ABORT frame belongs to, checked against its ticket, or None
+        when nobody expects it any more (its payload is dropped). Raises FrameError on a frame
+        that does not match its ticket: the stream cannot be trusted, so the connection closes."""
+        with self._lock:
+            incoming = self._tickets.get(header.transfer_id)
+        if incoming is None:
+            if header.num_bytes > self.max_frame_bytes:
+                raise FrameError(f"frame of {header.num_bytes} bytes for an unknown transfer")
+            return None
+        try:
+            _check(incoming, header)
+        except FrameError as e:
+            self.fail(incoming, str(e))
+            raise
+        with self._lock:
+            self._track(conn, [incoming])
+        return incoming
+
+    def admit_entries(self, conn: Connection, entries: list[tuple[bytes, int, int]]) -> list[Incoming | None]:
+        """The transfer of each GROUP entry ((transfer id, layer, num_bytes); no dtype or
+        shape: they are the ticket's), checked against its ticket and counted at once, so the
+        same layer twice, even in one group, is refused; None where nobody expects the
+        transfer any more (its bytes are dropped). Raises FrameError on an entry that does not
+        fit its ticket, which fails. One lock for the whole group: a group may carry a layer of
+        each of many transfers."""
+        with self._lock:
+            found = [self._tickets.get(transfer_id) for transfer_id, _, _ in entries]
+            self._track(conn, [incoming for incoming in found if incoming is not None])
+        for (_, layer, num_bytes), incoming in zip(entries, found):
+            if incoming is None:  # its bytes are in the group's receive already (sized by the caller)
+                continue
+            error = _layer_error(incoming, layer, num_bytes)
+            if error is not None:
+                self.fail(incoming, error)
+                raise FrameError(error)
+            incoming.layer_checksums[layer] = 0
+            incoming.num_bytes += GROUP_ENTRY.size + num_bytes
+        return found
+
+    def fail(self, incoming: Incoming, reason: str, timed_out: bool = False) -> None:
+        self.num_failed += 1
+        log.warning("kv transfer %s failed: %s", incoming.ticket.transfer_id, reason)
+        self.settle(incoming, TransferResult(incoming.ticket.transfer_id, False, error=reason,
+                                             num_bytes=incoming.num_bytes, timed_out=timed_out))
+
+    def settle(self, incoming: Incoming, result: TransferResult) -> None:
+        """Calls the ticket back, once: whoever settles first wins."""
+        with self._lock:
+            if self._tickets.pop(incoming.ticket.transfer_key, None) is None:
+                return  # settled or forgotten meanwhile: nobody waits for it
+            self.num_bytes_received += incoming.num_bytes
+        incoming.on_done(result)
+
+    def landing_deadline(self, incoming: Incoming) -> float:
+        """time.monotonic() by which the transfer must be in its blocks."""
+        return (incoming.started_at or time.monotonic()) + self.transfer_timeout
+
+    # ---- threads ------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                sock, addr = self._server.accept()
+            except OSError:
+                return
+            tune_socket(sock)
+            threading.Thread(target=self._serve, args=(sock, addr), name=f"kv-recv-{addr[1]}", daemon=True).start()
+
+    def _serve(self, sock: socket.socket, addr) -> None:
+        """Reads frames until the peer closes. Transfers that had frames on this connection
+        and have not settled fail when it ends: the sender cannot finish them any more."""
+        conn = Connection(sock, addr)
+        conn.payloads = TcpPayloads(self, conn)  # this thread's current stream: the copy stream
+        with self._lock:
+            self._connections.add(conn)
+        try:
+            while True:
+                if conn.pair is not None:  # a run of layers may be coming: look, do not sleep
+                    await_readable(conn.sock, conn.watch_until, POLL_S)
+                head = recv_exact(conn.sock, memoryview(bytearray(HEADER_SIZE)))
+                if head is None:
+                    return  # clean close between frames
+                header = FrameHeader.unpack(bytes(head))
+                if len(conn.buffer) < header.num_bytes <= self.max_frame_bytes:
+                    conn.buffer = bytearray(header.num_bytes)
+                self._on_frame(conn, header)
+                conn.watch_until = time.monotonic() + WATCH_S
+        except (FrameError, ConnectionError, OSError, RuntimeError, ValueError) as e:
+            self.num_bad_connections += 1
+            log.warning("kv receiver: closing connection from %s: %s", conn.addr, e)
+        finally:
+            with self._lock:
+                broken = [self._tickets[k] for k in conn.transfers if k in self._tickets]
+            for incoming in broken:
+                self.fail(incoming, f"the sender's connection {conn.addr} closed mid-transfer")
+            conn.close()
+            with self._lock:  # only once closed: a sender that saw it gone reconnects, never reuses it
+                self._connections.discard(conn)
+
+    def _on_frame(self, conn: Connection, header: FrameHeader) -> None:
+        kind = header.type
+        if kind is FrameType.PAIR:
+            return self._open_pair(conn, header)
+        if kind is FrameType.GROUP:
+            return conn.payloads.on_group(header)
+        if kind is FrameType.BEGIN:  # the watch on the connection starts: all it asks
+            if conn.pair is None or header.num_bytes:
+                raise FrameError("unexpected BEGIN frame")
+            return
+        incoming = self.admit(conn, header)
+        if incoming is None:  # cancelled or expired: read past it
+            recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
+            return
+        if kind is FrameType.KV:
+            return conn.payloads.on_layer(incoming, header)
+        payload = recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
+        incoming.num_bytes += HEADER_SIZE + header.num_bytes
+        if checksum(payload) != header.payload_checksum:
+            self.fail(incoming, f"checksum mismatch in {kind.name} frame")
+        elif kind is FrameType.DONE:
+            self._finish(incoming, payload, conn)
+        else:
+            self.fail(incoming, "the sender aborted the transfer")
+
+    def _open_pair(self, conn: Connection, header: FrameHeader) -> None:
+        """A PAIR frame: this connection's KV payloads come over a process group from now on."""
+        if conn.pair is not None or not 0 < header.num_bytes <= MAX_OFFER_BYTES:
+            raise FrameError("unexpected PAIR frame")
+        payload = recv_exact(conn.sock, memoryview(bytearray(header.num_bytes)), eof_ok=False)
+        if checksum(payload) != header.payload_checksum:
+            raise FrameError("checksum mismatch in PAIR frame")
+        conn.payloads.close()
+        conn.payloads = PairPayloads.join(PairOffer.unpack(payload), self, conn)
+
+    def _finish(self, incoming: Incoming, payload: memoryview, conn: Connection) -> None:
+        first_token_id, num_layers, summary = DONE.unpack(payload)
+        ticket = incoming.ticket
+        checksums = [incoming.layer_checksums.get(i, 0) for i in range(ticket.num_layers)]
+        if num_layers != ticket.num_layers or len(incoming.layer_checksums) != ticket.num_layers:
+            return self.fail(incoming, f"{len(incoming.layer_checksums)} of {ticket.num_layers} layers arrived")
+        if summary != summary_checksum(checksums):
+            return self.fail(incoming, "checksum summary mismatch")
+        result = TransferResult(ticket.transfer_id, True, first_token_id, num_bytes=incoming.num_bytes)
+        conn.payloads.settle_when_landed(incoming, result)  # the layers may still be on their way
+
+    def _track(self, conn: Connection, incomings: list[Incoming]) -> None:
+        """Notes that these transfers have frames on `conn` (they fail if it breaks) and when
+        each began. With the lock held."""
+        if len(conn.transfers) > 1024:  # keep only the transfers still expected
+            conn.transfers &= self._tickets.keys()
+        now = None
+        for incoming in incomings:
+            if incoming.started_at is None:
+                incoming.started_at, incoming.conn = now or time.monotonic(), conn
+            conn.transfers.add(incoming.ticket.transfer_key)
+
+    def _watch(self) -> None:
+        """Fails the tickets whose bytes have not begun by their deadline, and the transfers
+        not landed `transfer_timeout` after their first bytes; a pair connection carrying one
+        of those is closed (a receive on it may never complete)."""
+        while not self._closed:
+            time.sleep(WATCHDOG_S)
+            now, wall = time.monotonic(), time.time()
+            with self._lock:
+                late = [i for i in self._tickets.values()
+                        if (i.started_at is None and wall > i.ticket.deadline)
+                        or (i.started_at is not None and now > i.started_at + self.transfer_timeout)]
+            for incoming in late:
+                if incoming.started_at is None:
+                    self.fail(incoming, "no KV arrived before the reservation's deadline", timed_out=True)
+                    continue
+                self.fail(incoming, f"not landed {self.transfer_timeout:.0f}s after its first bytes", timed_out=True)
+                if incoming.conn is not None and incoming.conn.pair is not None:
+                    incoming.conn.shutdown()
+
+
+def _check(incoming: Incoming, header: FrameHeader) -> None:
+    ticket = incoming.ticket
+    if header.type is FrameType.KV:
+        if header.dtype != ticket.dtype or header.shape != ticket.layer_shape:
+            raise FrameError(f"frame {header.dtype} {header.shape} does not match the ticket's "
+                             f"{ticket.dtype} {ticket.layer_shape}")
+        error = _layer_error(incoming, header.layer, header.num_bytes)
+        if error is not None:
+            raise FrameError(error)
+    elif header.type is FrameType.DONE and header.num_bytes != DONE.size:
+        raise FrameError(f"DONE frame of {header.num_bytes} bytes")
+    elif header.type is FrameType.ABORT and header.num_bytes:
+        raise FrameError("ABORT frame with a payload")
+
+
+def _layer_error(incoming: Incoming, layer: int, num_bytes: int) -> str | None:
+    """Why a KV frame or GROUP entry for `layer` does not fit its ticket, or None."""
+    ticket = incoming.ticket
+    if not 0 <= layer < ticket.num_layers or layer in incoming.layer_checksums:
+        return f"unexpected layer {layer}"
+    if num_bytes != ticket.layer_bytes:
+        return f"frame of {num_bytes} bytes, the ticket expects {ticket.layer_bytes}"
+    return None
+
+
+def _runs(block_ids) -> list[tuple[int, int]]:
+    """[3, 4, 5, 9, 10] -> [(3, 6), (9, 11)]."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
