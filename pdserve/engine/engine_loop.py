@@ -1,9 +1,11 @@
-"""An Engine behind asyncio: one worker thread owns the engine, gRPC handlers talk to it.
+"""An Engine behind asyncio: a thread of its own owns the engine and steps it for as long as
+there is work; gRPC handlers talk to it through `call`, `call_soon` and per-request queues.
 
-Every engine call (add, abort, reserve, admit, stats, step) runs on the same single worker
-thread, in submission order, so the engine never sees two threads and a call made while a
-step runs simply lands before the next step. The loop task steps while there is work and
-hands each RequestOutput to the asyncio queue of its request.
+Every engine call (add, abort, reserve, admit, ...) and every step runs on that one thread, in
+submission order: a call made while a step runs lands before the next step, and the engine
+never sees two threads. The thread never waits for the event loop: it hands each step's
+outputs (and each call's result) over with one `call_soon_threadsafe` and goes on with the
+next step, so a busy event loop (hundreds of streams) does not leave the GPU idle between steps.
 
 `stats` is the engine's stats as of the end of the last call or step, read on the engine
 thread: health and stats RPCs answer from it at once, however long a step takes.
@@ -12,9 +14,11 @@ thread: health and stats RPCs answer from it at once, however long a step takes.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import collections
 import logging
+import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 from .engine import Engine
 from .request import RequestOutput
@@ -22,83 +26,112 @@ from .request import RequestOutput
 log = logging.getLogger(__name__)
 
 
+class _Call(NamedTuple):
+    fn: Callable
+    args: tuple
+    kwargs: dict
+    future: asyncio.Future | None  # None: nobody waits for the result (call_soon)
+
+
 class EngineLoop:
     def __init__(self, engine: Engine, step: Callable[[], list[RequestOutput]] | None = None,
                  after_step: Callable[[dict], None] | None = None):
         self.engine = engine
         self._step = step or engine.step  # the prefill node wraps it to push KV
-        self._after_step = after_step  # gets engine.stats() after each step (metrics)
-        # the current CUDA device is per thread: Triton launches on it, so it must be the engine's
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="engine", initializer=engine.runner.use_device)
-        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._after_step = after_step  # gets engine.stats() after each step, on the event loop (metrics)
+        self._calls: collections.deque[_Call] = collections.deque()  # appended by the event loop
+        self._wake = threading.Event()
+        self._queues: dict[str, asyncio.Queue[RequestOutput | None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._closed = False
         self.num_steps = 0
         self.stats: dict = engine.stats()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
 
     async def call(self, fn: Callable, *args, **kwargs):
-        """Runs `fn` on the engine thread between steps and wakes the loop."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, lambda: self._with_stats(fn, *args, **kwargs))
-        finally:
-            self._wakeup.set()
+        """Runs `fn` on the engine thread, before its next step, and returns its result."""
+        future = self._loop.create_future()
+        self._calls.append(_Call(fn, args, kwargs, future))
+        self._wake.set()
+        return await future
 
     def call_soon(self, fn: Callable, *args) -> None:
         """`call` without waiting for the result (safe in a `finally` of a cancelled handler)."""
-        self._executor.submit(self._with_stats, fn, *args)
-        self._wakeup.set()
+        self._calls.append(_Call(fn, args, {}, None))
+        self._wake.set()
 
-    def open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput]:
+    def open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput | None]:
+        """The request's outputs, in order; None if an engine step failed (it was aborted)."""
         queue = self._queues[request_id] = asyncio.Queue()
         return queue
 
     def close_stream(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join, 5)
+
+    # ---- the engine thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        self.engine.runner.use_device()  # Triton launches on the current device: the engine's
+        while not self._closed:
+            self._run_calls()
             if not self.engine.has_unfinished():
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                self._wake.wait()
+                self._wake.clear()
                 continue
             try:
-                outputs, stats = await loop.run_in_executor(self._executor, self._step_and_stats)
+                outputs = self._step()
             except Exception:  # a step must never kill the node; fail loudly, keep serving
                 log.exception("engine step failed; aborting every request")
-                for request_id in await self.call(self._abort_all):
-                    if request_id in self._queues:
-                        self._queues[request_id].put_nowait(None)  # its handler fails the RPC
+                aborted = [r for r in list(self.engine.requests) if self.engine.abort_request(r)]
+                self._loop.call_soon_threadsafe(self._fail_streams, aborted)
                 continue
             self.num_steps += 1
-            for output in outputs:
-                queue = self._queues.get(output.request_id)
-                if queue is not None:
-                    queue.put_nowait(output)
-            if self._after_step is not None:
-                self._after_step(stats)
-
-    def _step_and_stats(self):
-        outputs = self._step()
-        self.stats = self.engine.stats()
-        return outputs, self.stats
-
-    def _with_stats(self, fn: Callable, *args, **kwargs):
-        """On the engine thread: `fn`, then refresh `stats`."""
-        try:
-            return fn(*args, **kwargs)
-        finally:
             self.stats = self.engine.stats()
+            self._loop.call_soon_threadsafe(self._deliver, outputs, self.stats)
 
-    def _abort_all(self) -> list[str]:
-        return [r for r in list(self.engine.requests) if self.engine.abort_request(r)]
+    def _run_calls(self) -> None:
+        while self._calls:
+            call = self._calls.popleft()
+            try:
+                result, error = call.fn(*call.args, **call.kwargs), None
+            except Exception as e:  # the caller's to handle (bad input, ...)
+                result, error = None, e
+            finally:
+                self.stats = self.engine.stats()
+            if call.future is not None:
+                self._loop.call_soon_threadsafe(_resolve, call.future, result, error)
+            elif error is not None:
+                log.error("engine call %s failed: %s", getattr(call.fn, "__name__", call.fn), error)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    # ---- the event loop -------------------------------------------------------------------
+
+    def _deliver(self, outputs: list[RequestOutput], stats: dict) -> None:
+        for output in outputs:
+            queue = self._queues.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
+        if self._after_step is not None:
+            self._after_step(stats)
+
+    def _fail_streams(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            if request_id in self._queues:
+                self._queues[request_id].put_nowait(None)  # its handler fails the RPC
+
+
+def _resolve(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():  # its caller was cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -2,9 +2,8 @@
 ticket's blocks layer by layer, sample the first token, answer once the KV is on the wire.
 
 The KV leaves from the engine thread: after each layer of the step that completes a prompt,
-`_push_layer` gathers that layer's K/V of the prompt's blocks (a copy, so the blocks may be
-freed and reused after the step; into slabs of consecutive layers, engine/kv_pool.py
-`LayerSlabs`) and queues it on the connector. Who frees the prefill node's blocks: the
+the KV pusher (kv_transfer/pusher.py) gathers that layer's K/V of the prompt's blocks (a
+copy, so the blocks may be freed and reused after the step) and queues it on the connector. Who frees the prefill node's blocks: the
 scheduler, when the prompt's first token is sampled (they stay in the prefix cache), or
 `abort_request` when the call fails or is cancelled.
 """
@@ -18,14 +17,12 @@ import time
 import uuid
 
 import grpc
-import torch
 
 from pdserve.engine.engine_loop import EngineLoop
-from pdserve.engine.host_copy import to_device
-from pdserve.engine.kv_pool import LayerSlabs, kv_slots, pool_rows, slot_rows
 from pdserve.engine.request import RequestOutput
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.kv_transfer.connector import KVTicket
+from pdserve.kv_transfer.pusher import Completing, KVPusher
 from pdserve.kv_transfer.senders import SenderByConnector
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
@@ -48,57 +45,34 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
 
     def attach(self, loop: EngineLoop, sender: SenderByConnector) -> None:
         self.loop, self.engine, self.sender = loop, loop.engine, sender
-        self.kv_rows = pool_rows(self.engine.runner.kv_caches)  # [num_layers * 2 * num_blocks, block_numel]
-        self._pushing: tuple | None = None  # this step's prompts to push: _push_rows
+        self.pusher = KVPusher(self.engine.runner.kv_caches, sender)
 
     # ---- engine thread ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         try:
-            outputs = self.engine.step(on_layer=self._push_layer)
+            outputs = self.engine.step(on_layer=self._on_layer)
         finally:
-            self._pushing = None  # made again by the next step's first layer
+            self.pusher.end_step()
         for out in outputs:
             ticket = self.tickets.pop(out.request_id, None)
             if ticket is not None and out.new_token_ids:
                 self.transfers[out.request_id] = self.sender.finish(ticket, out.new_token_ids[0])
         return outputs
 
-    def _push_layer(self, layer: int, scheduled: SchedulerOutput) -> None:
-        """One gather for all the prompts this step finishes: their blocks' K and V of this
-        layer, split into a `ticket.layer_shape` view for each."""
-        if self._pushing is None:
-            self._pushing = self._push_rows(scheduled)
-        tickets, num_rows, rows, slabs = self._pushing
-        if not tickets:
-            return
-        # [sum(num_rows), block_numel]
-        kv = torch.index_select(self.kv_rows, 0, rows[layer], out=slabs.layer(layer))
-        self.sender.send_layers(layer, [(ticket, chunk.view(ticket.layer_shape))
-                                        for ticket, chunk in zip(tickets, kv.split(num_rows))])
+    def _on_layer(self, layer: int, scheduled: SchedulerOutput) -> None:
+        if not self.pusher.in_step:
+            self.pusher.begin_step(self._completing(scheduled))
+        self.pusher.push_layer(layer)
 
-    def _push_rows(self, scheduled: SchedulerOutput) -> tuple[list[KVTicket], list[int], torch.Tensor | None,
-                                                              LayerSlabs | None]:
-        """The tickets of the prompts whose last chunk runs in this step, the pool rows each
-        one's layer takes (2 per block: its K's, then its V's), `[num_layers, all those rows]`
-        (made once a step with one copy to the device, without a host sync), and the slabs the
-        layers are gathered into."""
-        num_blocks = self.engine.runner.num_blocks
-        tickets, num_rows, slots = [], [], []
+    def _completing(self, scheduled: SchedulerOutput) -> list[Completing]:
+        """The prompts whose last chunk runs in this step, with their tickets."""
+        completing = []
         for s in scheduled.scheduled:
             ticket = self.tickets.get(s.request.request_id)
-            if ticket is None or not s.samples:  # not the prompt's last chunk
-                continue
-            tickets.append(ticket)
-            num_rows.append(2 * len(ticket.block_ids))
-            slots += kv_slots(self.engine.kv.block_ids(s.request.request_id)[:len(ticket.block_ids)], num_blocks)
-        if not tickets:
-            return tickets, num_rows, None, None
-        num_layers = self.engine.model_config.num_layers
-        rows = slot_rows(to_device(slots, torch.int64, self.kv_rows.device), num_layers, num_blocks)
-        kv_rows = self.kv_rows
-        slabs = LayerSlabs(num_layers, (len(slots), kv_rows.shape[1]), kv_rows.dtype, kv_rows.device)
-        return tickets, num_rows, rows, slabs
+            if ticket is not None and s.samples:
+                completing.append(Completing(ticket, self.engine.kv.block_ids(s.request.request_id)))
+        return completing
 
     # ---- gRPC ---------------------------------------------------------------------------
 

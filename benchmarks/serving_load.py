@@ -1,0 +1,163 @@
+"""The load of benchmarks/serving.py: workloads, arrival times, the streaming client, the same
+load on an in-process Engine, and the summary of one phase."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: int
+
+
+@dataclass
+class RequestResult:
+    """One request as the client saw it; times in seconds from the phase's start."""
+
+    sent_at: float
+    first_at: float | None = None
+    chunk_times: list[float] = field(default_factory=list)  # every streamed chunk
+    end_at: float | None = None
+    num_tokens: int = 0
+    error: str | None = None  # the HTTP status, or the exception's name
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.first_at is not None and self.end_at is not None
+
+
+def make_workload(kind: str, vocab_size: int, count: int, input_len: tuple[int, int], output_len: int,
+                  prefix_len: int, seed: int) -> Workload:
+    """`random`: token ids uniform over the vocabulary (avoiding the first 100: special tokens),
+    lengths uniform in `input_len`; `shared-prefix`: the same `prefix_len` tokens, then a
+    random suffix of such a length."""
+    rng = random.Random(seed)
+    lo, hi = input_len
+    prefix = [rng.randrange(100, vocab_size) for _ in range(prefix_len)] if kind == "shared-prefix" else []
+    prompts = [prefix + [rng.randrange(100, vocab_size) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
+    return Workload(prompts, output_len)
+
+
+def arrival_times(args, rate: float | None, count: int) -> list[float]:
+    """Seconds from the phase's start: all 0 for a burst (rate None), else Poisson arrivals at
+    `rate` (gamma with shape `args.burstiness`), from a fixed seed."""
+    if rate is None:
+        return [0.0] * count
+    rng = np.random.default_rng(args.seed + int(rate * 1000))
+    shape = args.burstiness if args.arrivals == "gamma" else 1.0
+    gaps = rng.gamma(shape, 1.0 / (rate * shape), count)
+    gaps[0] = 0.0
+    return np.cumsum(gaps).tolist()
+
+
+async def stream_requests(base_url: str, model: str, workload: Workload, arrivals: list[float],
+                          max_seconds: float) -> tuple[list[RequestResult], float]:
+    """Each request at its arrival time, streamed through the OpenAI API; (results, wall
+    time from the first arrival to the last end)."""
+    import openai
+
+    # the client's default pool (1000 connections) takes a burst of hundreds at once
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=max_seconds)
+    start = time.perf_counter()
+
+    async def one(prompt: list[int], at: float) -> RequestResult:
+        await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+        result = RequestResult(sent_at=time.perf_counter() - start)
+        try:
+            stream = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=workload.max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            async for chunk in stream:
+                now = time.perf_counter() - start
+                if chunk.choices:
+                    result.first_at = result.first_at if result.first_at is not None else now
+                    result.chunk_times.append(now)
+                if chunk.usage is not None:
+                    result.num_tokens = chunk.usage.completion_tokens
+            result.end_at = time.perf_counter() - start
+        except openai.APIStatusError as e:
+            result.error = str(e.status_code)
+        except (openai.APIError, asyncio.TimeoutError) as e:
+            result.error = type(e).__name__
+        return result
+
+    tasks = [asyncio.create_task(one(p, at)) for p, at in zip(workload.prompts, arrivals)]
+    done, pending = await asyncio.wait(tasks, timeout=max_seconds + arrivals[-1])
+    for task in pending:
+        task.cancel()
+    results = [t.result() if t in done else RequestResult(sent_at=0.0, error="timeout") for t in tasks]
+    await client.close()
+    return results, time.perf_counter() - start
+
+
+def run_engine(engine, workload: Workload, arrivals: list[float], max_seconds: float) -> tuple[list[RequestResult], float]:
+    """The same arrivals on an in-process Engine: each request added at its arrival time,
+    stepped in this thread; a token's time is when the step that made it returned."""
+    from pdserve.engine.sampling_params import SamplingParams
+
+    engine.kv.pool.reset_prefix_cache()  # a phase starts cold, as the cluster's nodes do not
+    params = SamplingParams(temperature=0, max_tokens=workload.max_tokens, ignore_eos=True)
+    results = [RequestResult(sent_at=at) for at in arrivals]
+    by_id, pending = {}, list(range(len(arrivals)))
+    start = time.perf_counter()
+    while (pending or engine.has_unfinished()) and time.perf_counter() - start < max_seconds + arrivals[-1]:
+        now = time.perf_counter() - start
+        while pending and arrivals[pending[0]] <= now:
+            i = pending.pop(0)
+            by_id[engine.add_request(workload.prompts[i], params)] = results[i]
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, min(1e-3, arrivals[pending[0]] - now)))
+            continue
+        outputs = engine.step()
+        now = time.perf_counter() - start
+        for out in outputs:
+            result = by_id[out.request_id]
+            if out.new_token_ids:
+                result.first_at = result.first_at if result.first_at is not None else now
+                result.chunk_times.append(now)
+                result.num_tokens += len(out.new_token_ids)
+            if out.finished:
+                result.end_at = now
+    for request_id, result in by_id.items():
+        if result.end_at is None:
+            engine.abort_request(request_id)
+            result.error = "timeout"
+    for i in pending:
+        results[i].error = "timeout"
+    return results, time.perf_counter() - start
+
+
+def summarize(results: list[RequestResult], wall: float, slo_ttft: float, slo_tpot: float) -> dict:
+    ok = [r for r in results if r.ok]
+    ttft = [r.first_at - r.sent_at for r in ok]
+    tpot = [(r.end_at - r.first_at) / (r.num_tokens - 1) for r in ok if r.num_tokens > 1]
+    itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    e2e = [r.end_at - r.sent_at for r in ok]
+    good = [r for r in ok if r.first_at - r.sent_at <= slo_ttft
+            and (r.num_tokens <= 1 or (r.end_at - r.first_at) / (r.num_tokens - 1) <= slo_tpot)]
+    span = (max(r.end_at for r in ok) - min(r.sent_at for r in results)) if ok else wall
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            errors[r.error or "incomplete"] = errors.get(r.error or "incomplete", 0) + 1
+    return {"num_requests": len(results), "num_ok": len(ok), "errors": errors,
+            "ttft_ms": percentiles([1e3 * x for x in ttft]), "tpot_ms": percentiles([1e3 * x for x in tpot]),
+            "itl_ms": percentiles([1e3 * x for x in itl]), "e2e_s": percentiles(e2e),
+            "output_tok_s": sum(r.num_tokens for r in ok) / span if span > 0 else 0.0,
+            "goodput_req_s": len(good) / span if span > 0 else 0.0, "duration_s": span}
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": math.nan, "p90": math.nan, "p99": math.nan, "mean": math.nan}
+    q = np.percentile(values, [50, 90, 99])
+    return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "mean": statistics.fmean(values)}

@@ -1,0 +1,31 @@
+"""benchmarks/serving.py, run as a user runs it, on a tiny model for a few seconds (so that it
+cannot rot): every request of every phase completes on both sides, and it writes its JSON
+and plots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_serving_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "serving.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--model", "dummy:tiny", "--rates", "8",
+         "--burst", "6", "--num-requests", "6", "--input-len", "16:64", "--output-len", "8",
+         "--num-kv-blocks", "128", "--out", str(out), "--plots", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [p["phase"] for p in report["phases"]] == ["8/s", "burst 6"]
+    for phase in report["phases"]:
+        for side in ("cluster", "engine"):
+            row = phase[side]
+            assert row["num_ok"] == row["num_requests"] == 6 and not row["errors"], (phase["phase"], side, row)
+            assert row["ttft_ms"]["p50"] > 0 and row["output_tok_s"] > 0
+        assert phase["cluster"]["num_prefilled_twice"] == 0
+    assert (tmp_path / "serving_latency.png").stat().st_size > 0
+    assert (tmp_path / "serving_goodput.png").stat().st_size > 0
+    assert "ratio" in result.stdout  # the table, cluster against engine
