@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import serving_profile  # noqa: E402
 from serving_load import Workload, arrival_times, make_workload, run_engine, stream_requests, summarize  # noqa: E402
 
+from pdserve.cli import cpu_share  # noqa: E402
 from pdserve.cluster import Cluster  # noqa: E402
 
 
@@ -106,6 +107,8 @@ def engine_flags(args) -> list[str]:
         flags += ["--num-kv-blocks", str(args.num_kv_blocks)]
     elif args.device.startswith("cuda"):  # the nodes share the card: each sizes its KV cache from its part
         flags += ["--gpu-memory-utilization", f"{0.9 / (args.num_prefill + args.num_decode):.4f}"]
+    if args.device == "cpu":  # and the cores, as `pdserve up` shares them (the engine takes them all)
+        flags += ["--num-threads", str(cpu_share(args.num_prefill + args.num_decode))]
     if args.max_num_batched_tokens:
         flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     return flags + args.node_args.split()

@@ -43,6 +43,8 @@ HELP = {
     "gpu_memory_utilization": "share of the GPU's memory this node may use (pdserve up splits it "
                               "between nodes on one GPU)",
     "enforce_eager": "no CUDA graphs for decode steps",
+    "num_threads": "CPU: torch's threads for this node (pdserve up gives each CPU node its part of the "
+                   "cores; none: every core)",
     "max_graph_batch_size": "decode batches up to this size replay CUDA graphs captured at start-up",
     "async_scheduling": "launch each decode step before the host has read the previous step's "
                         "tokens, so the GPU does not wait for the host (false: one step at a time)",
@@ -206,16 +208,26 @@ def run_up(args) -> int:
 
 
 def node_device_args(config: EngineConfig, devices: list[str]) -> list[list[str]]:
-    """Each node's --device, and on a GPU that several nodes share, each one's even part of
-    --gpu-memory-utilization (unless the KV cache has a fixed size)."""
+    """Each node's --device, and on a device that several nodes share, each one's even part:
+    of --gpu-memory-utilization on a GPU (unless the KV cache has a fixed size), of the
+    host's cores on the CPU (unless --num-threads is given): CPU nodes that each took every
+    core would oversubscribe them."""
     fixed = config.num_kv_blocks is not None or config.kv_cache_memory_gb is not None
     node_args = []
     for d in devices:
         sharing = devices.count(d)
-        share = [] if fixed or not d.startswith("cuda") or sharing == 1 else [
-            "--gpu-memory-utilization", f"{config.gpu_memory_utilization / sharing:.4f}"]
+        if d.startswith("cuda"):
+            share = [] if fixed or sharing == 1 else [
+                "--gpu-memory-utilization", f"{config.gpu_memory_utilization / sharing:.4f}"]
+        else:
+            share = [] if config.num_threads is not None else ["--num-threads", str(cpu_share(sharing))]
         node_args.append(["--device", d, *share])
     return node_args
+
+
+def cpu_share(num_nodes: int) -> int:
+    """Each of `num_nodes` CPU nodes' part of this host's cores (one at least)."""
+    return max(1, (os.cpu_count() or 1) // num_nodes)
 
 
 def node_devices(device: str, num_nodes: int) -> list[str]:

@@ -19,5 +19,5 @@ export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/unit/test_gpu_landing.py tests/integration/test_gpu_pipeline.py 2>&1 | tail -6
 python3 benchmarks/serving.py --model dummy:llama3-8b --device cuda:0 --rates "$rates" --burst "$burst" \
-  --num-requests 48 --input-len 256:2048 --output-len 128 --slo-ttft 1 --slo-tpot 0.025 --max-seconds 150 \
+  --num-requests "${NUM_REQUESTS:-48}" --input-len 256:2048 --output-len 128 --slo-ttft 1 --slo-tpot 0.025 --max-seconds 150 \
   --profile-phase "${rates##*,}/s" --profile-seconds 10 --out "$out/serving.json" --plots "$out" 2>&1 | tee "$out/serving.log" | tail -45

@@ -139,6 +139,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # the token budget of one step (chunked prefill)
     enable_prefix_caching: bool = True
     seed: int = 0  # dummy weights and requests without a seed
+    num_threads: int | None = None  # CPU: torch's intra-op threads (None: torch's default, every core)
     keep_logits: bool = False  # debug/tests: return each sampled row's logits
 
     def __post_init__(self):
@@ -151,6 +152,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.max_graph_batch_size < 1:
             raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
 

@@ -34,6 +34,8 @@ class ModelRunner:
                  max_model_len: int):
         self.device = resolve_device(config.device)
         self.use_device()
+        if config.num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)  # nodes sharing a host's cores each take a part
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.block_size = config.block_size
         self.model_config = model_config

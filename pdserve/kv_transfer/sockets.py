@@ -29,7 +29,7 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 def recv_checksummed(conn: socket.socket, view: memoryview, value: int = 0) -> int:
     """Fills `view` from the socket (EOF is an error) and returns the CRC32C of its bytes,
     continued from `value`. Each chunk is summed right after it lands, while it is still in
-    the core's cache: 0.63 -> 0.70x of a plain socket in benchmarks/disagg.py on 2 cores."""
+    the core's cache (docs/architecture.md, "Measured figures behind the connectors")."""
     for start in range(0, len(view), CHECKSUM_CHUNK):
         part = view[start:start + CHECKSUM_CHUNK]
         recv_exact(conn, part, eof_ok=False)

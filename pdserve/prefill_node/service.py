@@ -1,5 +1,6 @@
 """PrefillService: schedule the prompt (batched, chunked, prefix-cached), push its KV into the
-ticket's blocks layer by layer, sample the first token, answer once the KV is on the wire.
+ticket's blocks layer by layer, sample the first token and answer with it at once: the KV
+that is still moving lands on the decode node, which admits the request only then.
 
 The KV leaves from the engine thread: after each layer of the step that completes a prompt,
 the KV pusher (kv_transfer/pusher.py) gathers that layer's K/V of the prompt's blocks (a
@@ -103,17 +104,16 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
             if output is None:
                 await abort(context, grpc.StatusCode.INTERNAL, f"{request_id}: engine step failed")
             prefill_s = time.monotonic() - start
-            num_bytes = await self._transfer_done(request_id, ticket, context)
+            self._follow_transfer(request_id, ticket)
             done = True
             metrics.requests_total.labels("prefill", "ok").inc()
             metrics.prefix_cache_hits.inc(output.num_cached_tokens)
-            metrics.kv_transfer_bytes.labels("sent").inc(num_bytes)
             return pb.PrefillResponse(first_token_id=output.new_token_ids[0],
                                       finish_reason=FINISH_TO_PROTO[output.finish_reason],
                                       num_cached_tokens=output.num_cached_tokens,
                                       prefill_seconds=prefill_s,
                                       kv_transfer_seconds=time.monotonic() - start - prefill_s,
-                                      kv_bytes=num_bytes)
+                                      kv_bytes=ticket.num_layers * ticket.layer_bytes)
         finally:
             self.active.discard(request_id)
             self.loop.close_stream(request_id)
@@ -123,13 +123,27 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
                 self.sender.abort(ticket)
                 self.transfers.pop(request_id, None)
 
-    async def _transfer_done(self, request_id: str, ticket: KVTicket, context) -> int:
-        try:
-            return await asyncio.wrap_future(self.transfers.pop(request_id))
-        except (OSError, RuntimeError) as e:
+    def _follow_transfer(self, request_id: str, ticket: KVTicket) -> None:
+        """The first token goes back at once, while the KV may still be moving: the decode node
+        admits the request only once it has landed, and fails its stream if it never does (the
+        router then resumes elsewhere). Here the transfer is only counted, logged if it fails,
+        and waited for by a drain."""
+        transfer = self.transfers.pop(request_id, None)
+        if transfer is None:  # the DONE was not queued (the sender failed it at once)
+            return
+        key = f"{request_id}/kv"
+        self.active.add(key)
+
+        def sent(future: asyncio.Future) -> None:
+            self.active.discard(key)
+            error = future.exception()
+            if error is None:
+                metrics.kv_transfer_bytes.labels("sent").inc(future.result())
+                return
             metrics.kv_transfer_failures.inc()
-            await abort(context, grpc.StatusCode.UNAVAILABLE,
-                        f"{request_id}: kv transfer to {ticket.kv_endpoint} failed: {e}")
+            log.warning("%s: kv transfer to %s failed: %s", request_id, ticket.kv_endpoint, error)
+
+        asyncio.wrap_future(transfer).add_done_callback(sent)
 
     def _ticket_problem(self, ticket: KVTicket, num_prompt_tokens: int) -> str | None:
         cfg, engine = self.engine.model_config, self.engine

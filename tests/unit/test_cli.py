@@ -1,5 +1,6 @@
 """The `pdserve` command as a user runs it: a real subprocess against the in-process engine."""
 
+import os
 import subprocess
 import sys
 
@@ -52,6 +53,15 @@ def test_up_splits_the_gpu_share_between_nodes_on_one_gpu():
     assert node_device_args(config, ["cuda:0", "cuda:1", "cuda:0"]) == [
         ["--device", "cuda:0", "--gpu-memory-utilization", "0.4500"], ["--device", "cuda:1"],
         ["--device", "cuda:0", "--gpu-memory-utilization", "0.4500"]]
-    assert node_device_args(config, ["cpu", "cpu"]) == [["--device", "cpu"]] * 2
     fixed = config.replace(kv_cache_memory_gb=4.0)  # a fixed cache size is each node's own
     assert node_device_args(fixed, ["cuda:0", "cuda:0"]) == [["--device", "cuda:0"]] * 2
+
+
+def test_up_splits_the_cores_between_cpu_nodes(monkeypatch):
+    from pdserve.cli import node_device_args
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    config = EngineConfig(device="cpu")
+    assert node_device_args(config, ["cpu"] * 3) == [["--device", "cpu", "--num-threads", "2"]] * 3
+    assert node_device_args(config, ["cpu"] * 16) == [["--device", "cpu", "--num-threads", "1"]] * 16
+    assert node_device_args(config.replace(num_threads=4), ["cpu"] * 2) == [["--device", "cpu"]] * 2
