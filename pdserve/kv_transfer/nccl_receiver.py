@@ -73,7 +73,7 @@ class PairPayloads:
                              "(engine.kv_pool.allocate_kv_caches)")
         pair = ProcessGroupPair.create(offer, 1, receiver.device, receiver.pair_timeout)
         pair.use_stream()  # the connection's reader thread posts every op of the pair
-        tight_timer_slack()  # its polls (receiver.py `_serve`) sleep their time, not 50 us more
+        tight_timer_slack()  # its polls (receiver.py `_serve`) end near their time
         log.info("kv pair from %s: %s group up", conn.addr, offer.backend)
         return cls(pair, receiver, conn)
 
@@ -124,7 +124,7 @@ class PairPayloads:
     def _span_rows(self, transfers: list) -> torch.Tensor:
         """The pool rows of `transfers`' blocks within a layer (K's, then V's, for each), on the
         device, in this (the pair's) stream's order: each transfer's were uploaded at `expect`
-        (receiver.py `Incoming.device_slots`); joined once for the groups of the same transfers (a
+        (incoming.py `Incoming.device_slots`); joined once for the groups of the same transfers (a
         prefill step's)."""
         key = tuple(map(id, transfers))  # the cache keeps them alive: no id is reused while cached
         if key not in self._span_cache:
@@ -161,17 +161,8 @@ class PairPayloads:
     def settle_when_landed(self, incoming, result) -> None:
         """Settles once every layer of `incoming` is in its blocks: on CUDA, once the copy
         stream has run its scatters (each waited for its receive)."""
-        if self.copy_stream is None:
-            return self.receiver.settle(incoming, result)
-        event = self.copy_stream.record_event()
-
-        def landed(error: BaseException | None) -> None:
-            if error is None:
-                return self.receiver.settle(incoming, result)
-            self.receiver.fail(incoming, f"kv pair with {self.conn.addr}: {error}", timed_out=True)
-            self.conn.shutdown()  # the pair is stuck: its reader closes it
-
-        self.receiver.completions.add(event, self.receiver.landing_deadline(incoming), landed)
+        # late: the pair is stuck, and its reader closes it
+        self.receiver.settle_when_copied(self.copy_stream, incoming, result, on_late=self.conn.shutdown)
 
     def close(self) -> None:
         self.pair.close()

@@ -22,18 +22,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
 
-import numpy as np
 import torch
 
-from pdserve.engine.host_copy import stream_event, to_device
-from pdserve.engine.kv_pool import kv_slots, pool_rows
+from pdserve.engine.kv_pool import pool_rows
 
 from .completions import Completions
 from .connector import KVReceiver, KVTicket, TransferResult
 from .frame import DONE, GROUP_ENTRY, HEADER_SIZE, FrameError, FrameHeader, FrameType, checksum, summary_checksum
+from .incoming import Connection, Incoming
 from .nccl_receiver import PairPayloads
 from .pair import MAX_OFFER_BYTES, PairOffer
 from .sockets import await_readable, recv_exact, tune_socket
@@ -50,76 +47,6 @@ POLL_S = 20e-6  # the watch's look at the socket
 WATCHDOG_S = 0.1  # how often `_watch` looks for transfers past their time
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(eq=False)
-class Incoming:
-    """A ticket being received. Its blocks' addresses are made on first use, in the form that
-    the path carrying it needs (a transfer takes one of the three), not for every request."""
-
-    ticket: KVTicket
-    on_done: Callable[[TransferResult], None]
-    device: torch.device  # the cache's
-    num_blocks: int  # the cache's
-    layer_checksums: dict[int, int] = field(default_factory=dict)
-    num_bytes: int = 0
-    started_at: float | None = None  # time.monotonic() of its first frame: `transfer_timeout` runs from it
-    conn: "Connection | None" = None  # where its first frame came
-
-    @cached_property
-    def block_ids(self) -> torch.Tensor:
-        """On the cache's device: tcp frames into device caches."""
-        return to_device(self.ticket.block_ids, torch.int64, self.device)  # torch.tensor would wait for the device
-
-    @cached_property
-    def runs(self) -> list[tuple[int, int]]:
-        """The block ids as [start, end) runs of consecutive ids: tcp frames into host caches."""
-        return _runs(self.ticket.block_ids)
-
-    @cached_property
-    def slots(self) -> np.ndarray:
-        """[2 * num_blocks] its blocks' slots, K's then V's, a layer's pool rows (kv_pool.py):
-        the nccl connector's groups (made at `expect` for its tickets)."""
-        return np.array(kv_slots(self.ticket.block_ids, self.num_blocks), dtype=np.int64)
-
-    @cached_property
-    def device_slots(self) -> tuple[torch.Tensor, object]:
-        """`slots` on the cache's device, and on CUDA an event after their upload (None on CPU):
-        the nccl connector's groups, made at `expect` for its tickets, so that the first group
-        does not wait for the upload (host time on the first group's path)."""
-        slots = to_device(self.slots, torch.int64, self.device)
-        return slots, stream_event(self.device) if self.device.type == "cuda" else None
-
-
-@dataclass(eq=False)
-class Connection:
-    """One sender's connection: its frames, and how its payloads come (`payloads`)."""
-
-    sock: socket.socket
-    addr: tuple
-    payloads: object = None  # TcpPayloads, or PairPayloads once a PAIR frame came
-    buffer: bytearray = field(default_factory=bytearray)  # reused for payloads read off the socket
-    transfers: set[bytes] = field(default_factory=set)  # transfer keys that had frames here
-    watch_until: float = 0.0  # time.monotonic(): a pair connection's reader polls until then
-
-    @property
-    def pair(self):
-        """The connection's process group (ProcessGroupPair), or None."""
-        return getattr(self.payloads, "pair", None)
-
-    def shutdown(self) -> None:
-        """Ends the connection from another thread: its reader sees EOF (or its receive on the
-        aborted group fails) and cleans up."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        if self.pair is not None:
-            self.pair.close()
-
-    def close(self) -> None:
-        self.payloads.close()
-        self.sock.close()
 
 
 class KVSocketReceiver(KVReceiver):
@@ -266,9 +193,22 @@ class KVSocketReceiver(KVReceiver):
             self.num_bytes_received += incoming.num_bytes
         incoming.on_done(result)
 
-    def landing_deadline(self, incoming: Incoming) -> float:
-        """time.monotonic() by which the transfer must be in its blocks."""
-        return (incoming.started_at or time.monotonic()) + self.transfer_timeout
+    def settle_when_copied(self, stream, incoming: Incoming, result: TransferResult, on_late=None) -> None:
+        """Settles `incoming` once the work queued so far on CUDA `stream` (its copies into the
+        blocks) has run; at once without a stream (host caches). Copies not done by the
+        transfer's landing deadline fail it, and `on_late()` runs."""
+        if stream is None:
+            return self.settle(incoming, result)
+
+        def landed(error: BaseException | None) -> None:
+            if error is None:
+                return self.settle(incoming, result)
+            self.fail(incoming, f"its copies into the blocks did not finish: {error}", timed_out=True)
+            if on_late is not None:
+                on_late()
+
+        deadline = (incoming.started_at or time.monotonic()) + self.transfer_timeout
+        self.completions.add(stream.record_event(), deadline, landed)
 
     # ---- threads ------------------------------------------------------------------------
 
@@ -412,14 +352,3 @@ def _layer_error(incoming: Incoming, layer: int, num_bytes: int) -> str | None:
     if num_bytes != ticket.layer_bytes:
         return f"frame of {num_bytes} bytes, the ticket expects {ticket.layer_bytes}"
     return None
-
-
-def _runs(block_ids) -> list[tuple[int, int]]:
-    """[3, 4, 5, 9, 10] -> [(3, 6), (9, 11)]."""
-    runs: list[tuple[int, int]] = []
-    for b in block_ids:
-        if runs and runs[-1][1] == b:
-            runs[-1] = (runs[-1][0], b + 1)
-        else:
-            runs.append((b, b + 1))
-    return runs

@@ -74,16 +74,7 @@ class TcpPayloads:
     def settle_when_landed(self, incoming, result) -> None:
         """On CUDA once the copy stream has run this transfer's copies (queued by this thread,
         in order); on the host at once."""
-        if self.copy_stream is None:
-            return self.receiver.settle(incoming, result)
-        event = self.copy_stream.record_event()
-
-        def landed(error: BaseException | None) -> None:
-            if error is None:
-                return self.receiver.settle(incoming, result)
-            self.receiver.fail(incoming, f"its copies into the blocks did not finish: {error}", timed_out=True)
-
-        self.receiver.completions.add(event, self.receiver.landing_deadline(incoming), landed)
+        self.receiver.settle_when_copied(self.copy_stream, incoming, result)
 
     def close(self) -> None:
         pass

@@ -1,0 +1,98 @@
+"""What the KV receiver (receiver.py) keeps per ticket (`Incoming`) and per sender's
+connection (`Connection`)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from pdserve.engine.host_copy import stream_event, to_device
+from pdserve.engine.kv_pool import kv_slots
+
+from .connector import KVTicket, TransferResult
+
+
+@dataclass(eq=False)
+class Incoming:
+    """A ticket being received. Its blocks' addresses are made on first use, in the form that
+    the path carrying it needs (a transfer takes one of the three), not for every request."""
+
+    ticket: KVTicket
+    on_done: Callable[[TransferResult], None]
+    device: torch.device  # the cache's
+    num_blocks: int  # the cache's
+    layer_checksums: dict[int, int] = field(default_factory=dict)
+    num_bytes: int = 0
+    started_at: float | None = None  # time.monotonic() of its first frame: `transfer_timeout` runs from it
+    conn: "Connection | None" = None  # where its first frame came
+
+    @cached_property
+    def block_ids(self) -> torch.Tensor:
+        """On the cache's device: tcp frames into device caches."""
+        return to_device(self.ticket.block_ids, torch.int64, self.device)  # torch.tensor would wait for the device
+
+    @cached_property
+    def runs(self) -> list[tuple[int, int]]:
+        """The block ids as [start, end) runs of consecutive ids: tcp frames into host caches."""
+        return _runs(self.ticket.block_ids)
+
+    @cached_property
+    def slots(self) -> np.ndarray:
+        """[2 * num_blocks] its blocks' slots, K's then V's, a layer's pool rows (kv_pool.py):
+        the nccl connector's groups (made at `expect` for its tickets)."""
+        return np.array(kv_slots(self.ticket.block_ids, self.num_blocks), dtype=np.int64)
+
+    @cached_property
+    def device_slots(self) -> tuple[torch.Tensor, object]:
+        """`slots` on the cache's device, and on CUDA an event after their upload (None on CPU):
+        the nccl connector's groups, made at `expect` for its tickets, so that the first group
+        does not wait for the upload (host time on the first group's path)."""
+        slots = to_device(self.slots, torch.int64, self.device)
+        return slots, stream_event(self.device) if self.device.type == "cuda" else None
+
+
+@dataclass(eq=False)
+class Connection:
+    """One sender's connection: its frames, and how its payloads come (`payloads`)."""
+
+    sock: socket.socket
+    addr: tuple
+    payloads: object = None  # TcpPayloads, or PairPayloads once a PAIR frame came
+    buffer: bytearray = field(default_factory=bytearray)  # reused for payloads read off the socket
+    transfers: set[bytes] = field(default_factory=set)  # transfer keys that had frames here
+    watch_until: float = 0.0  # time.monotonic(): a pair connection's reader polls until then
+
+    @property
+    def pair(self):
+        """The connection's process group (ProcessGroupPair), or None."""
+        return getattr(self.payloads, "pair", None)
+
+    def shutdown(self) -> None:
+        """Ends the connection from another thread: its reader sees EOF (or its receive on the
+        aborted group fails) and cleans up."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self.pair is not None:
+            self.pair.close()
+
+    def close(self) -> None:
+        self.payloads.close()
+        self.sock.close()
+
+
+def _runs(block_ids) -> list[tuple[int, int]]:
+    """[3, 4, 5, 9, 10] -> [(3, 6), (9, 11)]."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
