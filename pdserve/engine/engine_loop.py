@@ -99,14 +99,20 @@ class EngineLoop:
             self._loop.call_soon_threadsafe(self._deliver, outputs, self.stats)
 
     def _run_calls(self) -> None:
+        """The calls queued so far, in order; `stats` refreshed once after them (a burst of
+        arrivals is many calls) and before any caller hears back, so a caller never reads
+        stats older than its own call."""
+        done = []
         while self._calls:
             call = self._calls.popleft()
             try:
-                result, error = call.fn(*call.args, **call.kwargs), None
+                done.append((call, call.fn(*call.args, **call.kwargs), None))
             except Exception as e:  # the caller's to handle (bad input, ...)
-                result, error = None, e
-            finally:
-                self.stats = self.engine.stats()
+                done.append((call, None, e))
+        if not done:
+            return
+        self.stats = self.engine.stats()
+        for call, result, error in done:
             if call.future is not None:
                 self._loop.call_soon_threadsafe(_resolve, call.future, result, error)
             elif error is not None:

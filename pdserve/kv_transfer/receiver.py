@@ -303,10 +303,10 @@ class KVSocketReceiver(KVReceiver):
         each began. With the lock held."""
         if len(conn.transfers) > 1024:  # keep only the transfers still expected
             conn.transfers &= self._tickets.keys()
-        now = None
+        now = time.monotonic()
         for incoming in incomings:
             if incoming.started_at is None:
-                incoming.started_at, incoming.conn = now or time.monotonic(), conn
+                incoming.started_at, incoming.conn = now, conn
             conn.transfers.add(incoming.ticket.transfer_key)
 
     def _watch(self) -> None:

@@ -4,9 +4,9 @@ that is still moving lands on the decode node, which admits the request only the
 
 The KV leaves from the engine thread: after each layer of the step that completes a prompt,
 the KV pusher (kv_transfer/pusher.py) gathers that layer's K/V of the prompt's blocks (a
-copy, so the blocks may be freed and reused after the step) and queues it on the connector. Who frees the prefill node's blocks: the
-scheduler, when the prompt's first token is sampled (they stay in the prefix cache), or
-`abort_request` when the call fails or is cancelled.
+copy, so the blocks may be freed and reused after the step) and queues it on the connector.
+Who frees the prefill node's blocks: the scheduler, when the prompt's first token is sampled
+(they stay in the prefix cache), or `abort_request` when the call fails or is cancelled.
 """
 
 from __future__ import annotations
