@@ -73,6 +73,9 @@ HELP = {
     "kv_connect_timeout_s": "seconds to connect (and pair) with a decode node's KV receiver",
     "kv_transfer_timeout_s": "seconds a KV transfer may take (prefill: to leave once its last layer "
                              "is queued; decode: to land once its first bytes came)",
+    "device_turns": "with a prefill and a decode node on one GPU (or one host's cores): prefill-first "
+                    "(their steps take turns, prefill first, as one engine orders them) or off (the "
+                    "device time-slices the two processes)",
     "router": "the router's gRPC address",
     "api_key": "require this key (Authorization: Bearer) on /v1/*",
     "served_model_name": "the model name clients send (default: the router's --model)",

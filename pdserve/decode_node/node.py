@@ -20,9 +20,11 @@ log = logging.getLogger(__name__)
 async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
     from pdserve.engine.engine import Engine
     from pdserve.engine.engine_loop import EngineLoop
+    from pdserve.engine.device_turns import check_device_turns
     from pdserve.kv_transfer.senders import CONNECTORS
     from pdserve.kv_transfer.receiver import KVSocketReceiver
 
+    check_device_turns(config.device_turns)
     if config.kv_connector not in CONNECTORS:
         raise ValueError(f"--kv-connector must be one of {', '.join(CONNECTORS)}, got {config.kv_connector!r}")
 
@@ -44,7 +46,8 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
         if registration is not None:
             registration.update_load(stats)
 
-    loop = EngineLoop(engine, after_step=after_step)
+    turns = _turns(config, engine.runner.device)
+    loop = EngineLoop(engine, engine.step if turns is None else turns.around(engine.step), after_step)
     servicer.attach(loop, receiver)
     loop.start()
     registration = await register(config, "decode", config.host, server.port, engine.fingerprint)
@@ -59,3 +62,13 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
         await registration.close()
     receiver.close()
     await loop.close()
+    if turns is not None:
+        turns.close()
+
+
+def _turns(config: DecodeNodeConfig, device):
+    """Steps in turn with a prefill node on the same device (engine/device_turns.py), or None."""
+    from pdserve.engine.device_turns import DeviceTurns, device_key
+
+    key = device_key(device)
+    return DeviceTurns(key, "decode") if key is not None and config.device_turns == "prefill-first" else None

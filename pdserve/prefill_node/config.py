@@ -14,6 +14,7 @@ class PrefillNodeConfig(RegistryConfig):
     metrics_port: int = 9401
     kv_connect_timeout_s: float = 5.0
     kv_transfer_timeout_s: float = 30.0
+    device_turns: str = "prefill-first"  # with a prefill and a decode node on one device: prefill-first | off
     drain_timeout_s: float = 30.0
     ready_file: str | None = None
     kv_test_corrupt_transfers: int = 0  # test hook: corrupt the first N transfers' payloads

@@ -20,10 +20,12 @@ log = logging.getLogger(__name__)
 async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     from pdserve.engine.engine import Engine
     from pdserve.engine.engine_loop import EngineLoop
+    from pdserve.engine.device_turns import check_device_turns
     from pdserve.kv_transfer.nccl import NcclKVSender
     from pdserve.kv_transfer.senders import SenderByConnector
     from pdserve.kv_transfer.tcp_sender import TcpKVSender
 
+    check_device_turns(config.device_turns)
     server = Server(service_name("PrefillService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
     servicer = PrefillServicer(config.kv_test_hold_prefill_s)
@@ -42,7 +44,9 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
         if registration is not None:
             registration.update_load(stats)
 
-    servicer.attach(EngineLoop(engine, servicer.step, after_step), sender)
+    turns = _turns(config, engine.runner.device)
+    servicer.attach(EngineLoop(engine, servicer.step if turns is None else turns.around(servicer.step),
+                               after_step), sender)
     servicer.loop.start()
     registration = await register(config, "prefill", config.host, server.port, engine.fingerprint,
                                   cache=engine.kv.pool, run_on_engine=servicer.loop.call)
@@ -57,3 +61,13 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
         await registration.close()
     sender.close()
     await servicer.loop.close()
+    if turns is not None:
+        turns.close()
+
+
+def _turns(config: PrefillNodeConfig, device):
+    """Steps in turn with a decode node on the same device (engine/device_turns.py), or None."""
+    from pdserve.engine.device_turns import DeviceTurns, device_key
+
+    key = device_key(device)
+    return DeviceTurns(key, "prefill") if key is not None and config.device_turns == "prefill-first" else None
