@@ -76,6 +76,8 @@ HELP = {
     "device_turns": "with a prefill and a decode node on one GPU (or one host's cores): prefill-first "
                     "(their steps take turns, prefill first, as one engine orders them) or off (the "
                     "device time-slices the two processes)",
+    "disaggregation": "where prompts are prefilled: always (on prefill nodes), never (decode nodes "
+                      "prefill them: aggregated serving) or auto (on a prefill node while one is healthy)",
     "router": "the router's gRPC address",
     "api_key": "require this key (Authorization: Bearer) on /v1/*",
     "served_model_name": "the model name clients send (default: the router's --model)",

@@ -55,8 +55,8 @@ class Cluster:
                  node_args: list[str] = (), prefill_args=(), decode_args=(), router_args=(),
                  log_dir: str | None = None, log_level: str = "INFO", redis: str | None = None,
                  gateway_port: int | None = None, gateway_args=(), gateway_env: dict[str, str] | None = None):
-        if num_prefill < 1 or num_decode < 1:
-            raise ValueError("a cluster needs at least one prefill and one decode node")
+        if num_prefill < 0 or num_decode < 1:
+            raise ValueError("a cluster needs at least one decode node (and no prefill node: aggregated serving)")
         self.model, self.num_prefill, self.num_decode = model, num_prefill, num_decode
         self.router_port = router_port
         self.node_args, self.router_args = list(node_args), list(router_args)

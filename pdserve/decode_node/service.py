@@ -1,4 +1,6 @@
-"""DecodeService: (queue) -> reserve -> ticket -> receive KV -> admit -> stream tokens -> free.
+"""DecodeService: (queue) -> reserve -> ticket -> receive KV -> admit -> stream tokens -> free;
+or, with `prefill_here` (aggregated serving): the prompt joins this node's engine as any
+request does (chunked prefill in the continuous batch, its own prefix cache) -> stream tokens.
 
 A request whose prompt does not fit in the free blocks waits in the admission queue
 (admission.py) until it does; only a full queue answers RESOURCE_EXHAUSTED. The ticket's
@@ -9,6 +11,8 @@ batch only after its KV is in the blocks (the receiver settles it once its copie
 Who frees a reservation's blocks: this handler, always, in its `finally` (engine abort is a
 no-op once the request finished): when the transfer fails, when a deadline passes, when the
 router cancels the call, or when the node drains. Every exit kicks the admission queue.
+A request prefilled here waits in the engine's own queue for blocks; both queues together
+are bounded by `max_queued_requests`.
 """
 
 from __future__ import annotations
@@ -56,18 +60,21 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
         ticket, finished = None, False
         self.active.add(request_id)
         try:
-            ticket = await self._reserve(request, request_id, context)
-            transfer = asyncio.get_running_loop().create_future()
-            self.receiver.expect(ticket, _settle_from_thread(transfer))
-            yield pb.DecodeResponse(ticket=ticket_to_proto(ticket))
-            first_token_id = await self._await_transfer(transfer, ticket, request_id, context)
-            admitted = await self.loop.call(self.engine.admit, request_id, first_token_id)
-            if admitted is None:
-                await abort(context, grpc.StatusCode.ABORTED, f"{request_id}: reservation lost")
-            if admitted.finished:  # the first token already ended it (EOS, max_tokens 1)
-                finished = True
-                yield _chunk([], admitted.finish_reason)
-                return
+            if request.prefill_here:
+                await self._add_here(request, request_id, context)
+            else:
+                ticket = await self._reserve(request, request_id, context)
+                transfer = asyncio.get_running_loop().create_future()
+                self.receiver.expect(ticket, _settle_from_thread(transfer))
+                yield pb.DecodeResponse(ticket=ticket_to_proto(ticket))
+                first_token_id = await self._await_transfer(transfer, ticket, request_id, context)
+                admitted = await self.loop.call(self.engine.admit, request_id, first_token_id)
+                if admitted is None:
+                    await abort(context, grpc.StatusCode.ABORTED, f"{request_id}: reservation lost")
+                if admitted.finished:  # the first token already ended it (EOS, max_tokens 1)
+                    finished = True
+                    yield _chunk([], admitted.finish_reason)
+                    return
             while not finished:
                 outputs = [await queue.get()]
                 while not queue.empty():
@@ -75,7 +82,8 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                 if None in outputs:
                     await abort(context, grpc.StatusCode.INTERNAL, f"{request_id}: engine step failed")
                 finished = outputs[-1].finished
-                yield _chunk([t for o in outputs for t in o.new_token_ids], outputs[-1].finish_reason)
+                yield _chunk([t for o in outputs for t in o.new_token_ids], outputs[-1].finish_reason,
+                             outputs[0].num_cached_tokens)
             metrics.requests_total.labels("decode", "ok").inc()
         finally:
             self.active.discard(request_id)
@@ -86,15 +94,31 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                 self.loop.call_soon(self.engine.abort_request, request_id)
             self.admission.kick()  # after the abort above: the engine thread runs calls in order
 
+    async def _add_here(self, request: pb.DecodeRequest, request_id: str, context) -> None:
+        """The prompt joins the engine's queue, to be prefilled in this node's batch."""
+        if self.loop.stats["num_waiting"] + self.admission.num_waiting >= self.admission.max_waiting:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"decode node is full: {self.admission.max_waiting} requests wait already")
+        try:
+            params = sampling_from_proto(request.sampling)
+            self._check_fits(len(request.prompt_token_ids))
+            await self.loop.call(self.engine.add_request, list(request.prompt_token_ids), params, request_id,
+                                 request.cache_salt or None)
+        except ValueError as e:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def _check_fits(self, num_prompt_tokens: int) -> None:
+        need = -(-num_prompt_tokens // self.engine.config.block_size)
+        if need > self.engine.kv.pool.num_blocks:
+            raise ValueError(f"prompt_token_ids: the prompt needs {need} KV blocks, this decode node "
+                             f"has {self.engine.kv.pool.num_blocks} in all")
+
     async def _reserve(self, request: pb.DecodeRequest, request_id: str, context) -> KVTicket:
         """Blocks for the prompt, now or after a wait in the admission queue."""
         prompt = list(request.prompt_token_ids)
         try:
             params = sampling_from_proto(request.sampling)
-            need = -(-len(prompt) // self.engine.config.block_size)
-            if need > self.engine.kv.pool.num_blocks:
-                raise ValueError(f"prompt_token_ids: the prompt needs {need} KV blocks, this decode node "
-                                 f"has {self.engine.kv.pool.num_blocks} in all")
+            self._check_fits(len(prompt))
             block_ids = await self.admission.reserve(lambda: self.loop.call(
                 self.engine.reserve, prompt, params, request_id, request.cache_salt or None))
         except ValueError as e:
@@ -134,9 +158,9 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                               num_waiting=stats["num_waiting"] + self.admission.num_waiting)
 
 
-def _chunk(token_ids, finish_reason) -> pb.DecodeResponse:
-    return pb.DecodeResponse(chunk=pb.TokenChunk(token_ids=token_ids,
-                                                 finish_reason=FINISH_TO_PROTO[finish_reason]))
+def _chunk(token_ids, finish_reason, num_cached_tokens: int = 0) -> pb.DecodeResponse:
+    return pb.DecodeResponse(chunk=pb.TokenChunk(token_ids=token_ids, finish_reason=FINISH_TO_PROTO[finish_reason],
+                                                 num_cached_tokens=num_cached_tokens))
 
 
 def _settle_from_thread(future: asyncio.Future):

@@ -301,6 +301,8 @@ class DecodeServiceServicer:
     def Decode(self, request, context):
         """Reserves blocks and answers with a ticket; once the KV has arrived, streams the tokens
         after the first (which the prefill node sampled) in chunks, the last with a finish reason.
+        With prefill_here the node computes the prompt itself: no ticket, chunks from the first
+        token on (aggregated serving).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

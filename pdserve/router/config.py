@@ -17,6 +17,9 @@ class RouterConfig:
     redis_url: str | None = None  # the prefix index and node registry
     policy: str = "prefix"  # round_robin | load | prefix
     heartbeat_grace_s: float = 10.0  # after Redis comes up: time for nodes to re-register
+    # where prompts are prefilled: always on a prefill node (disaggregated), never (the decode
+    # node prefills: aggregated), or auto (on a prefill node while one is healthy)
+    disaggregation: str = "auto"
     max_attempts: int = 3  # per request: the first try plus retries/resumes on other pairs
     health_interval_s: float = 0.5
     drain_timeout_s: float = 30.0

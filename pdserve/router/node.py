@@ -43,18 +43,17 @@ async def serve(config: RouterConfig) -> None:
     index = PrefixIndex(config.redis_url, fingerprint) if config.redis_url else None
     if policy.uses_index and index is None:
         log.warning("policy %s without --redis-url: no prefix index, routing by load", policy.name)
-    pool = NodePool(_addresses(config.prefill_nodes, "--prefill-nodes", static),
+    pool = NodePool(_addresses(config.prefill_nodes, "--prefill-nodes", static and config.disaggregation == "always"),
                     _addresses(config.decode_nodes, "--decode-nodes", static), config.health_interval_s,
                     index, fingerprint, config.heartbeat_grace_s)
     server = Server(service_name("RouterService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
-    pb_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint,
-                       config.model),
-        server.grpc)
+    servicer = RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint,
+                              config.model, config.disaggregation)
+    pb_grpc.add_RouterServiceServicer_to_server(servicer, server.grpc)
     await server.start()
     pool.start()
-    watcher = asyncio.get_running_loop().create_task(_follow_nodes(server, pool, config.ready_file))
+    watcher = asyncio.get_running_loop().create_task(_follow_nodes(server, servicer, config.ready_file))
     await server.wait_and_drain()
     watcher.cancel()
     await pool.close()
@@ -62,16 +61,16 @@ async def serve(config: RouterConfig) -> None:
         await index.close()
 
 
-async def _follow_nodes(server: Server, pool: NodePool, ready_file: str | None) -> None:
-    """Health SERVING while at least one prefill and one decode node are; the ready file is
-    written the first time."""
-    ready = None
+async def _follow_nodes(server: Server, servicer: RouterServicer, ready_file: str | None) -> None:
+    """Health SERVING while the healthy nodes can serve (a decode node, and a prefill node
+    where prompts are always prefilled there); the ready file is written the first time."""
+    ready, pool = None, servicer.pool
     while True:
         await pool.changed.wait()
         pool.changed.clear()
-        serving = bool(pool.healthy("prefill") and pool.healthy("decode"))
+        serving = servicer.can_serve()
         if serving != ready:
-            log.info("router %s", "serving" if serving else "NOT serving: no healthy prefill/decode pair")
+            log.info("router %s", "serving" if serving else f"NOT serving: no healthy {servicer.needed_nodes()}")
             await server.set_serving(serving)
             if serving and ready is None:
                 server.write_ready_file(ready_file, role="router")

@@ -1,4 +1,6 @@
-"""RouterService.Generate: validate -> pick a pair -> reserve on D -> prefill on P -> stream.
+"""RouterService.Generate: validate -> pick a pair -> reserve on D -> prefill on P -> stream;
+or, where the prompt is prefilled on the decode node (`disaggregation`: never, or auto with no
+healthy prefill node): validate -> pick D -> stream from D.
 
 Nothing is lost: an attempt that fails after some tokens were streamed is resumed on another
 pair from the prompt plus the tokens already sent (the client sees no gap and no duplicate);
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 4 << 20
 MAX_REQUEST_ID_CHARS = 256
 CHAT_ROLES = ("system", "user", "assistant")
+DISAGGREGATION = ("always", "never", "auto")
 
 
 class ClientError(Exception):
@@ -68,6 +71,7 @@ class Progress:
     last_at: float | None = None
     num_attempts: int = 0
     prefill: pb.PrefillResponse | None = None
+    num_cached_tokens: int = 0  # prefilled on a decode node: what its prefix cache held
 
     def remaining_params(self) -> pb.SamplingParams:
         msg = sampling_to_proto(self.params)
@@ -78,15 +82,18 @@ class Progress:
 
 @dataclass
 class Route:
-    prefill: NodeClient
+    prefill: NodeClient | None  # None: the decode node prefills the prompt itself
     decode: NodeClient
     num_cached_tokens: int  # what the index says the prefill node holds of the prompt
 
 
 class RouterServicer(pb_grpc.RouterServiceServicer):
     def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3,
-                 index=None, model_fingerprint: str = "", model_name: str = ""):
+                 index=None, model_fingerprint: str = "", model_name: str = "", disaggregation: str = "auto"):
+        if disaggregation not in DISAGGREGATION:
+            raise ValueError(f"--disaggregation must be one of {', '.join(DISAGGREGATION)}, got {disaggregation!r}")
         self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
+        self.disaggregation = disaggregation
         self.model_name = model_name
         self.vocab_size = vocab_size
         self.max_attempts = max_attempts
@@ -128,21 +135,34 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                 log.warning("%s: attempt %d failed: %s", request_id, progress.num_attempts, e)
         metrics.requests_total.labels("router", "failed").inc()
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE
-        detail = "; ".join(failures) or "no healthy prefill and decode nodes"
+        detail = "; ".join(failures) or f"no healthy {self.needed_nodes()}"
         await abort(context, code, f"{request_id}: not served after {progress.num_attempts} "
                                    f"attempt(s): {detail}")
 
+    def can_serve(self) -> bool:
+        """Whether the healthy nodes can serve a prompt (the router's health)."""
+        return bool(self.pool.healthy("decode") and (self.pool.healthy("prefill") or self.disaggregation != "always"))
+
+    def needed_nodes(self) -> str:
+        return "prefill and decode nodes" if self.disaggregation == "always" else "decode nodes"
+
     async def _route(self, prompt: list[int], cache_salt: str, excluded: set,
                      full_nodes: set) -> Route | None:
-        """A (prefill, decode) pair, avoiding nodes that failed this request where others exist;
-        decode nodes that were full are never retried."""
+        """A (prefill, decode) pair, or a decode node alone that prefills the prompt itself;
+        avoiding nodes that failed this request where others exist; decode nodes that were
+        full are never retried."""
         candidates = []
         for role in ("prefill", "decode"):
             healthy = [n for n in self.pool.healthy(role) if n not in full_nodes]
             candidates.append([n for n in healthy if n not in excluded] or healthy)
         prefill_nodes, decode_nodes = candidates
-        if not prefill_nodes or not decode_nodes:
+        if self.disaggregation == "never":
+            prefill_nodes = []
+        if not decode_nodes or (not prefill_nodes and self.disaggregation == "always"):
             return None
+        if not prefill_nodes:
+            metrics.route_decisions.labels(self.policy.name, "prefill_on_decode").inc()
+            return Route(None, self.policy.pick_decode(decode_nodes, len(prompt)), 0)
         hashes = self._block_hashes(prompt, cache_salt, prefill_nodes[0]) if self.policy.uses_index else []
         cached = await self._cached_tokens(hashes, prefill_nodes) if self.policy.uses_index else {}
         prefill, reason = self.policy.pick_prefill(prefill_nodes, len(prompt), cached)
@@ -176,6 +196,10 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
 
     async def _attempt(self, request_id: str, cache_salt: str, progress: Progress, route: Route):
         """Yields (token ids, finish reason or None) chunks; raises Retry on node trouble."""
+        if route.prefill is None:
+            async for chunk in self._attempt_on_decode(request_id, cache_salt, progress, route.decode):
+                yield chunk
+            return
         prefill, decode = route.prefill, route.decode
         prompt = progress.prompt + progress.sent
         attempt_id = f"{request_id}.{progress.num_attempts}"
@@ -204,6 +228,28 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             raise Retry(f"decode node {decode.address} ended the stream early", {decode})
         finally:
             decode_call.cancel()  # a no-op once it finished; frees the blocks otherwise
+            decode.num_inflight -= 1
+
+    async def _attempt_on_decode(self, request_id: str, cache_salt: str, progress: Progress, decode: NodeClient):
+        """An attempt on a decode node that prefills the prompt itself: its stream is the tokens."""
+        attempt_id = f"{request_id}.{progress.num_attempts}"
+        decode.num_inflight += 1
+        call = decode.stub.Decode(pb.DecodeRequest(
+            request_id=attempt_id, prompt_token_ids=progress.prompt + progress.sent,
+            sampling=progress.remaining_params(), cache_salt=cache_salt, prefill_here=True))
+        try:
+            while (message := await _read(call, decode)) is not None:
+                if not message.HasField("chunk"):
+                    raise Retry(f"decode node {decode.address} sent a ticket for a prompt it was to prefill", {decode})
+                if progress.first_at is None:  # the first chunk tells what its prefix cache held
+                    progress.num_cached_tokens = message.chunk.num_cached_tokens
+                reason = FINISH_FROM_PROTO[message.chunk.finish_reason]
+                yield list(message.chunk.token_ids), reason
+                if reason is not None:
+                    return
+            raise Retry(f"decode node {decode.address} ended the stream early", {decode})
+        finally:
+            call.cancel()  # a no-op once it finished; frees the blocks otherwise
             decode.num_inflight -= 1
 
     async def _prefill(self, node: NodeClient, message: pb.PrefillRequest, num_cached_tokens: int):
@@ -241,7 +287,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             pre = progress.prefill
             response.usage.CopyFrom(pb.Usage(prompt_tokens=len(progress.prompt),
                                              completion_tokens=len(progress.sent),
-                                             cached_tokens=pre.num_cached_tokens if pre else 0))
+                                             cached_tokens=pre.num_cached_tokens if pre else progress.num_cached_tokens))
             response.timings.CopyFrom(pb.Timings(
                 time_to_first_token_seconds=progress.first_at - progress.start,
                 total_seconds=now - progress.start, num_attempts=progress.num_attempts,
@@ -255,7 +301,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         """The prompt's token ids and the sampling params; INVALID_ARGUMENT naming the field."""
         limits = self.pool.model_limits()
         if limits is None:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "no healthy prefill and decode nodes")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, f"no healthy {self.needed_nodes()}")
         max_model_len, _ = limits
         try:
             if len(request.request_id) > MAX_REQUEST_ID_CHARS:

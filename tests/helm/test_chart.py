@@ -115,6 +115,13 @@ def test_decode_pods_ask_for_the_values_connector():
         assert "PDSERVE_KV_CONNECTOR" not in env(deployments["rel-pdserve-prefill"])  # it speaks both
 
 
+def test_aggregated_serving_has_no_prefill_pods_and_tells_the_router():
+    deployments = by_kind(render(None, "prefill.replicas=0", "disaggregation=never"), "Deployment")
+    assert deployments["rel-pdserve-prefill"]["spec"]["replicas"] == 0
+    assert env(deployments["rel-pdserve-router"])["PDSERVE_DISAGGREGATION"] == "never"
+    assert env(by_kind(render(), "Deployment")["rel-pdserve-router"])["PDSERVE_DISAGGREGATION"] == "auto"
+
+
 def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
     for name, d in by_kind(render(), "Deployment").items():
         spec = d["spec"]["template"]["spec"]
@@ -127,6 +134,7 @@ def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
     ("prefill.replicas=-1", "/prefill/replicas"), ("decode.replicas=-3", "/decode/replicas"),
     ("kvConnector=rdma", "/kvConnector"), ("model.name=", "/model/name"),
     ("redis.enabled=false", "/redis/externalUrl"), ("routingPolicy=random", "/routingPolicy"),
+    ("disaggregation=sometimes", "/disaggregation"),
     ("router.port=70000", "/router/port"), ("prefill.extraEnv.FOO=1", "'FOO' does not match"),
 ])
 def test_bad_values_are_refused_by_the_schema(setting, message):
