@@ -18,8 +18,11 @@ import asyncio
 import collections
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-Reserve = Callable[[], Awaitable["list[int] | None"]]  # block ids, or None: no room now
+R = TypeVar("R")
+
+Reserve = Callable[[], Awaitable["R | None"]]  # a reservation, or None: no room now
 
 
 class QueueFull(Exception):
@@ -40,15 +43,15 @@ class AdmissionQueue:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    async def reserve(self, reserve: Reserve) -> list[int]:
-        """Block ids from `reserve()`: now if nobody waits and they fit, else once the requests
+    async def reserve(self, reserve: Reserve) -> R:
+        """What `reserve()` gives: now if nobody waits and they fit, else once the requests
         ahead were served and they fit. Raises QueueFull. Each caller runs its own `reserve()`
         (on its turn, at the head of the queue), so a caller cancelled at any point owns
         whatever that call reserved and frees it as usual."""
         if not self._waiting:
-            block_ids = await reserve()
-            if block_ids is not None:
-                return block_ids
+            reservation = await reserve()
+            if reservation is not None:
+                return reservation
         if len(self._waiting) >= self.max_waiting:
             raise QueueFull(f"{len(self._waiting)} requests already wait for KV blocks")
         waiter = _Waiter()
@@ -58,9 +61,9 @@ class AdmissionQueue:
             while True:
                 await waiter.turn.wait()
                 waiter.turn.clear()
-                block_ids = await reserve()
-                if block_ids is not None:
-                    return block_ids
+                reservation = await reserve()
+                if reservation is not None:
+                    return reservation
         finally:
             self._waiting.remove(waiter)
             self.kick()  # the next one may fit too, or is the head now

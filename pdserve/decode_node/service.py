@@ -114,23 +114,25 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                              f"has {self.engine.kv.pool.num_blocks} in all")
 
     async def _reserve(self, request: pb.DecodeRequest, request_id: str, context) -> KVTicket:
-        """Blocks for the prompt, now or after a wait in the admission queue."""
+        """Blocks for the prompt, now or after a wait in the admission queue; the ticket asks
+        only for those the prefix cache does not hold."""
         prompt = list(request.prompt_token_ids)
         try:
             params = sampling_from_proto(request.sampling)
             self._check_fits(len(prompt))
-            block_ids = await self.admission.reserve(lambda: self.loop.call(
+            reservation = await self.admission.reserve(lambda: self.loop.call(
                 self.engine.reserve, prompt, params, request_id, request.cache_salt or None))
         except ValueError as e:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except QueueFull as e:
             await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode node is full: {e}")
         cfg, runner = self.engine.model_config, self.engine.runner
-        return KVTicket(uuid.uuid4().hex, self.receiver.endpoint, tuple(block_ids),
+        num_cached = reservation.num_cached_blocks
+        return KVTicket(uuid.uuid4().hex, self.receiver.endpoint, tuple(reservation.block_ids[num_cached:]),
                         self.engine.config.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                         str(runner.dtype).removeprefix("torch."),
                         time.time() + self.reservation_timeout_s, self.engine.fingerprint,
-                        self.kv_connector)
+                        self.kv_connector, num_cached)
 
     async def _await_transfer(self, transfer: asyncio.Future, ticket: KVTicket, request_id: str,
                               context) -> int:

@@ -13,6 +13,7 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .config import EngineConfig, default_max_model_len
 from .kv_cache_manager import KVCacheManager
@@ -23,6 +24,14 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
+
+
+class Reservation(NamedTuple):
+    """A decode node's blocks for a prompt: all of them, in prompt order; the first
+    `num_cached_blocks` hold the prompt's KV already (prefix cache), the rest wait for it."""
+
+    block_ids: list[int]
+    num_cached_blocks: int
 
 
 @dataclass
@@ -77,14 +86,15 @@ class Engine:
         return request.request_id
 
     def reserve(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                request_id: str | None = None, cache_salt: str | None = None) -> list[int] | None:
+                request_id: str | None = None, cache_salt: str | None = None) -> Reservation | None:
         """Decode nodes: validates a request whose prompt KV another node computes and
-        allocates its blocks. Returns their ids, or None when the cache has no room."""
+        allocates its blocks, the leading ones from the prefix cache where it holds them.
+        None when the cache has no room."""
         request = self._new_request(prompt_token_ids, params, request_id, cache_salt)
         if not self.scheduler.reserve(request):
             return None
         self.requests[request.request_id] = request
-        return self.kv.block_ids(request.request_id)
+        return Reservation(self.kv.block_ids(request.request_id), request.num_cached_tokens // self.config.block_size)
 
     def admit(self, request_id: str, first_token_id: int) -> RequestOutput | None:
         """Decode nodes: the reserved request's KV has arrived; it joins the running batch."""

@@ -178,10 +178,16 @@ class Scheduler:
         self.kv.free(request)
 
     def reserve(self, request: Request) -> bool:
-        """A decode node's reservation: allocates blocks for a prompt whose KV another node
-        computes. False, changing nothing, when the pool cannot hold the prompt."""
-        if not self.kv.allocate_slots(request, request.num_prompt_tokens):
+        """A decode node's reservation for a prompt whose KV another node computes: adopts the
+        prompt's leading blocks found in the prefix cache (`request.num_cached_tokens`; their KV
+        need not travel) and allocates the rest. False, changing nothing, when the pool cannot
+        hold the prompt."""
+        hits = self.kv.get_computed_blocks(request)
+        num_cached = len(hits) * self.kv.block_size
+        if not self.kv.allocate_slots(request, request.num_prompt_tokens - num_cached, hits):
             return False
+        request.num_cached_tokens = num_cached
+        self.num_cached_tokens += num_cached
         self.reserved[request.request_id] = request
         return True
 

@@ -34,7 +34,7 @@ class KVTicket:
 
     transfer_id: str  # 32 hex characters
     kv_endpoint: str  # host:port of the receiver
-    block_ids: tuple[int, ...]  # the reserved blocks, in prompt order
+    block_ids: tuple[int, ...]  # the blocks to fill, in prompt order: those after the cached ones
     block_size: int
     num_layers: int
     num_kv_heads: int
@@ -43,6 +43,7 @@ class KVTicket:
     deadline: float  # unix time
     model_fingerprint: str
     connector: str = "tcp"
+    num_cached_blocks: int = 0  # the prompt's leading blocks the decode node holds: not sent
 
     @cached_property  # read for every layer sent and received
     def transfer_key(self) -> bytes:

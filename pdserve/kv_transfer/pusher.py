@@ -48,7 +48,7 @@ class KVPusher:
         if not completing:
             self._step = _Step([], [], None, None)
             return
-        slots = [s for c in completing for s in kv_slots(c.block_ids[:len(c.ticket.block_ids)], self.num_blocks)]
+        slots = [s for c in completing for s in kv_slots(_sent_blocks(c), self.num_blocks)]
         rows = slot_rows(to_device(slots, torch.int64, self.kv_rows.device), self.num_layers, self.num_blocks)
         slabs = LayerSlabs(self.num_layers, (len(slots), self.kv_rows.shape[1]), self.kv_rows.dtype,
                            self.kv_rows.device)
@@ -70,3 +70,10 @@ class KVPusher:
 
     def end_step(self) -> None:
         self._step = None  # made again by the next step's first layer
+
+
+def _sent_blocks(c: Completing) -> list[int]:
+    """This node's blocks of the prompt that the ticket asks for: those after the ones the
+    decode node holds already."""
+    start = c.ticket.num_cached_blocks
+    return c.block_ids[start:start + len(c.ticket.block_ids)]

@@ -155,8 +155,9 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
             return f"the decode node's KV layout {theirs} does not match this node's {mine}"
         if not self.sender.supports(ticket.connector):
             return f"connector {ticket.connector!r} is not supported here ({', '.join(self.sender.factories)})"
-        if len(ticket.block_ids) != -(-num_prompt_tokens // ticket.block_size):
-            return f"{len(ticket.block_ids)} blocks reserved for a prompt of {num_prompt_tokens} tokens"
+        if ticket.num_cached_blocks + len(ticket.block_ids) != -(-num_prompt_tokens // ticket.block_size):
+            return (f"{ticket.num_cached_blocks} cached and {len(ticket.block_ids)} reserved blocks for a "
+                    f"prompt of {num_prompt_tokens} tokens")
         if ticket.deadline < time.time():
             return "the reservation has expired"
         return None

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdserve/protos/pdserve.proto\x12\npdserve.v1\"\x84\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x03\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x91\x01\n\x07Timings\x12#\n\x1btime_to_first_token_seconds\x18\x01 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\x12\x1b\n\x13kv_transfer_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cnum_attempts\x18\x05 \x01(\r\"\xe6\x01\n\x08KVTicket\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\t \x01(\x01\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\x12\x11\n\tconnector\x18\x0b \x01(\t\"\x0e\n\x0cStatsRequest\"\r\n\x0bInfoRequest\"\x92\x01\n\nRouterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x19\n\x11num_prefill_nodes\x18\x04 \x01(\r\x12\x18\n\x10num_decode_nodes\x18\x05 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\"\xdf\x02\n\tNodeStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\x03 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x14\n\x0cnum_reserved\x18\x07 \x01(\r\x12!\n\x19num_queued_prefill_tokens\x18\x08 \x01(\x04\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12#\n\x1bnum_prefix_cache_hit_tokens\x18\r \x01(\x04\x12 \n\x18num_kv_transfer_failures\x18\x0e \x01(\x04\"\xe8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x08\n\x06prompt\"\xc0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.pdserve.v1.Timings\"\xa6\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12$\n\x06ticket\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.KVTicket\"\xbd\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13kv_transfer_seconds\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\"\x95\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x14\n\x0cprefill_here\x18\x05 \x01(\x08\"k\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\"i\n\x0e\x44\x65\x63odeResponse\x12&\n\x06ticket\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVTicketH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.TokenChunkH\x00\x42\x06\n\x04kind*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x94\x01\n\rRouterService\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12:\n\x07GetInfo\x12\x17.pdserve.v1.InfoRequest\x1a\x16.pdserve.v1.RouterInfo2\x91\x01\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12;\n\x08GetStats\x12\x18.pdserve.v1.StatsRequest\x1a\x15.pdserve.v1.NodeStats2\x8f\x01\n\rDecodeService\x12\x41\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x12;\n\x08GetStats\x12\x18.pdserve.v1.StatsRequest\x1a\x15.pdserve.v1.NodeStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdserve/protos/pdserve.proto\x12\npdserve.v1\"\x84\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x03\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x91\x01\n\x07Timings\x12#\n\x1btime_to_first_token_seconds\x18\x01 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\x12\x1b\n\x13kv_transfer_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cnum_attempts\x18\x05 \x01(\r\"\x81\x02\n\x08KVTicket\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\t \x01(\x01\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\x12\x11\n\tconnector\x18\x0b \x01(\t\x12\x19\n\x11num_cached_blocks\x18\x0c \x01(\r\"\x0e\n\x0cStatsRequest\"\r\n\x0bInfoRequest\"\x92\x01\n\nRouterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x19\n\x11num_prefill_nodes\x18\x04 \x01(\r\x12\x18\n\x10num_decode_nodes\x18\x05 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\"\xdf\x02\n\tNodeStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\x03 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x14\n\x0cnum_reserved\x18\x07 \x01(\r\x12!\n\x19num_queued_prefill_tokens\x18\x08 \x01(\x04\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12#\n\x1bnum_prefix_cache_hit_tokens\x18\r \x01(\x04\x12 \n\x18num_kv_transfer_failures\x18\x0e \x01(\x04\"\xe8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x08\n\x06prompt\"\xc0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.pdserve.v1.Timings\"\xa6\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12$\n\x06ticket\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.KVTicket\"\xbd\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13kv_transfer_seconds\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\"\x95\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x14\n\x0cprefill_here\x18\x05 \x01(\x08\"k\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\"i\n\x0e\x44\x65\x63odeResponse\x12&\n\x06ticket\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVTicketH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.TokenChunkH\x00\x42\x06\n\x04kind*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x94\x01\n\rRouterService\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12:\n\x07GetInfo\x12\x17.pdserve.v1.InfoRequest\x1a\x16.pdserve.v1.RouterInfo2\x91\x01\n\x0ePrefillService\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12;\n\x08GetStats\x12\x18.pdserve.v1.StatsRequest\x1a\x15.pdserve.v1.NodeStats2\x8f\x01\n\rDecodeService\x12\x41\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x12;\n\x08GetStats\x12\x18.pdserve.v1.StatsRequest\x1a\x15.pdserve.v1.NodeStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.protos.pdserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2593
-  _globals['_FINISHREASON']._serialized_end=2713
+  _globals['_FINISHREASON']._serialized_start=2620
+  _globals['_FINISHREASON']._serialized_end=2740
   _globals['_SAMPLINGPARAMS']._serialized_start=45
   _globals['_SAMPLINGPARAMS']._serialized_end=305
   _globals['_TOKENIDS']._serialized_start=307
@@ -46,33 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMINGS']._serialized_start=520
   _globals['_TIMINGS']._serialized_end=665
   _globals['_KVTICKET']._serialized_start=668
-  _globals['_KVTICKET']._serialized_end=898
-  _globals['_STATSREQUEST']._serialized_start=900
-  _globals['_STATSREQUEST']._serialized_end=914
-  _globals['_INFOREQUEST']._serialized_start=916
-  _globals['_INFOREQUEST']._serialized_end=929
-  _globals['_ROUTERINFO']._serialized_start=932
-  _globals['_ROUTERINFO']._serialized_end=1078
-  _globals['_NODESTATS']._serialized_start=1081
-  _globals['_NODESTATS']._serialized_end=1432
-  _globals['_GENERATEREQUEST']._serialized_start=1435
-  _globals['_GENERATEREQUEST']._serialized_end=1667
-  _globals['_GENERATERESPONSE']._serialized_start=1670
-  _globals['_GENERATERESPONSE']._serialized_end=1862
-  _globals['_PREFILLREQUEST']._serialized_start=1865
-  _globals['_PREFILLREQUEST']._serialized_end=2031
-  _globals['_PREFILLRESPONSE']._serialized_start=2034
-  _globals['_PREFILLRESPONSE']._serialized_end=2223
-  _globals['_DECODEREQUEST']._serialized_start=2226
-  _globals['_DECODEREQUEST']._serialized_end=2375
-  _globals['_TOKENCHUNK']._serialized_start=2377
-  _globals['_TOKENCHUNK']._serialized_end=2484
-  _globals['_DECODERESPONSE']._serialized_start=2486
-  _globals['_DECODERESPONSE']._serialized_end=2591
-  _globals['_ROUTERSERVICE']._serialized_start=2716
-  _globals['_ROUTERSERVICE']._serialized_end=2864
-  _globals['_PREFILLSERVICE']._serialized_start=2867
-  _globals['_PREFILLSERVICE']._serialized_end=3012
-  _globals['_DECODESERVICE']._serialized_start=3015
-  _globals['_DECODESERVICE']._serialized_end=3158
+  _globals['_KVTICKET']._serialized_end=925
+  _globals['_STATSREQUEST']._serialized_start=927
+  _globals['_STATSREQUEST']._serialized_end=941
+  _globals['_INFOREQUEST']._serialized_start=943
+  _globals['_INFOREQUEST']._serialized_end=956
+  _globals['_ROUTERINFO']._serialized_start=959
+  _globals['_ROUTERINFO']._serialized_end=1105
+  _globals['_NODESTATS']._serialized_start=1108
+  _globals['_NODESTATS']._serialized_end=1459
+  _globals['_GENERATEREQUEST']._serialized_start=1462
+  _globals['_GENERATEREQUEST']._serialized_end=1694
+  _globals['_GENERATERESPONSE']._serialized_start=1697
+  _globals['_GENERATERESPONSE']._serialized_end=1889
+  _globals['_PREFILLREQUEST']._serialized_start=1892
+  _globals['_PREFILLREQUEST']._serialized_end=2058
+  _globals['_PREFILLRESPONSE']._serialized_start=2061
+  _globals['_PREFILLRESPONSE']._serialized_end=2250
+  _globals['_DECODEREQUEST']._serialized_start=2253
+  _globals['_DECODEREQUEST']._serialized_end=2402
+  _globals['_TOKENCHUNK']._serialized_start=2404
+  _globals['_TOKENCHUNK']._serialized_end=2511
+  _globals['_DECODERESPONSE']._serialized_start=2513
+  _globals['_DECODERESPONSE']._serialized_end=2618
+  _globals['_ROUTERSERVICE']._serialized_start=2743
+  _globals['_ROUTERSERVICE']._serialized_end=2891
+  _globals['_PREFILLSERVICE']._serialized_start=2894
+  _globals['_PREFILLSERVICE']._serialized_end=3039
+  _globals['_DECODESERVICE']._serialized_start=3042
+  _globals['_DECODESERVICE']._serialized_end=3185
 # @@protoc_insertion_point(module_scope)

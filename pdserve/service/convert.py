@@ -38,12 +38,14 @@ def ticket_to_proto(t: KVTicket) -> pb.KVTicket:
     return pb.KVTicket(transfer_id=t.transfer_id, kv_endpoint=t.kv_endpoint, block_ids=t.block_ids,
                        block_size=t.block_size, num_layers=t.num_layers, num_kv_heads=t.num_kv_heads,
                        head_dim=t.head_dim, dtype=t.dtype, deadline=t.deadline,
-                       model_fingerprint=t.model_fingerprint, connector=t.connector)
+                       model_fingerprint=t.model_fingerprint, connector=t.connector,
+                       num_cached_blocks=t.num_cached_blocks)
 
 
 def ticket_from_proto(m: pb.KVTicket) -> KVTicket:
     return KVTicket(m.transfer_id, m.kv_endpoint, tuple(m.block_ids), m.block_size, m.num_layers,
-                    m.num_kv_heads, m.head_dim, m.dtype, m.deadline, m.model_fingerprint, m.connector)
+                    m.num_kv_heads, m.head_dim, m.dtype, m.deadline, m.model_fingerprint, m.connector,
+                    m.num_cached_blocks)
 
 
 def stats_to_proto(role: str, fingerprint: str, stats: dict, **extra) -> pb.NodeStats:

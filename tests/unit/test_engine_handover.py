@@ -33,8 +33,9 @@ def run_disaggregated(prefill: Engine, decode: Engine, prompts, params):
             if not s.samples:
                 continue
             rid = s.request.request_id
-            src = torch.tensor(prefill.kv.block_ids(rid))
-            dst = torch.tensor(tables[rid])
+            start = tables[rid].num_cached_blocks  # the decode engine holds those already: not copied
+            src = torch.tensor(prefill.kv.block_ids(rid)[start:])
+            dst = torch.tensor(tables[rid].block_ids[start:])
             for side in range(2):  # K, V
                 decode.runner.kv_caches[layer][side][dst] = prefill.runner.kv_caches[layer][side][src]
 
@@ -71,7 +72,7 @@ def test_reservation_without_room_and_abort(engines):
     _, _, decode = engines
     prompt = list(range(3, 503))  # 32 blocks: the cache holds three
     for i in range(3):
-        assert len(decode.reserve(prompt, SamplingParams(max_tokens=4), request_id=f"big{i}")) == 32
+        assert len(decode.reserve(prompt, SamplingParams(max_tokens=4), request_id=f"big{i}").block_ids) == 32
     assert decode.reserve(prompt, SamplingParams(max_tokens=4), request_id="no-room") is None
     with pytest.raises(ValueError, match="prompt_token_ids"):
         decode.reserve([], SamplingParams())
@@ -79,3 +80,22 @@ def test_reservation_without_room_and_abort(engines):
         assert decode.abort_request(f"big{i}")
     assert decode.admit("big0", 5) is None  # the reservation is gone
     assert decode.stats()["num_free_blocks"] == KW["num_kv_blocks"]
+
+
+def test_a_reservation_adopts_cached_blocks_and_only_the_rest_is_copied(engines):
+    """A second turn (the first turn's prompt and answer, then more): the decode engine holds
+    the first turn's blocks, so its reservation adopts them and only the new blocks are
+    copied over; the tokens still equal one engine's."""
+    reference, prefill, decode = engines
+    rng = random.Random(2)
+    first = [rng.randrange(3, 512) for _ in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    (answer,) = run_disaggregated(prefill, decode, [first], [params])
+    second = first + answer + [rng.randrange(3, 512) for _ in range(30)]  # 79 tokens: 4 full blocks
+    reservation = decode.reserve(second, params, request_id="peek")
+    assert reservation.num_cached_blocks == 3  # the first turn's 49 tokens: 3 full blocks
+    decode.abort_request("peek")
+    expected = reference.generate([second], params)[0].token_ids
+    assert run_disaggregated(prefill, decode, [second], [params]) == [expected]
+    for engine in engines:
+        assert engine.stats()["num_free_blocks"] == KW["num_kv_blocks"]
