@@ -50,7 +50,8 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
     loop = EngineLoop(engine, engine.step if turns is None else turns.around(engine.step), after_step)
     servicer.attach(loop, receiver)
     loop.start()
-    registration = await register(config, "decode", config.host, server.port, engine.fingerprint)
+    registration = await register(config, "decode", config.host, server.port, engine.fingerprint,
+                                  cache=engine.kv.pool, run_on_engine=loop.call)  # for prefill-here routing
     after_step(engine.stats())
     await server.set_serving(True)
     server.write_ready_file(config.ready_file, kv_port=receiver.port, role="decode",

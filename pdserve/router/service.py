@@ -89,11 +89,12 @@ class Route:
 
 class RouterServicer(pb_grpc.RouterServiceServicer):
     def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3,
-                 index=None, model_fingerprint: str = "", model_name: str = "", disaggregation: str = "auto"):
+                 index=None, model_fingerprint: str = "", model_name: str = "", disaggregation: str = "auto",
+                 prefill_here_max_tokens: int = 0):
         if disaggregation not in DISAGGREGATION:
             raise ValueError(f"--disaggregation must be one of {', '.join(DISAGGREGATION)}, got {disaggregation!r}")
         self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
-        self.disaggregation = disaggregation
+        self.disaggregation, self.prefill_here_max_tokens = disaggregation, prefill_here_max_tokens
         self.model_name = model_name
         self.vocab_size = vocab_size
         self.max_attempts = max_attempts
@@ -148,8 +149,10 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
 
     async def _route(self, prompt: list[int], cache_salt: str, excluded: set,
                      full_nodes: set) -> Route | None:
-        """A (prefill, decode) pair, or a decode node alone that prefills the prompt itself;
-        avoiding nodes that failed this request where others exist; decode nodes that were
+        """A (prefill, decode) pair, or a decode node alone that prefills the prompt itself:
+        with `disaggregation` auto, when at most `prefill_here_max_tokens` of the prompt are
+        not in that node's prefix cache (as the index and this router's recent routes know
+        it). Avoids nodes that failed this request where others exist; decode nodes that were
         full are never retried."""
         candidates = []
         for role in ("prefill", "decode"):
@@ -160,17 +163,21 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             prefill_nodes = []
         if not decode_nodes or (not prefill_nodes and self.disaggregation == "always"):
             return None
-        if not prefill_nodes:
+        decode = self.policy.pick_decode(decode_nodes, len(prompt))
+        hashes = self._block_hashes(prompt, cache_salt, decode) if self.policy.uses_index else []
+        cached = await self._cached_tokens(hashes, prefill_nodes + [decode]) if self.policy.uses_index else {}
+        if hashes:
+            self.pending.add(hashes, decode)  # it will hold the prompt's blocks either way
+        if not prefill_nodes or (self.disaggregation == "auto" and
+                                 len(prompt) - (cached or {}).get(decode, 0) <= self.prefill_here_max_tokens):
             metrics.route_decisions.labels(self.policy.name, "prefill_on_decode").inc()
-            return Route(None, self.policy.pick_decode(decode_nodes, len(prompt)), 0)
-        hashes = self._block_hashes(prompt, cache_salt, prefill_nodes[0]) if self.policy.uses_index else []
-        cached = await self._cached_tokens(hashes, prefill_nodes) if self.policy.uses_index else {}
-        prefill, reason = self.policy.pick_prefill(prefill_nodes, len(prompt), cached)
+            return Route(None, decode, 0)
+        prefill, reason = self.policy.pick_prefill(
+            prefill_nodes, len(prompt), None if cached is None else {n: c for n, c in cached.items() if n in prefill_nodes})
         metrics.route_decisions.labels(self.policy.name, reason).inc()
         if hashes:
             self.pending.add(hashes, prefill)
-        return Route(prefill, self.policy.pick_decode(decode_nodes, len(prompt)),
-                     (cached or {}).get(prefill, 0))
+        return Route(prefill, decode, (cached or {}).get(prefill, 0))
 
     def _block_hashes(self, prompt: list[int], cache_salt: str, node: NodeClient) -> list[bytes]:
         """The hashes of the prompt's blocks a prefill node could reuse (not the one holding the

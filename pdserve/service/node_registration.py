@@ -1,4 +1,4 @@
-"""A node's side of Redis: its heartbeat record and, on prefill nodes, its prefix-cache changes.
+"""A node's side of Redis: its heartbeat record and its prefix-cache changes.
 
 Three invariants keep the index true:
 - One writer per node: the heartbeat and the cache publisher take the same lock, so a
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 async def register(config: RegistryConfig, role: str, bind_host: str, port: int,
                    model_fingerprint: str, cache=None, run_on_engine=None) -> "NodeRegistration | None":
-    """Registers the node (first heartbeat, and the cache snapshot on prefill nodes) and starts
+    """Registers the node (first heartbeat, and its cache snapshot when it passes one) and starts
     its heartbeat; None without a redis_url. Redis being down is logged, not raised."""
     if not config.redis_url:
         return None
@@ -49,7 +49,7 @@ class NodeRegistration:
     def __init__(self, redis_url: str, keys: IndexKeys, record: NodeRecord, ttl_s: float,
                  interval_s: float, cache=None,
                  run_on_engine: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None):
-        """Prefill nodes pass their BlockPool as `cache` (drain_events(), snapshot()) and
+        """Nodes pass their BlockPool as `cache` (drain_events(), snapshot()) and
         `run_on_engine`, which runs a function on the engine thread and awaits its result."""
         if not 0 < interval_s < ttl_s:
             raise ValueError(f"heartbeat interval ({interval_s}s) must be positive and shorter "

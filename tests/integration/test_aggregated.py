@@ -112,3 +112,17 @@ def test_never_disaggregate_leaves_the_prefill_node_idle(reference):
         assert metric(cluster.prefill[0], "pdserve_requests_total", role="prefill") == 0
         assert metric(cluster.decode[0], "pdserve_requests_total", role="decode", outcome="ok") == 2
         assert wait_for(lambda: all_blocks_free(cluster))
+
+
+def test_auto_prefills_short_uncached_prompts_on_the_decode_node(reference):
+    """`--prefill-here-max-tokens 64`: a 30-token prompt is prefilled on the decode node, a
+    200-token one on the prefill node; both equal the engine's tokens."""
+    short, long = prompts(5, [30, 200])
+    expected = [c.token_ids for c in reference.generate([short, long], GREEDY)]
+    with Cluster("dummy:tiny", num_prefill=1, num_decode=1, node_args=NODE_ARGS,
+                 router_args=["--disaggregation", "auto", "--prefill-here-max-tokens", "64"]) as cluster:
+        assert generate(cluster.router_address, short)[0] == expected[0]
+        assert metric(cluster.prefill[0], "pdserve_requests_total", role="prefill") == 0
+        assert generate(cluster.router_address, long)[0] == expected[1]
+        assert metric(cluster.prefill[0], "pdserve_requests_total", role="prefill", outcome="ok") == 1
+        assert wait_for(lambda: all_blocks_free(cluster))

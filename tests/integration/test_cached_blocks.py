@@ -48,3 +48,24 @@ def test_each_turn_of_a_chat_sends_only_its_new_blocks(reference):
             held = (len(history) - 1) // BLOCK_SIZE  # the last token's KV is never computed
             assert turn == 0 or cached > 0
         assert wait_for(lambda: all_blocks_free(cluster))
+
+
+def test_a_chat_turn_whose_history_the_decode_node_holds_is_prefilled_there(reference):
+    """Conditional disaggregation (`--prefill-here-max-tokens 48`, prefix policy over Redis): a
+    150-token first turn goes to the prefill node; the second turn (its history plus 30 tokens)
+    has at most 48 tokens the decode node lacks, so the decode node prefills it itself, from its
+    own cache, and no KV moves."""
+    rng = random.Random(1)
+    first = [rng.randrange(3, 512) for _ in range(150)]
+    with Cluster("dummy:tiny", 1, 1, redis="local", node_args=["--num-kv-blocks", "160"],
+                 router_args=["--prefill-here-max-tokens", "48"]) as cluster:
+        answer, _, _ = generate(cluster.router_address, first, PARAMS)
+        assert answer == reference.generate([first], PARAMS)[0].token_ids
+        assert metric(cluster.prefill[0], "pdserve_requests_total", role="prefill", outcome="ok") == 1
+        before = received(cluster)
+        second = first + answer + [rng.randrange(3, 512) for _ in range(30)]
+        tokens, last, _ = generate(cluster.router_address, second, PARAMS)
+        assert tokens == reference.generate([second], PARAMS)[0].token_ids
+        assert metric(cluster.prefill[0], "pdserve_requests_total", role="prefill", outcome="ok") == 1
+        assert received(cluster) == before and last.usage.cached_tokens >= 144
+        assert wait_for(lambda: all_blocks_free(cluster))
