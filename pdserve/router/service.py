@@ -227,12 +227,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             yield [response.first_token_id], reason
             if reason is not None:
                 return
-            while (message := await _read(decode_call, decode)) is not None:
-                reason = FINISH_FROM_PROTO[message.chunk.finish_reason]
-                yield list(message.chunk.token_ids), reason
-                if reason is not None:
-                    return
-            raise Retry(f"decode node {decode.address} ended the stream early", {decode})
+            async for chunk in _chunks(decode_call, decode):
+                yield chunk
         finally:
             decode_call.cancel()  # a no-op once it finished; frees the blocks otherwise
             decode.num_inflight -= 1
@@ -245,16 +241,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             request_id=attempt_id, prompt_token_ids=progress.prompt + progress.sent,
             sampling=progress.remaining_params(), cache_salt=cache_salt, prefill_here=True))
         try:
-            while (message := await _read(call, decode)) is not None:
-                if not message.HasField("chunk"):
-                    raise Retry(f"decode node {decode.address} sent a ticket for a prompt it was to prefill", {decode})
-                if progress.first_at is None:  # the first chunk tells what its prefix cache held
-                    progress.num_cached_tokens = message.chunk.num_cached_tokens
-                reason = FINISH_FROM_PROTO[message.chunk.finish_reason]
-                yield list(message.chunk.token_ids), reason
-                if reason is not None:
-                    return
-            raise Retry(f"decode node {decode.address} ended the stream early", {decode})
+            async for chunk in _chunks(call, decode, progress):
+                yield chunk
         finally:
             call.cancel()  # a no-op once it finished; frees the blocks otherwise
             decode.num_inflight -= 1
@@ -371,6 +359,22 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             return self.tokenizer.encode_chat(messages)
         except Exception as e:  # a template that rejects the conversation
             raise ValueError(f"prompt.messages: the chat template failed: {e}") from None
+
+
+async def _chunks(call, decode: NodeClient, progress: Progress | None = None):
+    """(token ids, finish reason or None) of a decode stream's chunks, up to the one with a
+    finish reason; Retry when the stream ends before it. `progress` (a prompt prefilled on the
+    decode node): takes the first chunk's count of prompt tokens its prefix cache held."""
+    while (message := await _read(call, decode)) is not None:
+        if not message.HasField("chunk"):
+            raise Retry(f"decode node {decode.address} sent a ticket where token chunks were due", {decode})
+        if progress is not None and progress.first_at is None:
+            progress.num_cached_tokens = message.chunk.num_cached_tokens
+        reason = FINISH_FROM_PROTO[message.chunk.finish_reason]
+        yield list(message.chunk.token_ids), reason
+        if reason is not None:
+            return
+    raise Retry(f"decode node {decode.address} ended the stream early", {decode})
 
 
 async def _read(call, node: NodeClient):

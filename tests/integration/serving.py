@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import time
 import urllib.request
@@ -24,6 +25,17 @@ def generate(address: str, prompt, params: SamplingParams = GREEDY, **kw):
         tokens += response.token_ids
         last, count = response, count + 1
     return tokens, last, count
+
+
+def random_prompts(seed: int, lengths, vocab_size: int = 512) -> list[list[int]]:
+    """Token-id prompts of these lengths (ids from 3: clear of dummy models' special ids)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
+
+
+def running_decode(cluster):
+    """A live decode node with a running request, or None."""
+    return next((d for d in cluster.decode if d.popen.poll() is None and node_stats(d).num_running), None)
 
 
 def node_stats(process) -> pb.NodeStats:

@@ -14,7 +14,7 @@ from pdserve.engine.engine import Engine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
 
-from .serving import GREEDY, all_blocks_free, generate, health, metric, node_stats, wait_for
+from .serving import GREEDY, all_blocks_free, generate, health, metric, random_prompts as prompts, running_decode, wait_for
 
 NODE_ARGS = ["--num-kv-blocks", "160", "--max-num-batched-tokens", "256"]
 LONG = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
@@ -31,11 +31,6 @@ def cluster():
 @pytest.fixture(scope="module")
 def reference():
     return Engine(model="dummy:tiny", num_kv_blocks=512, max_model_len=2048)
-
-
-def prompts(seed: int, lengths):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
 
 
 def test_tokens_equal_the_engine_at_block_edges_and_with_a_cache_salt(cluster, reference):
@@ -80,10 +75,6 @@ def test_bad_input_is_invalid_argument(cluster):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def running_decode(cluster):
-    return next((d for d in cluster.decode if d.popen.poll() is None and node_stats(d).num_running), None)
-
-
 def test_a_decode_node_killed_mid_stream_resumes_without_gap_or_duplicate(reference):
     """Its own cluster: the test kills a node. The survivor prefills the prompt plus the tokens
     already streamed and goes on."""
@@ -110,7 +101,8 @@ def test_never_disaggregate_leaves_the_prefill_node_idle(reference):
                  router_args=["--disaggregation", "never"]) as cluster:
         assert [generate(cluster.router_address, p)[0] for p in cases] == expected
         assert metric(cluster.prefill[0], "pdserve_requests_total", role="prefill") == 0
-        assert metric(cluster.decode[0], "pdserve_requests_total", role="decode", outcome="ok") == 2
+        # counted once the stream's last message is out, so maybe just after the client has it
+        assert wait_for(lambda: metric(cluster.decode[0], "pdserve_requests_total", role="decode", outcome="ok") == 2)
         assert wait_for(lambda: all_blocks_free(cluster))
 
 

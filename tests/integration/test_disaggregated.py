@@ -20,7 +20,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service.convert import sampling_to_proto
 
-from .serving import GREEDY, all_blocks_free, generate, health, node_stats, wait_for
+from .serving import GREEDY, all_blocks_free, generate, health, node_stats, random_prompts as prompts, wait_for
 
 NODE_ARGS = ["--num-kv-blocks", "160", "--max-num-batched-tokens", "256"]
 RESERVATION_TIMEOUT_S = 2.0  # far above a loopback transfer, short enough to test expiry
@@ -38,11 +38,6 @@ def cluster():
 @pytest.fixture(scope="module")
 def reference():
     return Engine(model="dummy:tiny", num_kv_blocks=512, max_model_len=2048)
-
-
-def prompts(seed: int, lengths):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
 
 
 def test_streamed_tokens_equal_the_engine(cluster, reference):

@@ -13,7 +13,7 @@ from pdserve.engine.engine import Engine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.cluster import Cluster
 
-from .serving import GREEDY, all_blocks_free, generate, health, node_stats, wait_for
+from .serving import GREEDY, all_blocks_free, generate, health, node_stats, running_decode, wait_for
 
 LONG = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
 
@@ -56,10 +56,6 @@ def test_corrupted_transfer_is_caught_and_the_request_resumed(corrupting_cluster
     tokens, last, _ = generate(cluster.router_address, p)  # the hook fired once only
     assert last.timings.num_attempts == 1
     assert wait_for(lambda: all_blocks_free(cluster))
-
-
-def running_decode(cluster):
-    return next((d for d in cluster.decode if d.popen.poll() is None and node_stats(d).num_running), None)
 
 
 def test_decode_node_killed_mid_stream_resumes_without_gap_or_duplicate(cluster, reference):
