@@ -8,8 +8,12 @@ The same arrivals then go to one in-process Engine on the same device, with the 
 of one decode node, so every figure has its baseline. Per rate: TTFT, TPOT (per request:
 (end - first token) / (tokens - 1)), ITL (gaps between streamed chunks) and end-to-end time
 at p50/p90/p99; output tokens/s; goodput (requests/s that met the SLO); errors by HTTP status;
-requests prefilled more than once (the router's retries). Prompts are token ids, so `dummy:`
-models work. Writes JSON, and PNG plots of latency and goodput against offered rate.
+requests prefilled more than once (the router's retries); KV bytes the decode nodes received
+per request. Prompts are token ids, so `dummy:` models work. Workloads: random lengths, a
+shared prefix, or multi-turn chats (each turn the last one's prompt, an answer's worth of
+tokens and a new message, sent once the last turn has ended). `--num-prefill 0` serves
+aggregated; `--router-args` picks the disaggregation mode. Writes JSON, and PNG plots of
+latency and goodput against offered rate.
 
     python benchmarks/serving.py --model smollm2-135m                       # CPU
     python benchmarks/serving.py --model dummy:llama3-8b --device cuda:0 \\
@@ -25,7 +29,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-seconds", type=float, default=300.0, help="per rate: cancel what is left after this")
     ap.add_argument("--input-len", default="64:256", help="prompt tokens, lo:hi (uniform)")
     ap.add_argument("--output-len", type=int, default=64, help="output tokens (ignore_eos)")
-    ap.add_argument("--workload", default="random", choices=("random", "shared-prefix"))
+    ap.add_argument("--workload", default="random", choices=("random", "shared-prefix", "multi-turn"))
+    ap.add_argument("--num-turns", type=int, default=4, help="multi-turn: turns per chat")
+    ap.add_argument("--turn-len", type=int, default=64, help="multi-turn: tokens of each new message")
     ap.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: tokens every prompt starts with")
     ap.add_argument("--arrivals", default="poisson", choices=("poisson", "gamma"))
     ap.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals' shape (1: Poisson)")
@@ -61,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="each node's KV blocks (default: what the node sizes itself); the engine gets a decode node's")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--node-args", default="", help="more flags for every node, space-separated")
+    ap.add_argument("--router-args", default="", help="flags for the router, e.g. '--disaggregation never'")
+    ap.add_argument("--redis", action="store_true", help="a local redis-server for the prefix index "
+                    "(the router then knows what each node's cache holds)")
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process baseline")
     ap.add_argument("--profile-phase", default=None, help="sample the decode node with py-spy during this "
                     "phase (e.g. 16/s) and print where its host time goes")
@@ -118,7 +126,8 @@ def run_cluster(args, phases) -> tuple[dict, dict]:
     """Every phase through the cluster's gateway; the cluster's facts (blocks, vocabulary)."""
     rows = {}
     with Cluster(args.model, args.num_prefill, args.num_decode, node_args=engine_flags(args),
-                 decode_args=["--kv-connector", args.kv_connector], gateway_port=0,
+                 decode_args=["--kv-connector", args.kv_connector], router_args=args.router_args.split(),
+                 redis="local" if args.redis else None, gateway_port=0,
                  log_level="WARNING").start(timeout=900, progress=lambda m: print(f"cluster: {m}", file=sys.stderr)) as cluster:
         info = cluster_info(cluster)
         warm_up = phase_workload(args, info["vocab_size"], "warm-up")  # compiles, allocates: not measured
@@ -126,13 +135,14 @@ def run_cluster(args, phases) -> tuple[dict, dict]:
                                     arrival_times(args, None, len(warm_up.prompts)), args.max_seconds))
         for name, rate in phases:
             workload = phase_workload(args, info["vocab_size"], name)
-            retries = router_retries(cluster)
+            retries, kv_bytes = router_retries(cluster), kv_bytes_received(cluster)
             profile = start_profile(args, cluster, name)
             results, wall = asyncio.run(stream_requests(cluster.gateway_url, info["model"], workload,
                                                         arrival_times(args, rate, len(workload.prompts)),
                                                         args.max_seconds))
             rows[name] = summarize(results, wall, args.slo_ttft, args.slo_tpot)
             rows[name]["num_prefilled_twice"] = int(router_retries(cluster) - retries)
+            rows[name]["kv_bytes_per_request"] = (kv_bytes_received(cluster) - kv_bytes) / len(workload.prompts)
             print(f"cluster {name}: {brief(rows[name])}", file=sys.stderr)
             if profile is not None:
                 profile.wait()
@@ -162,7 +172,7 @@ def phase_workload(args, vocab_size: int, name: str) -> Workload:
     lo, hi = (int(x) for x in args.input_len.split(":"))
     count = {"warm-up": 4}.get(name, args.burst if name.startswith("burst") else args.num_requests)
     return make_workload(args.workload, vocab_size, count, (lo, hi), args.output_len, args.prefix_len,
-                         seed=args.seed + sum(map(ord, name)))
+                         seed=args.seed + sum(map(ord, name)), num_turns=args.num_turns, turn_len=args.turn_len)
 
 
 def cluster_info(cluster) -> dict:
@@ -179,10 +189,18 @@ def cluster_info(cluster) -> dict:
 
 
 def router_retries(cluster) -> float:
+    return metric_sum(cluster.router, "pdserve_retries_total{")
+
+
+def kv_bytes_received(cluster) -> float:
+    """KV bytes the decode nodes' receivers took so far."""
+    return sum(metric_sum(d, 'pdserve_kv_transfer_bytes_total{direction="received"}') for d in cluster.decode)
+
+
+def metric_sum(process, prefix: str) -> float:
     import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.router.info['metrics_port']}/metrics", timeout=10).read()
-    return sum(float(line.split()[-1]) for line in text.decode().splitlines()
-               if line.startswith("pdserve_retries_total{"))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{process.info['metrics_port']}/metrics", timeout=10).read()
+    return sum(float(line.split()[-1]) for line in text.decode().splitlines() if line.startswith(prefix))
 
 
 def brief(row: dict) -> str:
@@ -193,7 +211,8 @@ def brief(row: dict) -> str:
 
 def print_table(result: dict) -> None:
     header = (f"{'phase':>10} {'side':>7} {'ok':>7} {'TTFT p50/p90 ms':>17} {'TPOT p50/p90 ms':>16} "
-              f"{'ITL p50/p99 ms':>15} {'E2E p50 s':>9} {'out tok/s':>9} {'goodput':>8} {'errors':>8} {'2x pre':>6}")
+              f"{'ITL p50/p99 ms':>15} {'E2E p50 s':>9} {'out tok/s':>9} {'goodput':>8} {'errors':>8} {'2x pre':>6} "
+              f"{'KV KiB/req':>10}")
     print(header)
     for phase in result["phases"]:
         for side in ("cluster", "engine"):
@@ -206,7 +225,8 @@ def print_table(result: dict) -> None:
                   f"{row['tpot_ms']['p50']:>7.1f}/{row['tpot_ms']['p90']:<8.1f} "
                   f"{row['itl_ms']['p50']:>7.1f}/{row['itl_ms']['p99']:<7.1f} {row['e2e_s']['p50']:>9.2f} "
                   f"{row['output_tok_s']:>9.0f} {row['goodput_req_s']:>8.2f} {errors:>8} "
-                  f"{row.get('num_prefilled_twice', 0):>6}")
+                  f"{row.get('num_prefilled_twice', 0):>6} "
+                  f"{row['kv_bytes_per_request'] / 1024 if 'kv_bytes_per_request' in row else 0:>10.0f}")
         if phase["engine"]:
             c, e = phase["cluster"], phase["engine"]
             print(f"{'':>10} {'ratio':>7} {'':>7} {ratio(c['ttft_ms']['p50'], e['ttft_ms']['p50']):>17} "

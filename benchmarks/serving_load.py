@@ -17,6 +17,11 @@ import numpy as np
 class Workload:
     prompts: list[list[int]]
     max_tokens: int
+    # multi-turn: the request each one follows (sent once that one has finished), or None
+    after: list[int | None] = field(default_factory=list)
+
+    def predecessor(self, i: int) -> int | None:
+        return self.after[i] if self.after else None
 
 
 @dataclass
@@ -36,15 +41,33 @@ class RequestResult:
 
 
 def make_workload(kind: str, vocab_size: int, count: int, input_len: tuple[int, int], output_len: int,
-                  prefix_len: int, seed: int) -> Workload:
+                  prefix_len: int, seed: int, num_turns: int = 4, turn_len: int = 64) -> Workload:
     """`random`: token ids uniform over the vocabulary (avoiding the first 100: special tokens),
     lengths uniform in `input_len`; `shared-prefix`: the same `prefix_len` tokens, then a
-    random suffix of such a length."""
+    random suffix of such a length; `multi-turn`: chats of `num_turns` turns, the first a
+    prompt of such a length, each next one the last prompt, an answer's worth of tokens
+    (`output_len`, standing in for the answer) and a new message of `turn_len` tokens, sent
+    once the last turn has finished."""
     rng = random.Random(seed)
     lo, hi = input_len
+    if kind == "multi-turn":
+        return _chats(rng, vocab_size, count, input_len, output_len, num_turns, turn_len)
     prefix = [rng.randrange(100, vocab_size) for _ in range(prefix_len)] if kind == "shared-prefix" else []
     prompts = [prefix + [rng.randrange(100, vocab_size) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
     return Workload(prompts, output_len)
+
+
+def _chats(rng, vocab_size, count, input_len, output_len, num_turns, turn_len) -> Workload:
+    tokens = lambda n: [rng.randrange(100, vocab_size) for _ in range(n)]  # noqa: E731
+    prompts, after = [], []
+    while len(prompts) < count:
+        history, last = tokens(rng.randint(*input_len)), None
+        for _ in range(min(num_turns, count - len(prompts))):
+            prompts.append(history)
+            after.append(last)
+            last = len(prompts) - 1
+            history = history + tokens(output_len) + tokens(turn_len)
+    return Workload(prompts, output_len, after)
 
 
 def arrival_times(args, rate: float | None, count: int) -> list[float]:
@@ -62,35 +85,26 @@ def arrival_times(args, rate: float | None, count: int) -> list[float]:
 async def stream_requests(base_url: str, model: str, workload: Workload, arrivals: list[float],
                           max_seconds: float) -> tuple[list[RequestResult], float]:
     """Each request at its arrival time, streamed through the OpenAI API; (results, wall
-    time from the first arrival to the last end)."""
+    time from the first arrival to the last end). A chat's next turn goes once the last one
+    has ended (and not before its own arrival time)."""
     import openai
 
     # the client's default pool (1000 connections) takes a burst of hundreds at once
     client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=max_seconds)
     start = time.perf_counter()
+    finished = [asyncio.Event() for _ in workload.prompts]
 
-    async def one(prompt: list[int], at: float) -> RequestResult:
+    async def one(i: int, prompt: list[int], at: float) -> RequestResult:
         await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+        if workload.predecessor(i) is not None:  # a chat's next turn: once the last one ended
+            await finished[workload.predecessor(i)].wait()
         result = RequestResult(sent_at=time.perf_counter() - start)
         try:
-            stream = await client.completions.create(
-                model=model, prompt=prompt, max_tokens=workload.max_tokens, temperature=0, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-            async for chunk in stream:
-                now = time.perf_counter() - start
-                if chunk.choices:
-                    result.first_at = result.first_at if result.first_at is not None else now
-                    result.chunk_times.append(now)
-                if chunk.usage is not None:
-                    result.num_tokens = chunk.usage.completion_tokens
-            result.end_at = time.perf_counter() - start
-        except openai.APIStatusError as e:
-            result.error = str(e.status_code)
-        except (openai.APIError, asyncio.TimeoutError) as e:
-            result.error = type(e).__name__
-        return result
+            return await _stream(client, model, workload, prompt, start, result)
+        finally:
+            finished[i].set()
 
-    tasks = [asyncio.create_task(one(p, at)) for p, at in zip(workload.prompts, arrivals)]
+    tasks = [asyncio.create_task(one(i, p, at)) for i, (p, at) in enumerate(zip(workload.prompts, arrivals))]
     done, pending = await asyncio.wait(tasks, timeout=max_seconds + arrivals[-1])
     for task in pending:
         task.cancel()
@@ -99,9 +113,34 @@ async def stream_requests(base_url: str, model: str, workload: Workload, arrival
     return results, time.perf_counter() - start
 
 
+async def _stream(client, model: str, workload: Workload, prompt: list[int], start: float,
+                  result: RequestResult) -> RequestResult:
+    """One request through the OpenAI API, its chunks' times into `result`."""
+    import openai
+
+    try:
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=workload.max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            now = time.perf_counter() - start
+            if chunk.choices:
+                result.first_at = result.first_at if result.first_at is not None else now
+                result.chunk_times.append(now)
+            if chunk.usage is not None:
+                result.num_tokens = chunk.usage.completion_tokens
+        result.end_at = time.perf_counter() - start
+    except openai.APIStatusError as e:
+        result.error = str(e.status_code)
+    except (openai.APIError, asyncio.TimeoutError) as e:
+        result.error = type(e).__name__
+    return result
+
+
 def run_engine(engine, workload: Workload, arrivals: list[float], max_seconds: float) -> tuple[list[RequestResult], float]:
-    """The same arrivals on an in-process Engine: each request added at its arrival time,
-    stepped in this thread; a token's time is when the step that made it returned."""
+    """The same arrivals on an in-process Engine: each request added at its arrival time (a
+    chat's next turn once the last one has ended), stepped in this thread; a token's time is
+    when the step that made it returned."""
     from pdserve.engine.sampling_params import SamplingParams
 
     engine.kv.pool.reset_prefix_cache()  # a phase starts cold, as the cluster's nodes do not
@@ -111,11 +150,12 @@ def run_engine(engine, workload: Workload, arrivals: list[float], max_seconds: f
     start = time.perf_counter()
     while (pending or engine.has_unfinished()) and time.perf_counter() - start < max_seconds + arrivals[-1]:
         now = time.perf_counter() - start
-        while pending and arrivals[pending[0]] <= now:
-            i = pending.pop(0)
+        for i in _ready(workload, arrivals, pending, results, now):
+            pending.remove(i)
+            results[i].sent_at = max(arrivals[i], now) if workload.predecessor(i) is not None else arrivals[i]
             by_id[engine.add_request(workload.prompts[i], params)] = results[i]
         if not engine.has_unfinished():
-            time.sleep(max(0.0, min(1e-3, arrivals[pending[0]] - now)))
+            time.sleep(max(0.0, min(1e-3, min(arrivals[i] for i in pending) - now)))
             continue
         outputs = engine.step()
         now = time.perf_counter() - start
@@ -134,6 +174,18 @@ def run_engine(engine, workload: Workload, arrivals: list[float], max_seconds: f
     for i in pending:
         results[i].error = "timeout"
     return results, time.perf_counter() - start
+
+
+def _ready(workload: Workload, arrivals: list[float], pending: list[int], results, now: float) -> list[int]:
+    """The pending requests due now: arrived, and (a chat's next turn) after a finished one."""
+    ready = []
+    for i in pending:
+        if arrivals[i] > now:
+            break  # arrivals are in order
+        before = workload.predecessor(i)
+        if before is None or results[before].end_at is not None or results[before].error is not None:
+            ready.append(i)
+    return ready
 
 
 def summarize(results: list[RequestResult], wall: float, slo_ttft: float, slo_tpot: float) -> dict:
