@@ -79,8 +79,8 @@ HELP = {
     "disaggregation": "where prompts are prefilled: always (on prefill nodes), never (decode nodes "
                       "prefill them: aggregated serving) or auto (on a prefill node while one is healthy)",
     "prefill_here_max_tokens": "with --disaggregation auto: prefill a prompt on its decode node when at "
-                               "most this many of its tokens are not in that node's prefix cache (0: only "
-                               "when no prefill node is healthy)",
+                               "most this many of its tokens are not in that node's prefix cache, and fewer "
+                               "than the prefill node would compute (0: only when no prefill node is healthy)",
     "router": "the router's gRPC address",
     "api_key": "require this key (Authorization: Bearer) on /v1/*",
     "served_model_name": "the model name clients send (default: the router's --model)",

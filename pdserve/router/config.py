@@ -21,8 +21,8 @@ class RouterConfig:
     # node prefills: aggregated), or auto (on a prefill node while one is healthy)
     disaggregation: str = "auto"
     # auto: a prompt with at most this many tokens its decode node does not hold in its prefix
-    # cache is prefilled there (short prompts, and chats whose history it holds); 0: only when
-    # no prefill node is healthy
+    # cache, and fewer than the prefill node would compute, is prefilled there (chats whose
+    # history it holds); 0: only when no prefill node is healthy
     prefill_here_max_tokens: int = 0
     max_attempts: int = 3  # per request: the first try plus retries/resumes on other pairs
     health_interval_s: float = 0.5

@@ -72,8 +72,13 @@ class PrefixAware(LeastLoaded):
         return node, "least_load_over_prefix" if any(cached.get(n, 0) for n in nodes) else "no_prefix_cached"
 
 
+def queued_prefill_tokens(node: NodeClient) -> int:
+    """Prompt tokens a prefill node has yet to compute (as its stats and this router know)."""
+    return node.num_other_queued_tokens + node.num_inflight_tokens
+
+
 def _prefill_load(node: NodeClient) -> tuple[int, int]:
-    return (node.num_other_queued_tokens + node.num_inflight_tokens, node.num_inflight)
+    return (queued_prefill_tokens(node), node.num_inflight)
 
 
 def _decode_load(node: NodeClient) -> tuple[int, int]:

@@ -10,7 +10,6 @@ calls, which free their blocks.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -31,14 +30,14 @@ from pdserve.service.server import abort
 from .detokenizer import IncrementalDetokenizer
 from .nodes import NodeClient, NodePool
 from .pending_prefixes import PendingPrefixes
+from .prompts import prompt_token_ids
+from .policy import queued_prefill_tokens
 from .prefix_index import MAX_LOOKUP_BLOCKS
 from .stop_strings import StopStringMatcher, validate_stop
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 4 << 20
 MAX_REQUEST_ID_CHARS = 256
-CHAT_ROLES = ("system", "user", "assistant")
 DISAGGREGATION = ("always", "never", "auto")
 
 
@@ -149,10 +148,9 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
 
     async def _route(self, prompt: list[int], cache_salt: str, excluded: set,
                      full_nodes: set) -> Route | None:
-        """A (prefill, decode) pair, or a decode node alone that prefills the prompt itself:
-        with `disaggregation` auto, when at most `prefill_here_max_tokens` of the prompt are
-        not in that node's prefix cache (as the index and this router's recent routes know
-        it). Avoids nodes that failed this request where others exist; decode nodes that were
+        """A (prefill, decode) pair, or a decode node alone that prefills the prompt itself
+        (`_prefill_here`; what each node's cache holds as the index and this router's recent
+        routes know it). Avoids nodes that failed this request where others exist; decode nodes that were
         full are never retried."""
         candidates = []
         for role in ("prefill", "decode"):
@@ -168,16 +166,26 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         cached = await self._cached_tokens(hashes, prefill_nodes + [decode]) if self.policy.uses_index else {}
         if hashes:
             self.pending.add(hashes, decode)  # it will hold the prompt's blocks either way
-        if not prefill_nodes or (self.disaggregation == "auto" and
-                                 len(prompt) - (cached or {}).get(decode, 0) <= self.prefill_here_max_tokens):
+        prefill, reason = self.policy.pick_prefill(
+            prefill_nodes, len(prompt), None if cached is None else {n: c for n, c in cached.items() if n in prefill_nodes}
+        ) if prefill_nodes else (None, None)
+        if prefill is None or self._prefill_here(len(prompt), decode, prefill, cached or {}):
             metrics.route_decisions.labels(self.policy.name, "prefill_on_decode").inc()
             return Route(None, decode, 0)
-        prefill, reason = self.policy.pick_prefill(
-            prefill_nodes, len(prompt), None if cached is None else {n: c for n, c in cached.items() if n in prefill_nodes})
         metrics.route_decisions.labels(self.policy.name, reason).inc()
         if hashes:
             self.pending.add(hashes, prefill)
         return Route(prefill, decode, (cached or {}).get(prefill, 0))
+
+    def _prefill_here(self, num_tokens: int, decode: NodeClient, prefill: NodeClient, cached: dict) -> bool:
+        """`auto`: whether the decode node should prefill the prompt itself: it would compute
+        at most `prefill_here_max_tokens` tokens (those its prefix cache lacks), and fewer than
+        the prefill node would (its queue, then the tokens its own cache lacks)."""
+        if self.disaggregation != "auto":
+            return False
+        here = num_tokens - cached.get(decode, 0)
+        there = queued_prefill_tokens(prefill) + num_tokens - cached.get(prefill, 0)
+        return here <= self.prefill_here_max_tokens and here < there
 
     def _block_hashes(self, prompt: list[int], cache_salt: str, node: NodeClient) -> list[bytes]:
         """The hashes of the prompt's blocks a prefill node could reuse (not the one holding the
@@ -301,7 +309,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         try:
             if len(request.request_id) > MAX_REQUEST_ID_CHARS:
                 raise ValueError(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
-            prompt = await self._prompt_token_ids(request)
+            prompt = await prompt_token_ids(request, self.tokenizer)
             params = sampling_from_proto(request.sampling)
             params.validate(self.vocab_size)
             bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
@@ -326,39 +334,6 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                              num_prefill_nodes=len(self.pool.healthy("prefill")),
                              num_decode_nodes=len(self.pool.healthy("decode")),
                              has_tokenizer=self.tokenizer is not None)
-
-    async def _prompt_token_ids(self, request: pb.GenerateRequest) -> list[int]:
-        kind = request.WhichOneof("prompt")
-        if kind is None:
-            raise ValueError("prompt: set one of text, token_ids or messages")
-        if kind == "token_ids":
-            prompt = list(request.token_ids.ids)
-        else:
-            if self.tokenizer is None:
-                raise ValueError(f"prompt.{kind}: this model has no tokenizer; send token_ids")
-            prompt = await asyncio.to_thread(self._tokenize, request, kind)
-        if not prompt:
-            raise ValueError(f"prompt.{kind}: the prompt is empty")
-        return prompt
-
-    def _tokenize(self, request: pb.GenerateRequest, kind: str) -> list[int]:
-        if kind == "text":
-            if len(request.text) > MAX_PROMPT_CHARS:
-                raise ValueError(f"prompt.text: longer than {MAX_PROMPT_CHARS} characters")
-            return self.tokenizer.encode(request.text) if request.text else []
-        messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-        for i, m in enumerate(messages):
-            if m["role"] not in CHAT_ROLES:
-                raise ValueError(f"prompt.messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, "
-                                 f"got {m['role']!r}")
-        if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt.messages: longer than {MAX_PROMPT_CHARS} characters")
-        if not messages:
-            return []
-        try:
-            return self.tokenizer.encode_chat(messages)
-        except Exception as e:  # a template that rejects the conversation
-            raise ValueError(f"prompt.messages: the chat template failed: {e}") from None
 
 
 async def _chunks(call, decode: NodeClient, progress: Progress | None = None):

@@ -22,7 +22,7 @@ prefix_cache_hits = prom.Counter("pdserve_prefix_cache_hits_total",
 kv_transfer_bytes = prom.Counter("pdserve_kv_transfer_bytes_total", "KV bytes moved", ["direction"])
 kv_transfer_failures = prom.Counter("pdserve_kv_transfer_failures_total", "Failed KV transfers")
 route_decisions = prom.Counter("pdserve_route_decisions_total",
-                               "Router: prefill node choices by policy and reason", ["policy", "reason"])
+                               "Router: route choices (prefill node, or prefill on the decode node) by policy and reason", ["policy", "reason"])
 routed_cached_tokens = prom.Counter("pdserve_router_prefix_cache_hit_tokens_total",
                                     "Router: prompt tokens the chosen prefill node took from its cache")
 index_lookup_seconds = prom.Histogram("pdserve_index_lookup_seconds",

@@ -106,15 +106,20 @@ def test_never_disaggregate_leaves_the_prefill_node_idle(reference):
         assert wait_for(lambda: all_blocks_free(cluster))
 
 
-def test_auto_prefills_short_uncached_prompts_on_the_decode_node(reference):
-    """`--prefill-here-max-tokens 64`: a 30-token prompt is prefilled on the decode node, a
-    200-token one on the prefill node; both equal the engine's tokens."""
-    short, long = prompts(5, [30, 200])
-    expected = [c.token_ids for c in reference.generate([short, long], GREEDY)]
+def test_auto_leaves_prompts_the_decode_node_does_not_hold_to_an_idle_prefill_node(reference):
+    """`--prefill-here-max-tokens 64`: a 30-token prompt the decode node has never seen would
+    cost it as much as the idle prefill node, so it goes there (only a prompt the decode node
+    mostly holds is prefilled on it: test_cached_blocks.py); with no prefill node it is
+    prefilled on the decode node. Tokens equal the engine's."""
+    (short,) = prompts(5, [30])
+    want = reference.generate([short], GREEDY)[0].token_ids
     with Cluster("dummy:tiny", num_prefill=1, num_decode=1, node_args=NODE_ARGS,
                  router_args=["--disaggregation", "auto", "--prefill-here-max-tokens", "64"]) as cluster:
-        assert generate(cluster.router_address, short)[0] == expected[0]
-        assert metric(cluster.prefill[0], "pdserve_requests_total", role="prefill") == 0
-        assert generate(cluster.router_address, long)[0] == expected[1]
+        assert generate(cluster.router_address, short)[0] == want
         assert metric(cluster.prefill[0], "pdserve_requests_total", role="prefill", outcome="ok") == 1
+        assert metric(cluster.router, "pdserve_route_decisions_total", reason="prefill_on_decode") == 0
+        cluster.prefill[0].popen.kill()
+        cluster.prefill[0].popen.wait(30)
+        assert wait_for(lambda: generate(cluster.router_address, short)[0] == want, timeout=30)
+        assert metric(cluster.router, "pdserve_route_decisions_total", reason="prefill_on_decode") >= 1
         assert wait_for(lambda: all_blocks_free(cluster))

@@ -48,12 +48,31 @@ def start_up(*args: str):
     return address, proc, Path(re.search(r"logs: (\S+)", output).group(1)), output
 
 
-def stop_up(proc, log_dir: Path) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    for ready in log_dir.glob("*.ready.json"):  # never leave a node behind, whatever failed
+def processes_naming(text: str) -> list[int]:
+    """The pids whose command line has `text` in it (Linux /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            os.kill(json.loads(ready.read_text())["pid"], signal.SIGKILL)
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+def stop_up(proc, log_dir: Path) -> None:
+    """Ctrl-C, as a user stops it (it stops its nodes and its redis-server); then, whatever
+    failed, no node and no redis-server of it is left behind."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    pids = [json.loads(ready.read_text())["pid"] for ready in log_dir.glob("*.ready.json")]
+    for pid in pids + processes_naming(str(log_dir)):  # the redis-server's socket lives in log_dir
+        try:
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
