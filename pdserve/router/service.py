@@ -150,8 +150,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                      full_nodes: set) -> Route | None:
         """A (prefill, decode) pair, or a decode node alone that prefills the prompt itself
         (`_prefill_here`; what each node's cache holds as the index and this router's recent
-        routes know it). Avoids nodes that failed this request where others exist; decode nodes that were
-        full are never retried."""
+        routes know it). Avoids nodes that failed this request where others exist; decode
+        nodes that were full are never retried."""
         candidates = []
         for role in ("prefill", "decode"):
             healthy = [n for n in self.pool.healthy(role) if n not in full_nodes]
