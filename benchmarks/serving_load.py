@@ -15,13 +15,22 @@ import numpy as np
 
 @dataclass
 class Workload:
-    prompts: list[list[int]]
+    prompts: list[list[int]]  # multi-turn: a chat's first prompt, then each turn's new message
     max_tokens: int
     # multi-turn: the request each one follows (sent once that one has finished), or None
     after: list[int | None] = field(default_factory=list)
+    sent: dict[int, list[int]] = field(default_factory=dict)  # the prompts as sent
 
     def predecessor(self, i: int) -> int | None:
         return self.after[i] if self.after else None
+
+    def prompt_for(self, i: int, results) -> list[int]:
+        """Request i's prompt: a chat's next turn is the last turn's prompt, its answer (the
+        token ids that came back: `results[j]`, a list or a dict) and the new message."""
+        before = self.predecessor(i)
+        prompt = self.prompts[i] if before is None else self.sent[before] + results[before].token_ids + self.prompts[i]
+        self.sent[i] = prompt
+        return prompt
 
 
 @dataclass
@@ -33,6 +42,7 @@ class RequestResult:
     chunk_times: list[float] = field(default_factory=list)  # every streamed chunk
     end_at: float | None = None
     num_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # the answer's
     error: str | None = None  # the HTTP status, or the exception's name
 
     @property
@@ -45,9 +55,8 @@ def make_workload(kind: str, vocab_size: int, count: int, input_len: tuple[int, 
     """`random`: token ids uniform over the vocabulary (avoiding the first 100: special tokens),
     lengths uniform in `input_len`; `shared-prefix`: the same `prefix_len` tokens, then a
     random suffix of such a length; `multi-turn`: chats of `num_turns` turns, the first a
-    prompt of such a length, each next one the last prompt, an answer's worth of tokens
-    (`output_len`, standing in for the answer) and a new message of `turn_len` tokens, sent
-    once the last turn has finished."""
+    prompt of such a length, each next one the last prompt, its answer and a new message of
+    `turn_len` tokens, sent once the last turn has finished (`Workload.prompt_for`)."""
     rng = random.Random(seed)
     lo, hi = input_len
     if kind == "multi-turn":
@@ -61,12 +70,12 @@ def _chats(rng, vocab_size, count, input_len, output_len, num_turns, turn_len) -
     tokens = lambda n: [rng.randrange(100, vocab_size) for _ in range(n)]  # noqa: E731
     prompts, after = [], []
     while len(prompts) < count:
-        history, last = tokens(rng.randint(*input_len)), None
+        message, last = tokens(rng.randint(*input_len)), None
         for _ in range(min(num_turns, count - len(prompts))):
-            prompts.append(history)
+            prompts.append(message)
             after.append(last)
             last = len(prompts) - 1
-            history = history + tokens(output_len) + tokens(turn_len)
+            message = tokens(turn_len)
     return Workload(prompts, output_len, after)
 
 
@@ -93,18 +102,20 @@ async def stream_requests(base_url: str, model: str, workload: Workload, arrival
     client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=max_seconds)
     start = time.perf_counter()
     finished = [asyncio.Event() for _ in workload.prompts]
+    ended: dict[int, RequestResult] = {}  # what a chat's next turn reads its answer from
 
-    async def one(i: int, prompt: list[int], at: float) -> RequestResult:
+    async def one(i: int, at: float) -> RequestResult:
         await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
         if workload.predecessor(i) is not None:  # a chat's next turn: once the last one ended
             await finished[workload.predecessor(i)].wait()
         result = RequestResult(sent_at=time.perf_counter() - start)
         try:
-            return await _stream(client, model, workload, prompt, start, result)
+            return await _stream(client, model, workload, workload.prompt_for(i, ended), start, result)
         finally:
+            ended[i] = result
             finished[i].set()
 
-    tasks = [asyncio.create_task(one(i, p, at)) for i, (p, at) in enumerate(zip(workload.prompts, arrivals))]
+    tasks = [asyncio.create_task(one(i, at)) for i, at in enumerate(arrivals)]
     done, pending = await asyncio.wait(tasks, timeout=max_seconds + arrivals[-1])
     for task in pending:
         task.cancel()
@@ -121,12 +132,13 @@ async def _stream(client, model: str, workload: Workload, prompt: list[int], sta
     try:
         stream = await client.completions.create(
             model=model, prompt=prompt, max_tokens=workload.max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "return_token_ids": True})
         async for chunk in stream:
             now = time.perf_counter() - start
             if chunk.choices:
                 result.first_at = result.first_at if result.first_at is not None else now
                 result.chunk_times.append(now)
+                result.token_ids += (chunk.choices[0].model_extra or {}).get("token_ids") or []
             if chunk.usage is not None:
                 result.num_tokens = chunk.usage.completion_tokens
         result.end_at = time.perf_counter() - start
@@ -153,7 +165,7 @@ def run_engine(engine, workload: Workload, arrivals: list[float], max_seconds: f
         for i in _ready(workload, arrivals, pending, results, now):
             pending.remove(i)
             results[i].sent_at = max(arrivals[i], now) if workload.predecessor(i) is not None else arrivals[i]
-            by_id[engine.add_request(workload.prompts[i], params)] = results[i]
+            by_id[engine.add_request(workload.prompt_for(i, results), params)] = results[i]
         if not engine.has_unfinished():
             time.sleep(max(0.0, min(1e-3, min(arrivals[i] for i in pending) - now)))
             continue
@@ -165,6 +177,7 @@ def run_engine(engine, workload: Workload, arrivals: list[float], max_seconds: f
                 result.first_at = result.first_at if result.first_at is not None else now
                 result.chunk_times.append(now)
                 result.num_tokens += len(out.new_token_ids)
+                result.token_ids += out.new_token_ids
             if out.finished:
                 result.end_at = now
     for request_id, result in by_id.items():

@@ -142,15 +142,16 @@ class Gateway:
             call.cancel()  # a no-op when it ended; frees the request's blocks when it did not
 
     async def _collect(self, parsed: ParsedRequest, call, request_id: str) -> web.Response:
-        texts, last = [], None
+        texts, token_ids, last = [], [], None
         try:
             async for response in call:
                 texts.append(response.text)
+                token_ids += response.token_ids
                 last = response
         except grpc.aio.AioRpcError as e:
             raise _api_error(e) from None
         return web.json_response(response_body(parsed, request_id, int(time.time()), "".join(texts),
-                                               FINISH_REASONS.get(last.finish_reason), last.usage))
+                                               FINISH_REASONS.get(last.finish_reason), last.usage, token_ids))
 
     async def _stream(self, request: web.Request, parsed: ParsedRequest, call, request_id: str,
                       before_call: float) -> web.StreamResponse:
@@ -166,7 +167,8 @@ class Gateway:
         try:
             while response is not grpc.aio.EOF:
                 finish = FINISH_REASONS.get(response.finish_reason)
-                await _send(out, chunk_body(parsed, request_id, created, response.text, finish, first=is_first))
+                await _send(out, chunk_body(parsed, request_id, created, response.text, finish, first=is_first,
+                                            token_ids=response.token_ids))
                 elapsed = time.perf_counter() - received
                 gateway_added.labels("request" if is_first else "chunk").observe(
                     elapsed + before_call if is_first else elapsed)

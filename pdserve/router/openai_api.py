@@ -3,7 +3,8 @@
 `parse_request` turns a /v1/completions or /v1/chat/completions body into a GenerateRequest
 for the router, or raises APIError(400) naming the field. The `*_body` and `*_chunk`
 functions build the answers in OpenAI's shapes. Extensions, as in vLLM: top_k, min_p,
-stop_token_ids, ignore_eos, cache_salt.
+stop_token_ids, ignore_eos, cache_salt, return_token_ids (each choice, and each streamed
+chunk's choice, also carries the ids of its generated tokens as `token_ids`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     generate: pb.GenerateRequest
+    return_token_ids: bool = False
 
 
 def bad(param: str, message: str) -> APIError:
@@ -78,7 +80,7 @@ def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
         request.messages.CopyFrom(_messages(body))
     else:
         _prompt(body, request)
-    return ParsedRequest(chat, model, stream, include_usage, request)
+    return ParsedRequest(chat, model, stream, include_usage, request, bool(_get(body, "return_token_ids", bool)))
 
 
 def _sampling(body: dict, chat: bool) -> pb.SamplingParams:
@@ -194,7 +196,7 @@ def usage_body(usage: pb.Usage) -> dict:
 
 
 def response_body(parsed: ParsedRequest, request_id: str, created: int, text: str, finish_reason: str,
-                  usage: pb.Usage) -> dict:
+                  usage: pb.Usage, token_ids: list[int] = ()) -> dict:
     if parsed.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": finish_reason}
@@ -202,12 +204,15 @@ def response_body(parsed: ParsedRequest, request_id: str, created: int, text: st
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         kind = "text_completion"
+    if parsed.return_token_ids:
+        choice["token_ids"] = list(token_ids)
     return {"id": request_id, "object": kind, "created": created, "model": parsed.model,
             "choices": [choice], "usage": usage_body(usage)}
 
 
 def chunk_body(parsed: ParsedRequest, request_id: str, created: int, text: str | None,
-               finish_reason: str | None, usage: pb.Usage | None = None, first: bool = False) -> dict:
+               finish_reason: str | None, usage: pb.Usage | None = None, first: bool = False,
+               token_ids: list[int] = ()) -> dict:
     """One streamed chunk; `text` None with `usage`: the final usage-only chunk."""
     if parsed.chat:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
@@ -216,6 +221,8 @@ def chunk_body(parsed: ParsedRequest, request_id: str, created: int, text: str |
     else:
         choices = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
         kind = "text_completion"
+    if parsed.return_token_ids:
+        choices[0]["token_ids"] = list(token_ids)
     body = {"id": request_id, "object": kind, "created": created, "model": parsed.model,
             "choices": [] if text is None else choices}
     if parsed.include_usage:

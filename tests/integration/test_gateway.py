@@ -66,6 +66,20 @@ def test_completions_streaming_or_not_equal_the_engine(client, engine):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
 
 
+def test_return_token_ids_gives_the_engine_token_ids(client, engine):
+    """vLLM's extension: each choice (and each streamed chunk's choice) carries its token ids."""
+    prompt = [1, 504, 3045, 2136, 282, 253, 3373]
+    [want] = engine.generate([prompt], greedy(12))
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                     extra_body={"return_token_ids": True})
+    chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                       extra_body={"return_token_ids": True})
+    assert done.choices[0].token_ids == want.token_ids
+    assert [t for c in chunks for t in c.choices[0].token_ids] == want.token_ids
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert "token_ids" not in plain.choices[0].model_extra  # only when asked for
+
+
 def test_chat_streaming_or_not_equal_the_engine(client, engine):
     messages = [{"role": "user", "content": "Name three primary colors."}]
     [want] = engine.chat([messages], greedy(24))
@@ -163,7 +177,7 @@ def test_models_and_metrics(cluster, client):
 
 FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
           "stop", "n", "stream", "stop_token_ids", "ignore_eos", "user", "stream_options", "logprobs",
-          "max_completion_tokens", "an_unknown_field"]
+          "max_completion_tokens", "return_token_ids", "an_unknown_field"]
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**80, 2**80), st.floats(), st.text(max_size=12),
                  st.lists(st.integers(-5, 2**40), max_size=4), st.lists(st.text(max_size=3), max_size=3),
                  st.dictionaries(st.text(max_size=4), st.integers(), max_size=2), st.just([]))
