@@ -54,6 +54,9 @@ class BlockPool:
         self.free_queue: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[bytes, Block] = {}  # block_hash -> the block that holds it
         self.events = CacheEvents()
+        # events are kept once a publisher takes the first snapshot: a node without Redis never
+        # drains them, and they would grow with every hash it ever saw
+        self.publishing = False
 
     @property
     def num_free_blocks(self) -> int:
@@ -107,15 +110,18 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
         self.cached[block_hash] = block
-        self.events.record(block_hash, stored=True)
+        if self.publishing:
+            self.events.record(block_hash, stored=True)
 
     def drain_events(self) -> CacheEvents:
         events, self.events = self.events, CacheEvents()
         return events
 
     def snapshot(self) -> list[bytes]:
-        """Every hash the cache holds now; drops the pending events (the snapshot has them)."""
+        """Every hash the cache holds now; drops the pending events (the snapshot has them).
+        Events are recorded from the first snapshot on."""
         self.events = CacheEvents()
+        self.publishing = True
         return list(self.cached)
 
     def reset_prefix_cache(self) -> None:
@@ -127,6 +133,7 @@ class BlockPool:
         if block.block_hash is None:
             return
         del self.cached[block.block_hash]
-        self.events.record(block.block_hash, stored=False)
+        if self.publishing:
+            self.events.record(block.block_hash, stored=False)
         block.block_hash = None
         block.token_ids = ()

@@ -5,6 +5,7 @@ from pdserve.engine.block_pool import BlockPool
 
 def test_allocate_free_refcounts_and_lru_eviction():
     pool = BlockPool(4)
+    assert pool.snapshot() == []  # a publisher's first act: events are kept from now on
     a, b = pool.allocate(2)
     assert (a.ref_count, b.ref_count, pool.num_free_blocks) == (1, 1, 2)
     pool.cache(a, b"h-a", [1, 2])
@@ -21,8 +22,19 @@ def test_allocate_free_refcounts_and_lru_eviction():
         pool.free([b, b])  # the second drop would go negative
 
 
+def test_no_events_are_kept_without_a_publisher():
+    """A node without Redis never drains events: none pile up, however many hashes it sees."""
+    pool = BlockPool(2)
+    for i in range(100):
+        (block,) = pool.allocate(1)
+        pool.cache(block, f"h-{i}".encode(), [i])
+        pool.free([block])
+    assert not pool.events and len(pool.cached) == 2
+
+
 def test_cache_events_are_the_net_change_and_a_snapshot_replaces_them():
     pool = BlockPool(2)
+    pool.snapshot()
     a, b = pool.allocate(2)
     pool.cache(a, b"h-a", [1])
     pool.cache(b, b"h-b", [2])
