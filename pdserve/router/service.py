@@ -162,14 +162,16 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         if not decode_nodes or (not prefill_nodes and self.disaggregation == "always"):
             return None
         decode = self.policy.pick_decode(decode_nodes, len(prompt))
+        if not prefill_nodes:  # nothing to choose between: no hashing, no index lookup
+            metrics.route_decisions.labels(self.policy.name, "prefill_on_decode").inc()
+            return Route(None, decode, 0)
         hashes = self._block_hashes(prompt, cache_salt, decode) if self.policy.uses_index else []
         cached = await self._cached_tokens(hashes, prefill_nodes + [decode]) if self.policy.uses_index else {}
         if hashes:
             self.pending.add(hashes, decode)  # it will hold the prompt's blocks either way
         prefill, reason = self.policy.pick_prefill(
-            prefill_nodes, len(prompt), None if cached is None else {n: c for n, c in cached.items() if n in prefill_nodes}
-        ) if prefill_nodes else (None, None)
-        if prefill is None or self._prefill_here(len(prompt), decode, prefill, cached or {}):
+            prefill_nodes, len(prompt), None if cached is None else {n: c for n, c in cached.items() if n in prefill_nodes})
+        if self._prefill_here(len(prompt), decode, prefill, cached or {}):
             metrics.route_decisions.labels(self.policy.name, "prefill_on_decode").inc()
             return Route(None, decode, 0)
         metrics.route_decisions.labels(self.policy.name, reason).inc()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import re
+import signal
 import time
 import urllib.request
 
@@ -36,6 +38,16 @@ def random_prompts(seed: int, lengths, vocab_size: int = 512) -> list[list[int]]
 def running_decode(cluster):
     """A live decode node with a running request, or None."""
     return next((d for d in cluster.decode if d.popen.poll() is None and node_stats(d).num_running), None)
+
+
+def generate_killing_its_decode_node(cluster, prompt, params: SamplingParams):
+    """`generate`, with the decode node that runs the request SIGKILLed mid-stream."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(generate, cluster.router_address, prompt, params)
+        victim = wait_for(lambda: running_decode(cluster), timeout=30, interval=0.01)
+        assert victim is not None
+        victim.popen.send_signal(signal.SIGKILL)
+        return future.result(timeout=120)
 
 
 def node_stats(process) -> pb.NodeStats:

@@ -4,7 +4,6 @@ the in-process Engine on the same prompts; every block comes back."""
 
 import concurrent.futures
 import random
-import signal
 
 import grpc
 import pytest
@@ -14,7 +13,7 @@ from pdserve.engine.engine import Engine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
 
-from .serving import GREEDY, all_blocks_free, generate, health, metric, random_prompts as prompts, running_decode, wait_for
+from .serving import GREEDY, all_blocks_free, generate, health, metric, random_prompts as prompts, generate_killing_its_decode_node, wait_for
 
 NODE_ARGS = ["--num-kv-blocks", "160", "--max-num-batched-tokens", "256"]
 LONG = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
@@ -82,12 +81,7 @@ def test_a_decode_node_killed_mid_stream_resumes_without_gap_or_duplicate(refere
     want = reference.generate([prompt], LONG)[0].token_ids
     with Cluster("dummy:tiny", num_prefill=0, num_decode=2, node_args=NODE_ARGS,
                  router_args=["--policy", "round_robin", "--health-interval-s", "0.2"]) as cluster:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            future = pool.submit(generate, cluster.router_address, prompt, LONG)
-            victim = wait_for(lambda: running_decode(cluster), timeout=30, interval=0.01)
-            assert victim is not None
-            victim.popen.send_signal(signal.SIGKILL)
-            tokens, last, _ = future.result(timeout=120)
+        tokens, last, _ = generate_killing_its_decode_node(cluster, prompt, LONG)
         assert tokens == want
         assert last.timings.num_attempts == 2 and last.usage.completion_tokens == 300
         assert wait_for(lambda: all_blocks_free(cluster))

@@ -13,7 +13,8 @@ from pdserve.engine.engine import Engine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.cluster import Cluster
 
-from .serving import GREEDY, all_blocks_free, generate, health, node_stats, running_decode, wait_for
+from .serving import (GREEDY, all_blocks_free, generate, generate_killing_its_decode_node, health, node_stats,
+                      running_decode, wait_for)
 
 LONG = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
 
@@ -61,12 +62,7 @@ def test_corrupted_transfer_is_caught_and_the_request_resumed(corrupting_cluster
 def test_decode_node_killed_mid_stream_resumes_without_gap_or_duplicate(cluster, reference):
     p = prompt(1, 50)
     want = reference.generate([p], LONG)[0].token_ids
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(generate, cluster.router_address, p, LONG)
-        victim = wait_for(lambda: running_decode(cluster), timeout=30, interval=0.01)
-        assert victim is not None
-        victim.popen.send_signal(signal.SIGKILL)
-        tokens, last, _ = future.result(timeout=120)
+    tokens, last, _ = generate_killing_its_decode_node(cluster, p, LONG)
     assert tokens == want
     assert last.timings.num_attempts == 2 and last.usage.completion_tokens == 300
 
