@@ -17,9 +17,9 @@ from typing import NamedTuple
 
 from .config import EngineConfig, default_max_model_len
 from .kv_cache_manager import KVCacheManager
-from .model_runner import LaunchedStep, ModelRunner
+from .model_runner import LaunchedStep, ModelRunner, StepResult
 from .model_source import resolve_model
-from .request import FinishReason, Request, RequestOutput
+from .request import FinishReason, Request, RequestOutput, TokenLogprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
@@ -45,6 +45,7 @@ class Completion:
     num_cached_tokens: int
     text: str | None = None
     logits: list = field(default_factory=list)  # per step, only with keep_logits
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per token, where params.logprobs asks
 
 
 class Engine:
@@ -107,6 +108,9 @@ class Engine:
         params = params or SamplingParams()
         params.validate(self.model_config.vocab_size)
         self.validate_prompt(prompt_token_ids)
+        if params.num_resumed_tokens >= len(prompt_token_ids):
+            raise ValueError(f"num_resumed_tokens: {params.num_resumed_tokens} of a {len(prompt_token_ids)}-token "
+                             "prompt (the prompt must keep at least one token of its own)")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -155,8 +159,8 @@ class Engine:
             self._launch(scheduled)  # its outputs come with the next step
             return []
         hook = None if on_layer is None else (lambda i: on_layer(i, scheduled))
-        sampled, logits = self.runner.run(scheduled, self._block_tables(scheduled), hook)
-        return self._update(scheduled, sampled, logits)
+        result = self.runner.run(scheduled, self._block_tables(scheduled), hook)
+        return self._update(scheduled, result)
 
     def _step_after_in_flight(self) -> list[RequestOutput]:
         """Launches the decode step after the one in flight (when the batch stays the same),
@@ -171,13 +175,16 @@ class Engine:
         self.kv.release_held()
         if self._in_flight is not None:
             self.kv.hold_frees()
-        return self._update(done.scheduled, sampled, None)
+        return self._update(done.scheduled, StepResult(sampled))
 
     def _can_launch(self, scheduled: SchedulerOutput) -> bool:
         """Whether this step may run without the host waiting: a decode step (each request one
-        new token, sampled), async scheduling on and no logits to keep."""
+        new token, sampled), async scheduling on, no logits to keep, and no request whose
+        sampling reads its latest token (penalties, bad words) or asks for logprobs. The steps
+        launched after it keep its requests, so they qualify too."""
         return (self.config.async_scheduling and not self.config.keep_logits
-                and all(s.num_new_tokens == 1 and s.samples for s in scheduled.scheduled))
+                and all(s.num_new_tokens == 1 and s.samples and not s.request.params.needs_history
+                        and s.request.params.logprobs is None for s in scheduled.scheduled))
 
     def _launch(self, scheduled: SchedulerOutput, after: LaunchedStep | None = None) -> None:
         self._in_flight = self.runner.launch(scheduled, self._block_tables(scheduled), after)
@@ -186,8 +193,8 @@ class Engine:
     def _block_tables(self, scheduled: SchedulerOutput) -> list[list[int]]:
         return [self.kv.block_ids(s.request.request_id) for s in scheduled.scheduled]
 
-    def _update(self, scheduled: SchedulerOutput, sampled: dict[str, int], logits) -> list[RequestOutput]:
-        outputs = self.scheduler.update(scheduled, sampled, logits)
+    def _update(self, scheduled: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        outputs = self.scheduler.update(scheduled, result.sampled, result.logits, result.logprobs)
         for output in outputs:
             if output.finished:
                 self._forget(output.request_id)
@@ -217,6 +224,7 @@ class Engine:
                 result.num_cached_tokens = output.num_cached_tokens
                 if output.logits is not None:
                     result.logits.append(output.logits)
+                result.logprobs += output.logprobs or []
                 if output.finished:
                     result.finish_reason = output.finish_reason
         if self.tokenizer is not None:

@@ -11,6 +11,7 @@ its tokens stay on the device as the next step's inputs and reach the host later
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -21,7 +22,8 @@ from .host_copy import to_device, to_host
 from .kv_cache_sizing import kv_cache_bytes
 from .kv_pool import allocate_kv_caches
 from .model_source import ModelSource
-from .sampler import Sampler
+from .request import TokenLogprobs
+from .sampler import Sampler, token_logprobs
 from .scheduler import SchedulerOutput
 from .step_batch import StepBatch
 from .weights import load_model
@@ -43,7 +45,7 @@ class ModelRunner:
         self.keep_logits = config.keep_logits
         self.model = load_model(source, model_config, max_model_len, self.device, self.dtype, config.seed)
         self.backend = get_attention_backend(config.attention_backend, self.device)
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.seed, model_config.eos_token_ids)
         self.num_blocks = config.num_kv_blocks or max(1, kv_cache_bytes(self, config) // self.block_bytes())
         self.kv_caches = allocate_kv_caches(  # views of one pool (engine/kv_pool.py)
             model_config.num_layers, (self.block_size, model_config.num_kv_heads, model_config.head_dim),
@@ -69,18 +71,20 @@ class ModelRunner:
         return 2 * cfg.num_layers * self.block_size * cfg.kv_size * self.dtype.itemsize
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput, block_tables: list[list[int]], layer_hook=None):
-        """Returns ({request_id: sampled token id}, {request_id: logits} or None).
-        `layer_hook(i)` runs right after layer i (its K/V for this step are then in the cache)."""
+    def run(self, out: SchedulerOutput, block_tables: list[list[int]], layer_hook=None) -> StepResult:
+        """Runs the step and waits for its sampled tokens. `layer_hook(i)` runs right after
+        layer i (its K/V for this step are then in the cache)."""
         batch = self._gather(out, block_tables)
         hidden, rows = self._forward(batch, layer_hook)
         if not rows:
-            return {}, None
+            return StepResult({})
         requests = [s.request for s in out.scheduled if s.samples]
         logits, token_ids = self._sample(hidden[rows], requests)
         ids = [r.request_id for r in requests]
         kept = dict(zip(ids, logits.float().cpu())) if self.keep_logits else None
-        return dict(zip(ids, token_ids.tolist())), kept
+        logprobs = token_logprobs(logits, token_ids, [r.params for r in requests])
+        return StepResult(dict(zip(ids, token_ids.tolist())), kept,
+                          {i: lp for i, lp in zip(ids, logprobs) if lp is not None})
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, block_tables: list[list[int]],
@@ -102,7 +106,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         num_sampled = [len(r.output_token_ids) + num_pending for r in requests]
         return logits, self.sampler(logits, [r.request_id for r in requests], [r.params for r in requests],
-                                    num_sampled)
+                                    num_sampled, requests)
 
     def _gather(self, out: SchedulerOutput, block_tables: list[list[int]], num_pending: int = 0) -> StepBatch:
         """The flat batch. `num_pending` (0 or 1): tokens each request has beyond what the host
@@ -153,6 +157,14 @@ class ModelRunner:
             block_tables=to_device(padded, torch.int32, dev),
             query_lens_cpu=batch.query_lens, seq_lens_cpu=batch.seq_lens,
             max_query_len=max(batch.query_lens), max_seq_len=max(batch.seq_lens))
+
+
+class StepResult(NamedTuple):
+    """A step's sampled token per request, and where asked, its logits (debug) and logprobs."""
+
+    sampled: dict[str, int]
+    logits: dict | None = None
+    logprobs: dict[str, TokenLogprobs] | None = None
 
 
 ALL_ROWS = slice(None)  # every row of the step samples (a decode step): a view, no gather

@@ -63,6 +63,16 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log probability and the likeliest tokens' ((token_id, logprob), ...),
+    likeliest first, from the model's raw logits."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class RequestOutput:
     """What one engine step produced for one request. `finished` with no `finish_reason`: a
@@ -75,3 +85,4 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     logits: object = None  # torch.Tensor [vocab_size], only with EngineConfig.keep_logits
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, where params.logprobs asks

@@ -1,4 +1,5 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, min-p, with per-request seeds.
+"""Batched sampling: logits processors, then greedy, temperature, top-k, top-p, min-p, with
+per-request seeds; the log probabilities a request asks for come from the raw logits.
 
 A seeded request draws from its own generator, created at its first sample, so its tokens
 depend only on its seed and its own history, never on what it was batched with. A request
@@ -12,22 +13,30 @@ from __future__ import annotations
 import torch
 
 from .host_copy import to_device
+from .logits_processors import LogitsProcessors, TokenHistory
+from .request import TokenLogprobs
 from .sampling_params import SamplingParams
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, eos_token_ids: tuple[int, ...] = ()):
         self.device = device
         self.default_generator = torch.Generator(device=device).manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}  # request_id -> its seeded generator
+        self.processors = LogitsProcessors(device, eos_token_ids)
 
     def forget(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        self.processors.forget(request_id)
 
     def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
-                 num_sampled: list[int] | None = None) -> torch.Tensor:
+                 num_sampled: list[int] | None = None,
+                 histories: list[TokenHistory] | None = None) -> torch.Tensor:
         """logits [num_rows, vocab_size] -> sampled token ids [num_rows]. `num_sampled[i]`: how
-        many tokens row i's request has sampled before (0 if not given)."""
+        many tokens row i's request has sampled on this node before (0 if not given);
+        `histories[i]`: its prompt and output tokens, needed where its params process logits."""
+        num_sampled = num_sampled or [0] * len(params)
+        logits = self._processed(logits, request_ids, params, num_sampled, histories)
         out = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
@@ -37,11 +46,24 @@ class Sampler:
         probs = filtered_probs(logits.index_select(0, index).float(), row_params)
         noise = torch.empty_like(probs)
         for j, (i, p) in enumerate(zip(rows, row_params)):
-            skip = num_sampled[i] if num_sampled else 0
+            skip = num_sampled[i] + p.num_resumed_tokens
             noise[j].exponential_(generator=self._generator(request_ids[i], p, skip, vocab=noise.shape[1]))
         # the exponential race: a draw from probs
         out.index_copy_(0, index, (probs / noise).argmax(dim=-1))
         return out
+
+    def _processed(self, logits, request_ids, params, num_sampled, histories) -> torch.Tensor:
+        """The logits after each request's processors (a float32 copy where any applies)."""
+        rows = [i for i, p in enumerate(params) if p.processes_logits]
+        if not rows:
+            return logits
+        if histories is None:
+            raise ValueError("the sampler needs the token histories of requests that process logits")
+        pick = lambda values: [values[i] for i in rows]  # noqa: E731
+        index = to_device(rows, torch.int64, self.device)
+        sub = self.processors(logits.index_select(0, index).float(), pick(request_ids), pick(params),
+                              pick(num_sampled), pick(histories))
+        return logits.to(torch.float32, copy=True).index_copy_(0, index, sub)  # raw logits stay (logprobs)
 
     def _generator(self, request_id: str, params: SamplingParams, skip: int, vocab: int) -> torch.Generator:
         if params.seed is None:
@@ -81,3 +103,25 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> list[TokenLogprobs | None]:
+    """Each row's sampled token's log probability and its `params.logprobs` likeliest tokens,
+    from the raw logits (before temperature, filters and processors, as vLLM reports them);
+    None for rows that ask for none. One host copy for the whole batch."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return [None] * len(params)
+    index = to_device(rows, torch.int64, logits.device)
+    logprobs = logits.index_select(0, index).float().log_softmax(dim=-1)
+    chosen = token_ids.index_select(0, index)
+    chosen_logprobs = logprobs.gather(1, chosen[:, None])[:, 0]
+    k = max(params[i].logprobs for i in rows)
+    top_values, top_ids = logprobs.topk(max(k, 1), dim=-1)  # each row keeps its own k of them
+    chosen, chosen_logprobs = chosen.tolist(), chosen_logprobs.tolist()
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    for j, i in enumerate(rows):
+        n = params[i].logprobs
+        out[i] = TokenLogprobs(chosen[j], chosen_logprobs[j], tuple(zip(top_ids[j][:n], top_values[j][:n])))
+    return out

@@ -134,8 +134,8 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int],
-               logits: dict | None = None) -> list[RequestOutput]:
+    def update(self, out: SchedulerOutput, sampled: dict[str, int], logits: dict | None = None,
+               logprobs: dict | None = None) -> list[RequestOutput]:
         """Advances each scheduled request past its computed tokens, appends its sampled
         token, caches its newly full blocks, and finishes (and frees) what is done."""
         outputs = []
@@ -158,7 +158,8 @@ class Scheduler:
             outputs.append(RequestOutput(
                 request.request_id, [token_id], reason is not None or handed_over, reason,
                 request.num_prompt_tokens, request.num_cached_tokens,
-                logits.get(request.request_id) if logits else None))
+                logits.get(request.request_id) if logits else None,
+                [logprobs[request.request_id]] if logprobs and request.request_id in logprobs else None))
         return outputs
 
     def _finish_reason(self, request: Request, token_id: int) -> FinishReason | None:

@@ -1,0 +1,127 @@
+"""Per-request logits processing before sampling: bad words, min_tokens, logit_bias, penalties.
+
+Applied only to the rows whose SamplingParams ask for any (`processes_logits`), greedy rows
+too (they change the argmax), in vLLM's order: bad words, then min_tokens and logit_bias, then
+the repetition, frequency and presence penalties; temperature and the filters come after, in
+the sampler. Each request's token counts live on the device and grow by its new tokens at each
+step (never rebuilt from its whole history); `forget` drops them when the request ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .host_copy import to_device
+from .sampling_params import SamplingParams
+
+
+class TokenHistory(Protocol):
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+@dataclass
+class _Counts:
+    """One request's token counts on the device. The output counted is the resumed tail of the
+    prompt (`num_resumed_tokens`) and then its output tokens, `num_counted` of them so far."""
+
+    prompt_seen: torch.Tensor  # [vocab] bool: in the prompt (repetition penalty)
+    output_counts: torch.Tensor  # [vocab] float32: times in the output (frequency, presence)
+    num_counted: int = 0
+
+
+class LogitsProcessors:
+    def __init__(self, device: torch.device, eos_token_ids: tuple[int, ...] = ()):
+        self.device = device
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.counts: dict[str, _Counts] = {}  # request_id -> its counts (penalized requests only)
+
+    def forget(self, request_id: str) -> None:
+        self.counts.pop(request_id, None)
+
+    def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
+                 num_sampled: list[int], histories: list[TokenHistory]) -> torch.Tensor:
+        """logits [rows, vocab] (float32, processed in place) of requests that process logits.
+        `num_sampled[i]`: tokens row i's request sampled on this node before this step."""
+        masks, biases = [], []
+        for row, (p, history) in enumerate(zip(params, histories)):
+            for token_id in self._masked(p, num_sampled[row], history):
+                masks.append((row, token_id))
+            biases += [(row, token_id, bias) for token_id, bias in p.logit_bias.items()]
+        if masks:
+            rows, ids = zip(*masks)
+            logits[to_device(list(rows), torch.int64, self.device),
+                   to_device(list(ids), torch.int64, self.device)] = float("-inf")
+        if biases:
+            rows, ids, values = zip(*biases)
+            logits.index_put_((to_device(list(rows), torch.int64, self.device),
+                               to_device(list(ids), torch.int64, self.device)),
+                              to_device(list(values), torch.float32, self.device), accumulate=True)
+        penalized = [row for row, p in enumerate(params) if _penalizes(p)]
+        if penalized:
+            self._penalize(logits, penalized, request_ids, params, histories)
+        return logits
+
+    def _masked(self, p: SamplingParams, num_sampled: int, history: TokenHistory) -> list[int]:
+        """Token ids the request may not sample now: the last token of a bad word whose other
+        tokens end the output, and, before `min_tokens`, EOS and the stop tokens."""
+        masked = []
+        if p.bad_words_token_ids:
+            longest = max(len(word) for word in p.bad_words_token_ids) - 1
+            tail = _output_since(p, history, max(0, _num_output(p, history) - longest))
+            for word in p.bad_words_token_ids:
+                prefix = word[:-1]
+                if not prefix or tail[len(tail) - len(prefix):] == prefix:
+                    masked.append(word[-1])
+        if num_sampled < p.min_tokens:
+            masked += p.stop_token_ids
+            if not p.ignore_eos:
+                masked += self.eos_token_ids
+        return masked
+
+    def _penalize(self, logits, rows: list[int], request_ids, params, histories) -> None:
+        counts = [self._counts(request_ids[r], params[r], histories[r], logits.shape[-1]) for r in rows]
+        index = to_device(rows, torch.int64, self.device)
+        sub = logits.index_select(0, index)
+        output_counts = torch.stack([c.output_counts for c in counts])
+        in_output = output_counts > 0
+        seen = torch.stack([c.prompt_seen for c in counts]) | in_output
+        column = lambda name: to_device([getattr(params[r], name) for r in rows], torch.float32, self.device)[:, None]  # noqa: E731
+        repetition = column("repetition_penalty")
+        sub = torch.where(seen, torch.where(sub > 0, sub / repetition, sub * repetition), sub)
+        sub -= column("frequency_penalty") * output_counts + column("presence_penalty") * in_output
+        logits.index_copy_(0, index, sub)
+
+    def _counts(self, request_id: str, p: SamplingParams, history: TokenHistory, vocab: int) -> _Counts:
+        counts = self.counts.get(request_id)
+        if counts is None:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            seen[to_device(history.prompt_token_ids, torch.int64, self.device)] = True
+            counts = self.counts[request_id] = _Counts(seen, torch.zeros(vocab, device=self.device))
+        new = _output_since(p, history, counts.num_counted)
+        if new:
+            counts.output_counts.index_add_(0, to_device(new, torch.int64, self.device),
+                                            torch.ones(len(new), device=self.device))
+            counts.num_counted += len(new)
+        return counts
+
+
+def _num_output(p: SamplingParams, history: TokenHistory) -> int:
+    return p.num_resumed_tokens + len(history.output_token_ids)
+
+
+def _output_since(p: SamplingParams, history: TokenHistory, start: int) -> list[int]:
+    """The request's output from token `start` on; its output is the prompt's resumed tail,
+    then this node's output tokens (built from `start` only: no copy of the whole history)."""
+    k = p.num_resumed_tokens
+    if start >= k:
+        return history.output_token_ids[start - k:]
+    prompt = history.prompt_token_ids
+    return prompt[len(prompt) - k + start:] + history.output_token_ids
+
+
+def _penalizes(p: SamplingParams) -> bool:
+    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
