@@ -29,7 +29,8 @@ from pdserve.kv_transfer.connector import KVReceiver, KVTicket, TransferResult
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
-from pdserve.service.convert import FINISH_TO_PROTO, sampling_from_proto, stats_to_proto, ticket_to_proto
+from pdserve.service.convert import (FINISH_TO_PROTO, logprobs_to_proto, sampling_from_proto, stats_to_proto,
+                                     ticket_to_proto)
 from pdserve.service.server import Drainable, abort
 
 from .admission import AdmissionQueue, QueueFull
@@ -83,7 +84,7 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                     await abort(context, grpc.StatusCode.INTERNAL, f"{request_id}: engine step failed")
                 finished = outputs[-1].finished
                 yield _chunk([t for o in outputs for t in o.new_token_ids], outputs[-1].finish_reason,
-                             outputs[0].num_cached_tokens)
+                             outputs[0].num_cached_tokens, [lp for o in outputs for lp in o.logprobs or ()])
             metrics.requests_total.labels("decode", "ok").inc()
         finally:
             self.active.discard(request_id)
@@ -160,9 +161,10 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                               num_waiting=stats["num_waiting"] + self.admission.num_waiting)
 
 
-def _chunk(token_ids, finish_reason, num_cached_tokens: int = 0) -> pb.DecodeResponse:
+def _chunk(token_ids, finish_reason, num_cached_tokens: int = 0, logprobs=()) -> pb.DecodeResponse:
     return pb.DecodeResponse(chunk=pb.TokenChunk(token_ids=token_ids, finish_reason=FINISH_TO_PROTO[finish_reason],
-                                                 num_cached_tokens=num_cached_tokens))
+                                                 num_cached_tokens=num_cached_tokens,
+                                                 logprobs=[logprobs_to_proto(lp) for lp in logprobs]))
 
 
 def _settle_from_thread(future: asyncio.Future):

@@ -28,7 +28,8 @@ from pdserve.kv_transfer.senders import SenderByConnector
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
-from pdserve.service.convert import FINISH_TO_PROTO, sampling_from_proto, stats_to_proto, ticket_from_proto
+from pdserve.service.convert import (FINISH_TO_PROTO, logprobs_to_proto, sampling_from_proto, stats_to_proto,
+                                     ticket_from_proto)
 from pdserve.service.server import Drainable, abort
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
             metrics.requests_total.labels("prefill", "ok").inc()
             metrics.prefix_cache_hits.inc(output.num_cached_tokens)
             return pb.PrefillResponse(first_token_id=output.new_token_ids[0],
+                                      first_token_logprob=logprobs_to_proto(output.logprobs[0])
+                                      if output.logprobs else None,
                                       finish_reason=FINISH_TO_PROTO[output.finish_reason],
                                       num_cached_tokens=output.num_cached_tokens,
                                       prefill_seconds=prefill_s,

@@ -26,3 +26,14 @@ class IncrementalDetokenizer:
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         return full[len(prefix):]
+
+
+def named_logprobs(tokenizer, logprobs) -> list:
+    """The TokenLogprob messages with each token's text (a token cut inside a UTF-8 character
+    reads as U+FFFD), for clients that show them; as they are without a tokenizer."""
+    if not logprobs or tokenizer is None:
+        return list(logprobs)
+    for lp in logprobs:
+        lp.token = tokenizer.decode([lp.token_id], skip_special_tokens=False)
+        lp.top_tokens[:] = [tokenizer.decode([t], skip_special_tokens=False) for t in lp.top_token_ids]
+    return list(logprobs)

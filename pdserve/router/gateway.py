@@ -27,7 +27,8 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 
 from .config import GatewayConfig
-from .openai_api import FINISH_REASONS, APIError, ParsedRequest, chunk_body, parse_request, response_body
+from .openai_api import (FINISH_REASONS, APIError, Choice, ParsedRequest, chunk_body, parse_request, response_body,
+                         total_usage)
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,10 @@ class Gateway:
             info = await self._info()
         except APIError as e:
             return web.json_response({"status": "unavailable", "reason": e.message}, status=503)
-        if not (info.num_prefill_nodes and info.num_decode_nodes):
-            return web.json_response({"status": "unavailable", "reason": "no prefill/decode pair"}, status=503)
+        if not info.can_serve:
+            return web.json_response({"status": "unavailable", "reason": "the router has no nodes to serve with "
+                                      f"({info.num_prefill_nodes} prefill, {info.num_decode_nodes} decode)"},
+                                     status=503)
         return web.json_response({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -142,16 +145,20 @@ class Gateway:
             call.cancel()  # a no-op when it ended; frees the request's blocks when it did not
 
     async def _collect(self, parsed: ParsedRequest, call, request_id: str) -> web.Response:
-        texts, token_ids, last = [], [], None
+        choices = [Choice() for _ in range(parsed.generate.n)]
+        usages = []
         try:
             async for response in call:
-                texts.append(response.text)
-                token_ids += response.token_ids
-                last = response
+                choice = choices[response.index]
+                choice.text += response.text
+                choice.token_ids += response.token_ids
+                choice.logprobs += response.logprobs
+                if response.finish_reason:
+                    choice.finish_reason = FINISH_REASONS.get(response.finish_reason)
+                    usages.append(response.usage)
         except grpc.aio.AioRpcError as e:
             raise _api_error(e) from None
-        return web.json_response(response_body(parsed, request_id, int(time.time()), "".join(texts),
-                                               FINISH_REASONS.get(last.finish_reason), last.usage, token_ids))
+        return web.json_response(response_body(parsed, request_id, int(time.time()), choices, total_usage(usages)))
 
     async def _stream(self, request: web.Request, parsed: ParsedRequest, call, request_id: str,
                       before_call: float) -> web.StreamResponse:
@@ -163,18 +170,24 @@ class Gateway:
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                           "Cache-Control": "no-cache"})
         await out.prepare(request)
-        created, response, is_first = int(time.time()), first, True
+        created, response = int(time.time()), first
+        started, usages, text_offsets = set(), [], [0] * parsed.generate.n
         try:
             while response is not grpc.aio.EOF:
-                finish = FINISH_REASONS.get(response.finish_reason)
-                await _send(out, chunk_body(parsed, request_id, created, response.text, finish, first=is_first,
-                                            token_ids=response.token_ids))
+                index, finish = response.index, FINISH_REASONS.get(response.finish_reason)
+                await _send(out, chunk_body(parsed, request_id, created, response.text, finish,
+                                            first=index not in started, token_ids=response.token_ids,
+                                            logprobs=response.logprobs, text_offset=text_offsets[index],
+                                            index=index))
                 elapsed = time.perf_counter() - received
-                gateway_added.labels("request" if is_first else "chunk").observe(
-                    elapsed + before_call if is_first else elapsed)
-                is_first = False
-                if finish is not None and parsed.include_usage:
-                    await _send(out, chunk_body(parsed, request_id, created, None, None, response.usage))
+                gateway_added.labels("chunk" if started else "request").observe(
+                    elapsed if started else elapsed + before_call)
+                started.add(index)
+                text_offsets[index] += len(response.text)
+                if finish is not None:
+                    usages.append(response.usage)
+                    if parsed.include_usage and len(usages) == parsed.generate.n:
+                        await _send(out, chunk_body(parsed, request_id, created, None, None, total_usage(usages)))
                 response = await call.read()
                 received = time.perf_counter()
         except grpc.aio.AioRpcError as e:  # mid-stream: an error chunk, then [DONE]

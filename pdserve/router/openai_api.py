@@ -1,24 +1,28 @@
 """The OpenAI API's request and response shapes, checked field by field (torch-free).
 
 `parse_request` turns a /v1/completions or /v1/chat/completions body into a GenerateRequest
-for the router, or raises APIError(400) naming the field. The `*_body` and `*_chunk`
-functions build the answers in OpenAI's shapes. Extensions, as in vLLM: top_k, min_p,
-stop_token_ids, ignore_eos, cache_salt, return_token_ids (each choice, and each streamed
-chunk's choice, also carries the ids of its generated tokens as `token_ids`).
+for the router, or raises APIError(400) naming the field; a field pdserve does not implement
+is refused, never ignored (api_fields.py). The `*_body` and `*_chunk` functions build the
+answers in OpenAI's shapes. Extensions, as in vLLM: top_k, min_p, repetition_penalty,
+min_tokens, bad_words, stop_token_ids, ignore_eos, cache_salt, return_token_ids (each choice,
+and each streamed chunk's choice, also carries the ids of its generated tokens as `token_ids`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pdserve.engine.sampling_params import MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_LOGPROBS
 from pdserve.protos import pdserve_pb2 as pb
 
+from .api_fields import check_fields
+from .openai_logprobs import chat_logprobs, completion_logprobs
+
 MAX_TOKENS_LIMIT = 1 << 31
+MAX_N = 16  # as the router
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                   pb.FINISH_REASON_ABORT: "abort"}
-# fields that would change the answer and that pdserve does not implement: refused, not ignored
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "tool_choice")
 
 
 class APIError(Exception):
@@ -44,6 +48,7 @@ class ParsedRequest:
     include_usage: bool
     generate: pb.GenerateRequest
     return_token_ids: bool = False
+    logprobs: bool = False  # each choice carries its tokens' logprobs
 
 
 def bad(param: str, message: str) -> APIError:
@@ -57,17 +62,12 @@ def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
     if model != model_name:
         raise APIError(404, f"The model `{model}` does not exist; this server serves `{model_name}`",
                        param="model", code="model_not_found")
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, False, [], 0):
-            raise bad(name, "is not supported by pdserve")
+    refused = check_fields(body, chat)
+    if refused is not None:
+        raise bad(*refused)
     n = _get(body, "n", int)
-    if n not in (None, 1):
-        raise bad("n", f"only n=1 is supported, got {n}")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if _get(body, name, float) not in (None, 0):
-            raise bad(name, "is not supported by pdserve (only 0)")
-    if _get(body, "logit_bias", dict):
-        raise bad("logit_bias", "is not supported by pdserve")
+    if n is not None and not 1 <= n <= MAX_N:
+        raise bad("n", f"must be between 1 and {MAX_N}, got {n}")
     stream = bool(_get(body, "stream", bool))
     options = _get(body, "stream_options", dict) or {}
     include_usage = options.get("include_usage", False)
@@ -76,11 +76,13 @@ def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
     _get(body, "user", str)  # accepted; not used
     request = pb.GenerateRequest(sampling=_sampling(body, chat),
                                  cache_salt=_get(body, "cache_salt", str) or "", stop=_stop(body))
+    request.n = n or 1
     if chat:
         request.messages.CopyFrom(_messages(body))
     else:
         _prompt(body, request)
-    return ParsedRequest(chat, model, stream, include_usage, request, bool(_get(body, "return_token_ids", bool)))
+    return ParsedRequest(chat, model, stream, include_usage, request, bool(_get(body, "return_token_ids", bool)),
+                         request.sampling.HasField("logprobs"))
 
 
 def _sampling(body: dict, chat: bool) -> pb.SamplingParams:
@@ -114,7 +116,61 @@ def _sampling(body: dict, chat: bool) -> pb.SamplingParams:
         raise bad("stop_token_ids", "expected a list of token ids")
     msg.stop_token_ids.extend(stop_ids)
     msg.ignore_eos = bool(_get(body, "ignore_eos", bool))
+    _processors(body, msg)
+    _logprobs(body, chat, msg)
     return msg
+
+
+def _processors(body: dict, msg: pb.SamplingParams) -> None:
+    """Penalties, logit_bias, min_tokens and bad_words (the router checks token ids)."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _get(body, name, float)
+        if value is not None:
+            if not -2 <= value <= 2:
+                raise bad(name, f"must be in [-2, 2], got {value}")
+            setattr(msg, name, value)
+    repetition = _get(body, "repetition_penalty", float)
+    if repetition is not None:
+        if not 0 < repetition <= 10:
+            raise bad("repetition_penalty", f"must be in (0, 10], got {repetition}")
+        msg.repetition_penalty = repetition
+    bias = _get(body, "logit_bias", dict) or {}
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise bad("logit_bias", f"at most {MAX_LOGIT_BIAS} tokens")
+    for key, value in bias.items():
+        if not key.isascii() or not key.isdigit() or len(key) > 10:
+            raise bad("logit_bias", f"keys must be token ids, got {key!r}"[:200])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise bad("logit_bias", f"the bias of token {key} must be a number in [-100, 100], got {value!r}"[:200])
+        msg.logit_bias[int(key)] = float(value)
+    min_tokens = _get(body, "min_tokens", int)
+    if min_tokens is not None:
+        if not 0 <= min_tokens <= MAX_TOKENS_LIMIT or (msg.HasField("max_tokens") and 0 < msg.max_tokens < min_tokens):
+            raise bad("min_tokens", f"must be between 0 and max_tokens, got {min_tokens}")
+        msg.min_tokens = min_tokens
+    words = _get(body, "bad_words", list) or []
+    if len(words) > MAX_BAD_WORDS or not all(isinstance(w, str) and w.strip() and len(w) <= 200 for w in words):
+        raise bad("bad_words", f"expected at most {MAX_BAD_WORDS} non-empty strings of at most 200 characters")
+    msg.bad_words.extend(words)
+
+
+def _logprobs(body: dict, chat: bool, msg: pb.SamplingParams) -> None:
+    """Chat: `logprobs` true, with `top_logprobs` k; completions: `logprobs` k."""
+    if chat:
+        top = _get(body, "top_logprobs", int)
+        if not _get(body, "logprobs", bool):
+            if top is not None:
+                raise bad("top_logprobs", "needs logprobs: true")
+            return
+        k = top or 0
+        name = "top_logprobs"
+    else:
+        k, name = _get(body, "logprobs", int), "logprobs"
+        if k is None:
+            return
+    if not 0 <= k <= MAX_LOGPROBS:
+        raise bad(name, f"must be between 0 and {MAX_LOGPROBS}, got {k}")
+    msg.logprobs = k
 
 
 def _stop(body: dict) -> list[str]:
@@ -189,37 +245,59 @@ _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a b
 
 # ---- answers ---------------------------------------------------------------------------
 
+def total_usage(usages: list[pb.Usage]) -> pb.Usage:
+    """The usage of a request's n completions: one prompt, every completion's tokens."""
+    if not usages:
+        return pb.Usage()
+    return pb.Usage(prompt_tokens=usages[0].prompt_tokens, cached_tokens=usages[0].cached_tokens,
+                    completion_tokens=sum(u.completion_tokens for u in usages))
+
+
 def usage_body(usage: pb.Usage) -> dict:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
-def response_body(parsed: ParsedRequest, request_id: str, created: int, text: str, finish_reason: str,
-                  usage: pb.Usage, token_ids: list[int] = ()) -> dict:
-    if parsed.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        kind = "text_completion"
-    if parsed.return_token_ids:
-        choice["token_ids"] = list(token_ids)
-    return {"id": request_id, "object": kind, "created": created, "model": parsed.model,
-            "choices": [choice], "usage": usage_body(usage)}
+@dataclass
+class Choice:
+    """One of a request's n completions, as collected for a non-streamed answer."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+
+
+def response_body(parsed: ParsedRequest, request_id: str, created: int, choices: list[Choice],
+                  usage: pb.Usage) -> dict:
+    body = []
+    for index, c in enumerate(choices):
+        if parsed.chat:
+            choice = {"index": index, "message": {"role": "assistant", "content": c.text}}
+        else:
+            choice = {"index": index, "text": c.text}
+        choice |= {"logprobs": _logprobs_body(parsed, c.logprobs), "finish_reason": c.finish_reason}
+        if parsed.return_token_ids:
+            choice["token_ids"] = list(c.token_ids)
+        body.append(choice)
+    return {"id": request_id, "object": "chat.completion" if parsed.chat else "text_completion",
+            "created": created, "model": parsed.model, "choices": body, "usage": usage_body(usage)}
 
 
 def chunk_body(parsed: ParsedRequest, request_id: str, created: int, text: str | None,
                finish_reason: str | None, usage: pb.Usage | None = None, first: bool = False,
-               token_ids: list[int] = ()) -> dict:
-    """One streamed chunk; `text` None with `usage`: the final usage-only chunk."""
+               token_ids: list[int] = (), logprobs=(), text_offset: int = 0, index: int = 0) -> dict:
+    """One streamed chunk of completion `index`; `text` None with `usage`: the final
+    usage-only chunk. `text_offset` (completions' logprobs): where this chunk's text starts in
+    its whole completion."""
+    lp = _logprobs_body(parsed, logprobs, text_offset)
     if parsed.chat:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        choices = [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]
         kind = "chat.completion.chunk"
     else:
-        choices = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+        choices = [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}]
         kind = "text_completion"
     if parsed.return_token_ids:
         choices[0]["token_ids"] = list(token_ids)
@@ -228,3 +306,9 @@ def chunk_body(parsed: ParsedRequest, request_id: str, created: int, text: str |
     if parsed.include_usage:
         body["usage"] = usage_body(usage) if usage is not None else None
     return body
+
+
+def _logprobs_body(parsed: ParsedRequest, logprobs, text_offset: int = 0) -> dict | None:
+    if not parsed.logprobs:
+        return None
+    return chat_logprobs(logprobs) if parsed.chat else completion_logprobs(logprobs, text_offset)

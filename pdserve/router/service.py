@@ -10,39 +10,39 @@ calls, which free their blocks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from pdserve.engine.block_hash import block_hashes
 from pdserve.engine.request import FinishReason
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
-from pdserve.service.convert import FINISH_FROM_PROTO, FINISH_TO_PROTO, sampling_from_proto, sampling_to_proto
+from pdserve.service.convert import FINISH_FROM_PROTO, FINISH_TO_PROTO
 from pdserve.service.server import abort
 
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, named_logprobs
 from .nodes import NodeClient, NodePool
 from .pending_prefixes import PendingPrefixes
-from .prompts import prompt_token_ids
+from .validation import checked_request
 from .policy import queued_prefill_tokens
+from .progress import Chunk, Progress
 from .prefix_index import MAX_LOOKUP_BLOCKS
-from .stop_strings import StopStringMatcher, validate_stop
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_ID_CHARS = 256
 DISAGGREGATION = ("always", "never", "auto")
 
 
 class ClientError(Exception):
-    """A node rejected the request itself (bad input): no other node would take it."""
+    """The request cannot be served: a node rejected it itself (bad input: no other node would
+    take it), or every attempt failed. The handler answers with its code."""
 
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(details)
@@ -55,28 +55,6 @@ class Retry(Exception):
     def __init__(self, reason: str, nodes: set, full: bool = False):
         super().__init__(reason)
         self.nodes, self.full = nodes, full
-
-
-@dataclass
-class Progress:
-    """What one Generate call has streamed so far, across attempts."""
-
-    prompt: list[int]
-    params: SamplingParams
-    stop: StopStringMatcher | None = None
-    start: float = field(default_factory=time.monotonic)
-    sent: list[int] = field(default_factory=list)
-    first_at: float | None = None
-    last_at: float | None = None
-    num_attempts: int = 0
-    prefill: pb.PrefillResponse | None = None
-    num_cached_tokens: int = 0  # prefilled on a decode node: what its prefix cache held
-
-    def remaining_params(self) -> pb.SamplingParams:
-        msg = sampling_to_proto(self.params)
-        if self.params.max_tokens is not None:
-            msg.max_tokens = self.params.max_tokens - len(self.sent)
-        return msg
 
 
 @dataclass
@@ -103,6 +81,49 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         request_id = request.request_id or f"gen-{uuid.uuid4().hex[:16]}"
         progress = await self._parse(request, context)
+        try:
+            generate = self._generate if request.n <= 1 else self._generate_n
+            async for response in generate(request_id, request, progress):
+                yield response
+        except ClientError as e:
+            await abort(context, e.code, e.details)
+
+    async def _generate_n(self, request_id: str, request: pb.GenerateRequest, progress: Progress):
+        """`n` completions of one prompt: the first alone until its first token (the prompt's KV
+        is then in the prefix caches of the nodes it used, which the routing prefers), then the
+        others, which reuse those blocks instead of computing and moving their own. Messages
+        interleave, each with its completion's index; an error in one ends them all."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def run(copy: Progress) -> None:
+            try:
+                async for response in self._generate(f"{request_id}-{copy.index}" if copy.index else request_id,
+                                                     request, copy):
+                    await queue.put(response)
+                await queue.put(None)
+            except Exception as e:  # noqa: BLE001 - handed to the handler, which raises it
+                await queue.put(e)
+
+        tasks = [asyncio.create_task(run(progress))]
+        try:
+            num_done = 0
+            while num_done < request.n:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if len(tasks) == 1:
+                    tasks += [asyncio.create_task(run(progress.copy_for(i))) for i in range(1, request.n)]
+                if item is None:
+                    num_done += 1
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()  # closing each copy's stream cancels its node calls
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _generate(self, request_id: str, request: pb.GenerateRequest, progress: Progress):
+        """One completion's responses, across attempts; ClientError when it cannot be served."""
         detok = IncrementalDetokenizer(self.tokenizer, progress.prompt) if self.tokenizer else None
         failures: list[str] = []
         excluded: set[NodeClient] = set()  # failed this request: avoided while others exist
@@ -117,14 +138,12 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             try:
                 async with contextlib.aclosing(
                         self._attempt(request_id, request.cache_salt, progress, route)) as chunks:
-                    async for token_ids, reason in chunks:
-                        response = self._response(request_id, progress, detok, token_ids, reason)
+                    async for chunk in chunks:
+                        response = self._response(request_id, progress, detok, chunk)
                         yield response
                         if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                             metrics.requests_total.labels("router", "ok").inc()
                             return  # closing `chunks` cancels the decode call, freeing its blocks
-            except ClientError as e:
-                await abort(context, e.code, e.details)
             except Retry as e:
                 failures.append(str(e))
                 excluded |= e.nodes
@@ -136,8 +155,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         metrics.requests_total.labels("router", "failed").inc()
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE
         detail = "; ".join(failures) or f"no healthy {self.needed_nodes()}"
-        await abort(context, code, f"{request_id}: not served after {progress.num_attempts} "
-                                   f"attempt(s): {detail}")
+        raise ClientError(code, f"{request_id}: not served after {progress.num_attempts} attempt(s): {detail}")
 
     def can_serve(self) -> bool:
         """Whether the healthy nodes can serve a prompt (the router's health)."""
@@ -212,7 +230,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         return {node: n * block_size for node, n in cached.items()}
 
     async def _attempt(self, request_id: str, cache_salt: str, progress: Progress, route: Route):
-        """Yields (token ids, finish reason or None) chunks; raises Retry on node trouble."""
+        """Yields Chunks; raises Retry on node trouble."""
         if route.prefill is None:
             async for chunk in self._attempt_on_decode(request_id, cache_salt, progress, route.decode):
                 yield chunk
@@ -234,7 +252,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             progress.prefill = progress.prefill or response
             metrics.routed_cached_tokens.inc(response.num_cached_tokens)
             reason = FINISH_FROM_PROTO[response.finish_reason]
-            yield [response.first_token_id], reason
+            first_logprobs = [response.first_token_logprob] if response.HasField("first_token_logprob") else []
+            yield Chunk([response.first_token_id], reason, first_logprobs)
             if reason is not None:
                 return
             async for chunk in _chunks(decode_call, decode):
@@ -272,7 +291,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             node.num_inflight_tokens -= num_tokens
             node.num_done_prompt_tokens += num_prompt_tokens
 
-    def _response(self, request_id, progress: Progress, detok, token_ids, reason) -> pb.GenerateResponse:
+    def _response(self, request_id, progress: Progress, detok, chunk: Chunk) -> pb.GenerateResponse:
+        token_ids, reason = chunk.token_ids, chunk.finish_reason
         now = time.monotonic()
         if progress.first_at is None:
             progress.first_at = now
@@ -286,8 +306,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         if progress.stop is not None:
             text, stopped = progress.stop.push(text, final=reason is not None)
             reason = FinishReason.STOP if stopped else reason
-        response = pb.GenerateResponse(request_id=request_id, token_ids=token_ids, text=text,
-                                       finish_reason=FINISH_TO_PROTO[reason])
+        response = pb.GenerateResponse(request_id=request_id, token_ids=token_ids, text=text, index=progress.index,
+                                       finish_reason=FINISH_TO_PROTO[reason], logprobs=named_logprobs(self.tokenizer, chunk.logprobs))
         if reason is not None:
             pre = progress.prefill
             response.usage.CopyFrom(pb.Usage(prompt_tokens=len(progress.prompt),
@@ -307,27 +327,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         limits = self.pool.model_limits()
         if limits is None:
             await abort(context, grpc.StatusCode.UNAVAILABLE, f"no healthy {self.needed_nodes()}")
-        max_model_len, _ = limits
         try:
-            if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-                raise ValueError(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
-            prompt = await prompt_token_ids(request, self.tokenizer)
-            params = sampling_from_proto(request.sampling)
-            params.validate(self.vocab_size)
-            bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise ValueError(f"prompt.token_ids: {bad} is not a token id of this model "
-                                 f"(vocabulary of {self.vocab_size})")
-            if len(prompt) >= max_model_len:
-                raise ValueError(f"prompt: {len(prompt)} tokens, the model takes at most "
-                                 f"{max_model_len - 1} (max_model_len {max_model_len})")
-            validate_stop(list(request.stop))
-            if request.stop and self.tokenizer is None:
-                raise ValueError("stop: this model has no tokenizer to match text; use stop_token_ids")
+            return await checked_request(request, self.tokenizer, self.vocab_size, limits[0])
         except ValueError as e:
             metrics.requests_total.labels("router", "invalid").inc()
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return Progress(prompt, params, StopStringMatcher(list(request.stop)) if request.stop else None)
 
     async def GetInfo(self, request: pb.InfoRequest, context) -> pb.RouterInfo:
         limits = self.pool.model_limits()
@@ -335,12 +339,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                              vocab_size=self.vocab_size,
                              num_prefill_nodes=len(self.pool.healthy("prefill")),
                              num_decode_nodes=len(self.pool.healthy("decode")),
-                             has_tokenizer=self.tokenizer is not None)
+                             has_tokenizer=self.tokenizer is not None, can_serve=self.can_serve())
 
 
 async def _chunks(call, decode: NodeClient, progress: Progress | None = None):
-    """(token ids, finish reason or None) of a decode stream's chunks, up to the one with a
-    finish reason; Retry when the stream ends before it. `progress` (a prompt prefilled on the
+    """The Chunks of a decode stream, up to the one with a finish reason; Retry when the stream ends before it. `progress` (a prompt prefilled on the
     decode node): takes the first chunk's count of prompt tokens its prefix cache held."""
     while (message := await _read(call, decode)) is not None:
         if not message.HasField("chunk"):
@@ -348,7 +351,7 @@ async def _chunks(call, decode: NodeClient, progress: Progress | None = None):
         if progress is not None and progress.first_at is None:
             progress.num_cached_tokens = message.chunk.num_cached_tokens
         reason = FINISH_FROM_PROTO[message.chunk.finish_reason]
-        yield list(message.chunk.token_ids), reason
+        yield Chunk(list(message.chunk.token_ids), reason, message.chunk.logprobs)
         if reason is not None:
             return
     raise Retry(f"decode node {decode.address} ended the stream early", {decode})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pdserve.engine.request import FinishReason
+from collections.abc import Callable
+
+from pdserve.engine.request import FinishReason, TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.connector import KVTicket
 from pdserve.protos import pdserve_pb2 as pb
@@ -13,25 +15,52 @@ FINISH_TO_PROTO = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FIN
 FINISH_FROM_PROTO = {v: k for k, v in FINISH_TO_PROTO.items()}
 
 
-def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
-    """Unset fields take SamplingParams' defaults; max_tokens 0 means no limit."""
+def sampling_from_proto(msg: pb.SamplingParams,
+                        tokenize_word: Callable[[str], list[list[int]]] | None = None) -> SamplingParams:
+    """Unset fields take SamplingParams' defaults; max_tokens 0 means no limit. Text
+    `bad_words` need `tokenize_word` (the router's): a node takes only their token ids."""
     def get(name):
         return getattr(msg, name) if msg.HasField(name) else getattr(_DEFAULTS, name)
 
     max_tokens = get("max_tokens")
+    bad_words = [list(w.ids) for w in msg.bad_words_token_ids]
+    if msg.bad_words:
+        if tokenize_word is None:
+            raise ValueError("bad_words: text words need the router's tokenizer; send bad_words_token_ids")
+        bad_words += [ids for word in msg.bad_words for ids in tokenize_word(word)]
     return SamplingParams(
         temperature=get("temperature"), top_p=get("top_p"), top_k=get("top_k"), min_p=get("min_p"),
         seed=get("seed"), max_tokens=None if max_tokens == 0 else max_tokens,
-        stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos)
+        stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=get("repetition_penalty"), logit_bias=dict(msg.logit_bias),
+        min_tokens=msg.min_tokens, bad_words_token_ids=bad_words, logprobs=get("logprobs"),
+        num_resumed_tokens=msg.num_resumed_tokens)
 
 
 def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                             min_p=params.min_p, max_tokens=params.max_tokens or 0,
-                            stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos)
+                            stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+                            presence_penalty=params.presence_penalty,
+                            frequency_penalty=params.frequency_penalty,
+                            repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias,
+                            min_tokens=params.min_tokens, num_resumed_tokens=params.num_resumed_tokens,
+                            bad_words_token_ids=[pb.TokenIds(ids=w) for w in params.bad_words_token_ids])
     if params.seed is not None:
         msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
     return msg
+
+
+def logprobs_to_proto(lp: TokenLogprobs) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top_token_ids=[t for t, _ in lp.top],
+                           top_logprobs=[v for _, v in lp.top])
+
+
+def logprobs_from_proto(msg: pb.TokenLogprob) -> TokenLogprobs:
+    return TokenLogprobs(msg.token_id, msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
 
 
 def ticket_to_proto(t: KVTicket) -> pb.KVTicket:

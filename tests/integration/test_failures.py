@@ -67,6 +67,17 @@ def test_decode_node_killed_mid_stream_resumes_without_gap_or_duplicate(cluster,
     assert last.timings.num_attempts == 2 and last.usage.completion_tokens == 300
 
 
+def test_a_resumed_stream_keeps_its_penalties_min_tokens_and_seed(cluster, reference):
+    """The new decode node rebuilds the sampling state from the tokens already streamed: the
+    penalties' counts, min_tokens and the seed's draws continue where the dead node left them."""
+    p = prompt(3, 40)
+    params = SamplingParams(temperature=0.8, seed=11, max_tokens=300, presence_penalty=0.6, frequency_penalty=0.4,
+                            repetition_penalty=1.15, min_tokens=299, logit_bias={5: 2.0})
+    want = reference.generate([p], params)[0].token_ids
+    tokens, last, _ = generate_killing_its_decode_node(cluster, p, params)
+    assert tokens == want and last.timings.num_attempts == 2
+
+
 def test_draining_decode_node_finishes_its_stream_and_gets_no_new_work(cluster, reference):
     p = prompt(2, 30)
     want = reference.generate([p], LONG)[0].token_ids

@@ -55,9 +55,15 @@ def parse(chat=False, **fields):
     ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10**30}, "max_tokens"),
     ({"max_tokens": True}, "max_tokens"), ({"n": 2}, "n"), ({"seed": 2**70}, "seed"),
     ({"stop": 5}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"prompt": ...}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [1, -2]}, "prompt"), ({"logprobs": 2}, "logprobs"),
+    ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [1, -2]}, "prompt"), ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": True}, "logprobs"), ({"echo": True}, "echo"), ({"max_token": 5}, "max_token"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"best_of": 2}, "best_of"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"min_tokens": 4}, "min_tokens"),
+    ({"bad_words": [""]}, "bad_words"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"skip_special_tokens": False}, "skip_special_tokens"), ({"tools": [{"type": "function"}]}, "tools"),
     ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
-    ({"model": ...}, "model"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": ...}, "model"), ({"presence_penalty": 2.5}, "presence_penalty"),
 ])
 def test_bad_fields_are_400_naming_the_field(fields, param):
     with pytest.raises(APIError) as error:
@@ -80,11 +86,16 @@ def test_unknown_model_is_404_and_good_requests_map_to_the_router_api():
         parse(model="other")
     assert error.value.status == 404 and error.value.code == "model_not_found"
     parsed = parse(prompt=[5, 6], temperature=0, top_k=3, seed=7, stop="x", ignore_eos=True, user="u",
-                   unknown_field=1, stream=True, stream_options={"include_usage": True})
+                   stream=True, stream_options={"include_usage": True}, echo=False, best_of=1, tools=[],
+                   presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2, logit_bias={"7": -3},
+                   min_tokens=2, bad_words=["no"], logprobs=2)
     g = parsed.generate
     assert list(g.token_ids.ids) == [5, 6] and list(g.stop) == ["x"] and parsed.include_usage
     assert (g.sampling.temperature, g.sampling.top_k, g.sampling.seed, g.sampling.max_tokens) == (0, 3, 7, 3)
     assert not g.sampling.HasField("top_p") and g.sampling.ignore_eos
+    assert (g.sampling.presence_penalty, g.sampling.frequency_penalty, g.sampling.repetition_penalty) == (0.5, -1, 1.2)
+    assert dict(g.sampling.logit_bias) == {7: -3.0} and g.sampling.min_tokens == 2 and g.sampling.logprobs == 2
+    assert list(g.sampling.bad_words) == ["no"] and parsed.logprobs
     chat = parse(chat=True, messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                    {"type": "text", "text": "b"}]}],
                  max_tokens=..., max_completion_tokens=9)

@@ -1,0 +1,138 @@
+"""Logprobs, penalties, logit_bias, min_tokens and bad_words through the whole system (gateway,
+router, one prefill and one decode node serving SmolLM2-135M), called with the official
+`openai` client; oracle: the in-process Engine with the same SamplingParams. And every field
+the gateway does not implement is refused with a 400 naming it."""
+
+import math
+
+import openai
+import pytest
+
+from pdserve.cluster import Cluster
+from pdserve.engine.engine import Engine
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.router.api_fields import NOT_IMPLEMENTED
+
+from .serving import all_blocks_free, node_stats, wait_for
+
+MODEL = "smollm2-135m"
+CHAT = [{"role": "user", "content": "Name three primary colors."}]
+PROMPT = "The three most useful things to pack for a hike are"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with Cluster(MODEL, 1, 1, gateway_port=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.gateway_url, api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(model=MODEL)
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, abs_tol=1e-4)
+
+
+def test_chat_logprobs_streaming_or_not_equal_the_engine(client, engine):
+    [want] = engine.chat([CHAT], SamplingParams(temperature=0, max_tokens=12, logprobs=3))
+    done = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    streamed = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0,
+                                                   logprobs=True, top_logprobs=3, stream=True))
+    entries = done.choices[0].logprobs.content
+    streamed_entries = [e for c in streamed for e in c.choices[0].logprobs.content]
+    assert [e.token for e in entries] == [e.token for e in streamed_entries]  # the second hits the prefix
+    assert all(close(a.logprob, b.logprob) for a, b in zip(entries, streamed_entries))  # cache: not bit-equal
+    assert len(entries) == 12 and "".join(e.token for e in entries) == want.text == done.choices[0].message.content
+    for entry, lp in zip(entries, want.logprobs):
+        assert close(entry.logprob, lp.logprob) and bytes(entry.bytes) == entry.token.encode()
+        assert [t.token for t in entry.top_logprobs] == [engine.tokenizer.decode([t]) for t, _ in lp.top]
+        assert all(close(t.logprob, v) for t, (_, v) in zip(entry.top_logprobs, lp.top))
+    plain = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
+    assert plain.choices[0].logprobs is None  # only when asked for
+
+
+def test_completion_logprobs_carry_tokens_and_offsets(client, engine):
+    [want] = engine.generate([PROMPT], SamplingParams(temperature=0, max_tokens=10, logprobs=2))
+    done = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text == want.text
+    assert all(close(a, b.logprob) for a, b in zip(lp.token_logprobs, want.logprobs))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(10)]
+    assert [len(top) for top in lp.top_logprobs] == [2] * 10
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
+                                            logprobs=2, stream=True))
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+
+
+def bad_word_ids(engine, word: str) -> list[list[int]]:
+    """The router's rule: the word as it would start the text and after a space."""
+    tok = engine.tokenizer
+    return sorted({tuple(tok.encode(p + word, add_special_tokens=False)) for p in ("", " ")})
+
+
+def test_penalties_bias_min_tokens_and_bad_words_equal_the_engine(client, engine):
+    tok = engine.tokenizer
+    bias = {tok.encode(" water")[0]: 5.0, tok.encode(" a")[0]: -4.0}
+    fields = dict(presence_penalty=0.6, frequency_penalty=0.3, repetition_penalty=1.2, min_tokens=24)
+    params = SamplingParams(temperature=0, max_tokens=32, logit_bias=bias, **fields,
+                            bad_words_token_ids=[list(w) for w in bad_word_ids(engine, "snacks")])
+    [want] = engine.generate([PROMPT], params)
+    [plain] = engine.generate([PROMPT], SamplingParams(temperature=0, max_tokens=32))
+    assert want.token_ids != plain.token_ids
+    done = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=32, temperature=0, presence_penalty=0.6, frequency_penalty=0.3,
+        logit_bias={str(k): v for k, v in bias.items()},
+        extra_body={"repetition_penalty": 1.2, "min_tokens": 24, "bad_words": ["snacks"], "return_token_ids": True})
+    assert done.choices[0].token_ids == want.token_ids
+    assert "snacks" not in done.choices[0].text
+
+
+@pytest.mark.parametrize("name", sorted(NOT_IMPLEMENTED))
+def test_every_field_not_implemented_is_refused_naming_it(client, name):
+    value = {"best_of": 3, "skip_special_tokens": False, "add_generation_prompt": False,
+             "service_tier": "flex"}.get(name, {"asks": "for something"})
+    with pytest.raises(openai.BadRequestError, match=name) as error:
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body={name: value})
+    assert error.value.body["param"] == name
+
+
+def test_unknown_fields_and_impossible_lengths_are_refused(client, cluster):
+    with pytest.raises(openai.BadRequestError, match="max_token.*unknown"):
+        client.completions.create(model=MODEL, prompt="x", extra_body={"max_token": 5})
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=MODEL, messages=CHAT, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens.*context"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match="logit_bias.*vocabulary"):
+        client.completions.create(model=MODEL, prompt="x", logit_bias={"99999999": 1})
+    inert = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, n=1, presence_penalty=0,
+                                           extra_body={"echo": False, "tools": [], "best_of": 1})
+    assert inert.choices[0].finish_reason == "length"  # values that ask for nothing pass
+    assert wait_for(lambda: all_blocks_free(cluster))
+
+
+def test_n_completions_differ_repeat_with_their_seed_and_share_the_prompt(client, cluster, engine):
+    prompt = "Write one sentence about the weather. " * 12  # several full KV blocks
+    num_blocks = (len(engine.tokenizer.encode(prompt)) - 1) // 16
+    hits_before = node_stats(cluster.prefill[0]).num_prefix_cache_hit_tokens
+    ask = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=0.8, seed=7, n=4, extra_body={"ignore_eos": True})
+    first = client.completions.create(**ask)
+    hits = node_stats(cluster.prefill[0]).num_prefix_cache_hit_tokens - hits_before
+    assert hits >= 3 * num_blocks * 16  # copies 2-4 found the first one's prompt blocks
+    texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(first.choices, key=lambda c: c.index)] == [0, 1, 2, 3]
+    assert len(set(texts)) > 1
+    assert [c.text for c in sorted(client.completions.create(**ask).choices, key=lambda c: c.index)] == texts
+    assert first.usage.completion_tokens == 48
+    chunks = list(client.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(4)]
+    assert streamed == texts and chunks[-1].usage.completion_tokens == 48
+    assert wait_for(lambda: all_blocks_free(cluster))
