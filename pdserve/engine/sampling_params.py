@@ -6,6 +6,19 @@ import math
 from dataclasses import dataclass, field
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """The output must match: `json` a JSON schema (its text), `json_object` any JSON object,
+    `regex` a regular expression, `choice` one of a JSON list of strings, `grammar` an EBNF
+    grammar (xgrammar's dialect, GBNF-like)."""
+
+    kind: str
+    spec: str = ""
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop.
@@ -38,12 +51,13 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     logprobs: int | None = None
     num_resumed_tokens: int = 0
+    structured_output: StructuredOutput | None = None
 
     @property
     def needs_history(self) -> bool:
         """Whether sampling reads the tokens generated so far (so no step may run ahead)."""
         return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-                or bool(self.bad_words_token_ids))
+                or bool(self.bad_words_token_ids) or self.structured_output is not None)
 
     @property
     def processes_logits(self) -> bool:
@@ -100,6 +114,13 @@ class SamplingParams:
                 _check_token_id("bad_words", token_id, vocab_size)
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        so = self.structured_output
+        if so is not None and (not isinstance(so, StructuredOutput) or so.kind not in STRUCTURED_KINDS
+                               or not isinstance(so.spec, str) or len(so.spec) > MAX_STRUCTURED_SPEC_CHARS):
+            raise ValueError(f"structured_output: kind must be one of {', '.join(STRUCTURED_KINDS)} with a spec "
+                             f"of at most {MAX_STRUCTURED_SPEC_CHARS} characters")
+        if so is not None and self.ignore_eos:
+            raise ValueError("ignore_eos: a structured output ends with its grammar; it cannot ignore EOS")
         if not _is_int(self.num_resumed_tokens) or self.num_resumed_tokens < 0:
             raise ValueError(f"num_resumed_tokens must be an integer >= 0, got {self.num_resumed_tokens!r}")
 
@@ -109,6 +130,7 @@ MAX_LOGIT_BIAS = 1024
 MAX_BAD_WORDS = 128
 MAX_BAD_WORD_TOKENS = 32
 MAX_REPETITION_PENALTY = 10.0
+MAX_STRUCTURED_SPEC_CHARS = 1 << 16
 
 
 def _check_token_id(name: str, token_id, vocab_size: int | None) -> None:

@@ -34,6 +34,16 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tk.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def vocab(self) -> list[str]:
+        """Every token's string as the vocabulary writes it (byte-level: GPT-2's Ġ for a space)."""
+        return [self._tk.id_to_token(i) or "" for i in range(self._tk.get_vocab_size())]
+
+    def decoder_type(self) -> str:
+        """The tokenizer's decoder: ByteLevel, ByteFallback (within a Sequence) or another."""
+        decoder = json.loads(self._tk.to_str()).get("decoder") or {}
+        kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
+        return "ByteLevel" if "ByteLevel" in kinds else "ByteFallback" if "ByteFallback" in kinds else str(kinds[0])
+
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 

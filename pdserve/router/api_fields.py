@@ -15,7 +15,8 @@ COMMON = frozenset({
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
     "stop", "stop_token_ids", "ignore_eos", "cache_salt", "return_token_ids", "user", "n",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
-    "bad_words", "logprobs",
+    "bad_words", "logprobs", "response_format", "structured_outputs", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar",
 })
 IMPLEMENTED = {
     True: COMMON | {"messages", "max_completion_tokens", "top_logprobs"},  # chat
@@ -25,9 +26,7 @@ _NOTHING = (None, False, 0, [], {}, "")
 # documented elsewhere, not implemented here: the values that ask for nothing
 NOT_IMPLEMENTED: dict[str, tuple] = {
     **{name: _NOTHING for name in (
-        "echo", "suffix", "tools", "tool_choice", "functions", "function_call", "response_format",
-        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-        "guided_decoding_backend", "guided_whitespace_pattern", "prompt_logprobs", "allowed_token_ids",
+        "echo", "suffix", "tools", "tool_choice", "functions", "function_call", "guided_decoding_backend", "guided_whitespace_pattern", "prompt_logprobs", "allowed_token_ids",
         "include_stop_str_in_output", "truncate_prompt_tokens", "use_beam_search", "length_penalty",
         "continue_final_message", "documents", "chat_template", "chat_template_kwargs",
         "mm_processor_kwargs", "logits_processors", "priority", "request_id", "store", "metadata",
@@ -52,6 +51,6 @@ def check_fields(body: dict, chat: bool) -> tuple[str, str] | None:
         if inert is None:
             where = "/v1/chat/completions" if chat else "/v1/completions"
             return name, f"is not a field of {where} (unknown fields are refused, not ignored)"
-        if not any(value == v and type(value) is type(v) for v in inert):
+        if not any(value == v and type(value) is type(v) for v in inert):  # 0.0 is not 0, nor False
             return name, "is not supported by pdserve"
     return None

@@ -16,28 +16,15 @@ from dataclasses import dataclass, field
 from pdserve.engine.sampling_params import MAX_BAD_WORDS, MAX_LOGIT_BIAS, MAX_LOGPROBS
 from pdserve.protos import pdserve_pb2 as pb
 
+from .api_errors import APIError, bad
 from .api_fields import check_fields
+from .openai_structured import structured_output
 from .openai_logprobs import chat_logprobs, completion_logprobs
 
 MAX_TOKENS_LIMIT = 1 << 31
 MAX_N = 16  # as the router
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                   pb.FINISH_REASON_ABORT: "abort"}
-
-
-class APIError(Exception):
-    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -49,10 +36,6 @@ class ParsedRequest:
     generate: pb.GenerateRequest
     return_token_ids: bool = False
     logprobs: bool = False  # each choice carries its tokens' logprobs
-
-
-def bad(param: str, message: str) -> APIError:
-    return APIError(400, f"{param}: {message}", param=param)
 
 
 def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
@@ -118,6 +101,11 @@ def _sampling(body: dict, chat: bool) -> pb.SamplingParams:
     msg.ignore_eos = bool(_get(body, "ignore_eos", bool))
     _processors(body, msg)
     _logprobs(body, chat, msg)
+    structured = structured_output(body)
+    if structured is not None:
+        if msg.ignore_eos:
+            raise bad("ignore_eos", "a structured output ends with its grammar; it cannot ignore EOS")
+        msg.structured_output.CopyFrom(structured)
     return msg
 
 

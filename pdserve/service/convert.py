@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pdserve.engine.request import FinishReason, TokenLogprobs
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams, StructuredOutput
 from pdserve.kv_transfer.connector import KVTicket
 from pdserve.protos import pdserve_pb2 as pb
 
@@ -35,7 +35,9 @@ def sampling_from_proto(msg: pb.SamplingParams,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
         repetition_penalty=get("repetition_penalty"), logit_bias=dict(msg.logit_bias),
         min_tokens=msg.min_tokens, bad_words_token_ids=bad_words, logprobs=get("logprobs"),
-        num_resumed_tokens=msg.num_resumed_tokens)
+        num_resumed_tokens=msg.num_resumed_tokens,
+        structured_output=StructuredOutput(msg.structured_output.kind, msg.structured_output.spec)
+        if msg.HasField("structured_output") else None)
 
 
 def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
@@ -51,6 +53,9 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.structured_output is not None:
+        msg.structured_output.kind = params.structured_output.kind
+        msg.structured_output.spec = params.structured_output.spec
     return msg
 
 

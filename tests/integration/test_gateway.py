@@ -116,8 +116,8 @@ def test_a_repeated_prefix_is_served_from_the_cache(client):
 def test_errors_come_as_the_matching_openai_exceptions(cluster, client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=MODEL, prompt="x", temperature=-1)
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.completions.create(model=MODEL, prompt="x", n=2)
+    with pytest.raises(openai.BadRequestError, match="n: must be between 1 and 16"):
+        client.completions.create(model=MODEL, prompt="x", n=17)
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model=MODEL, messages=[])
     with pytest.raises(openai.NotFoundError, match="nope"):

@@ -3,8 +3,12 @@ router, one prefill and one decode node serving SmolLM2-135M), called with the o
 `openai` client; oracle: the in-process Engine with the same SamplingParams. And every field
 the gateway does not implement is refused with a 400 naming it."""
 
+import concurrent.futures
+import json
 import math
+import re
 
+import jsonschema
 import openai
 import pytest
 
@@ -13,6 +17,7 @@ from pdserve.engine.engine import Engine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.router.api_fields import NOT_IMPLEMENTED
 
+from ..schemas import SCHEMAS
 from .serving import all_blocks_free, node_stats, wait_for
 
 MODEL = "smollm2-135m"
@@ -136,3 +141,33 @@ def test_n_completions_differ_repeat_with_their_seed_and_share_the_prompt(client
     streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(4)]
     assert streamed == texts and chunks[-1].usage.completion_tokens == 48
     assert wait_for(lambda: all_blocks_free(cluster))
+
+
+def structured_answer(client, schema: dict, stream: bool) -> str:
+    ask = dict(model=MODEL, max_tokens=200, temperature=0, messages=[
+        {"role": "user", "content": "Fill in an example that fits this schema."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    if not stream:
+        return client.chat.completions.create(**ask).choices[0].message.content
+    return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_answers_to_twenty_json_schemas_validate(client, cluster, stream):
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:  # batched on the nodes, grammars side by side
+        answers = list(pool.map(lambda schema: structured_answer(client, schema, stream), SCHEMAS))
+    for schema, answer in zip(SCHEMAS, answers):
+        jsonschema.validate(json.loads(answer), schema)
+    assert wait_for(lambda: all_blocks_free(cluster))
+
+
+def test_vllm_structured_outputs_choice_regex_and_bad_schemas(client):
+    ask = dict(model=MODEL, max_tokens=20, temperature=0.8, messages=CHAT)
+    choice = client.chat.completions.create(**ask, extra_body={"structured_outputs": {"choice": ["cyan", "magenta"]}})
+    assert choice.choices[0].message.content in ("cyan", "magenta")
+    regex = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, extra_body={"guided_regex": "[a-c]{4}"})
+    assert re.fullmatch("[a-c]{4}", regex.choices[0].text)
+    with pytest.raises(openai.BadRequestError, match="json does not compile"):
+        client.chat.completions.create(**ask, extra_body={"guided_json": {"type": "object", "properties": 5}})
+    with pytest.raises(openai.BadRequestError, match="only one of"):
+        client.chat.completions.create(**ask, response_format={"type": "json_object"}, extra_body={"guided_regex": "a"})
