@@ -19,7 +19,8 @@ COMMON = frozenset({
     "guided_choice", "guided_grammar",
 })
 IMPLEMENTED = {
-    True: COMMON | {"messages", "max_completion_tokens", "top_logprobs"},  # chat
+    True: COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                    "parallel_tool_calls"},  # chat
     False: COMMON | {"prompt"},  # completions
 }
 _NOTHING = (None, False, 0, [], {}, "")

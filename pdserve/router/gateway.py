@@ -28,7 +28,7 @@ from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 
 from .config import GatewayConfig
 from .openai_api import (FINISH_REASONS, APIError, Choice, ParsedRequest, chunk_body, parse_request, response_body,
-                         total_usage)
+                         total_usage, whole_answer_chunks)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ class Gateway:
         call = self.stub.Generate(parsed.generate, timeout=self.config.request_timeout_s)
         before_call = time.perf_counter() - arrived
         try:
+            if parsed.stream and parsed.tools is not None:
+                return await self._stream_whole(request, parsed, call, request_id)
             if parsed.stream:
                 return await self._stream(request, parsed, call, request_id, before_call)
             return await self._collect(parsed, call, request_id)
@@ -145,6 +147,11 @@ class Gateway:
             call.cancel()  # a no-op when it ended; frees the request's blocks when it did not
 
     async def _collect(self, parsed: ParsedRequest, call, request_id: str) -> web.Response:
+        choices, usage = await self._gather(parsed, call)
+        return web.json_response(response_body(parsed, request_id, int(time.time()), choices, usage))
+
+    async def _gather(self, parsed: ParsedRequest, call) -> tuple[list[Choice], pb.Usage]:
+        """Every choice's whole answer and the total usage."""
         choices = [Choice() for _ in range(parsed.generate.n)]
         usages = []
         try:
@@ -158,7 +165,19 @@ class Gateway:
                     usages.append(response.usage)
         except grpc.aio.AioRpcError as e:
             raise _api_error(e) from None
-        return web.json_response(response_body(parsed, request_id, int(time.time()), choices, total_usage(usages)))
+        return choices, total_usage(usages)
+
+    async def _stream_whole(self, request: web.Request, parsed: ParsedRequest, call, request_id: str):
+        """A stream whose answers go out once complete (chat with tools: calls are parsed from
+        the whole text)."""
+        choices, usage = await self._gather(parsed, call)
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await out.prepare(request)
+        for body in whole_answer_chunks(parsed, request_id, int(time.time()), choices, usage):
+            await _send(out, body)
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
 
     async def _stream(self, request: web.Request, parsed: ParsedRequest, call, request_id: str,
                       before_call: float) -> web.StreamResponse:

@@ -10,6 +10,7 @@ and each streamed chunk's choice, also carries the ids of its generated tokens a
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from .api_errors import APIError, bad
 from .api_fields import check_fields
 from .openai_structured import structured_output
+from .openai_tools import ToolPlan, add_tools, calls_as_text, parse_calls, tool_plan
 from .openai_logprobs import chat_logprobs, completion_logprobs
 
 MAX_TOKENS_LIMIT = 1 << 31
@@ -36,6 +38,7 @@ class ParsedRequest:
     generate: pb.GenerateRequest
     return_token_ids: bool = False
     logprobs: bool = False  # each choice carries its tokens' logprobs
+    tools: ToolPlan | None = None  # chat with tools in play: calls are parsed from the answers
 
 
 def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
@@ -60,12 +63,29 @@ def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
     request = pb.GenerateRequest(sampling=_sampling(body, chat),
                                  cache_salt=_get(body, "cache_salt", str) or "", stop=_stop(body))
     request.n = n or 1
+    plan = None
     if chat:
         request.messages.CopyFrom(_messages(body))
+        plan = _tools(body, request)
     else:
         _prompt(body, request)
     return ParsedRequest(chat, model, stream, include_usage, request, bool(_get(body, "return_token_ids", bool)),
-                         request.sampling.HasField("logprobs"))
+                         request.sampling.HasField("logprobs"), plan)
+
+
+def _tools(body: dict, request: pb.GenerateRequest) -> ToolPlan | None:
+    """The tools into the conversation, and `required` or a named call as the answer's schema."""
+    _get(body, "parallel_tool_calls", bool)  # either way: an answer holds one call or several
+    plan = tool_plan(body)
+    if plan is None:
+        return None
+    add_tools(request.messages, plan)
+    schema = plan.schema()
+    if schema is not None:
+        if request.sampling.HasField("structured_output"):
+            raise bad("tool_choice", "a required or named tool call cannot be combined with a structured output")
+        request.sampling.structured_output.CopyFrom(pb.StructuredOutput(kind="json", spec=json.dumps(schema)))
+    return plan
 
 
 def _sampling(body: dict, chat: bool) -> pb.SamplingParams:
@@ -195,7 +215,12 @@ def _messages(body: dict) -> pb.ChatMessages:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"messages[{i}]", "expected an object with a string role")
-        out.messages.add(role=m["role"], content=_content(m.get("content"), f"messages[{i}].content"))
+        if m["role"] == "assistant" and m.get("tool_calls"):  # an earlier turn's calls, as written
+            content = "\n".join(t for t in (_content(m.get("content") or "", f"messages[{i}].content"),
+                                            calls_as_text(m["tool_calls"], f"messages[{i}].tool_calls")) if t)
+        else:
+            content = _content(m.get("content"), f"messages[{i}].content")
+        out.messages.add(role=m["role"], content=content)
     return out
 
 
@@ -261,16 +286,31 @@ def response_body(parsed: ParsedRequest, request_id: str, created: int, choices:
                   usage: pb.Usage) -> dict:
     body = []
     for index, c in enumerate(choices):
+        finish_reason = c.finish_reason
         if parsed.chat:
-            choice = {"index": index, "message": {"role": "assistant", "content": c.text}}
+            message, finish_reason = chat_message(parsed, c)
+            choice = {"index": index, "message": message}
         else:
             choice = {"index": index, "text": c.text}
-        choice |= {"logprobs": _logprobs_body(parsed, c.logprobs), "finish_reason": c.finish_reason}
+        choice |= {"logprobs": _logprobs_body(parsed, c.logprobs), "finish_reason": finish_reason}
         if parsed.return_token_ids:
             choice["token_ids"] = list(c.token_ids)
         body.append(choice)
     return {"id": request_id, "object": "chat.completion" if parsed.chat else "text_completion",
             "created": created, "model": parsed.model, "choices": body, "usage": usage_body(usage)}
+
+
+def chat_message(parsed: ParsedRequest, choice: Choice) -> tuple[dict, str | None]:
+    """A chat choice's message and finish reason; with tools, the calls parsed out of it
+    (finish reason "tool_calls" when the answer ended by itself and made calls)."""
+    if parsed.tools is None:
+        return {"role": "assistant", "content": choice.text}, choice.finish_reason
+    content, calls = parse_calls(parsed.tools, choice.text)
+    message = {"role": "assistant", "content": content}
+    if not calls:
+        return message, choice.finish_reason
+    message["tool_calls"] = calls
+    return message, "tool_calls" if choice.finish_reason == "stop" else choice.finish_reason
 
 
 def chunk_body(parsed: ParsedRequest, request_id: str, created: int, text: str | None,
@@ -300,3 +340,24 @@ def _logprobs_body(parsed: ParsedRequest, logprobs, text_offset: int = 0) -> dic
     if not parsed.logprobs:
         return None
     return chat_logprobs(logprobs) if parsed.chat else completion_logprobs(logprobs, text_offset)
+
+
+def whole_answer_chunks(parsed: ParsedRequest, request_id: str, created: int, choices: list[Choice],
+                        usage: pb.Usage) -> list[dict]:
+    """A stream's chunks for answers sent once complete (chat with tools in play): per choice
+    its role, then its content or its tool calls (each call whole, index by index), then its
+    finish; then usage if asked."""
+    bodies = []
+    for index, c in enumerate(choices):
+        message, finish_reason = chat_message(parsed, c)
+        delta = {"role": "assistant", "content": message["content"]}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+        for delta, finish in ((delta, None), ({}, finish_reason)):
+            bodies.append({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                           "model": parsed.model, "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                                                               "logprobs": _logprobs_body(parsed, c.logprobs) if finish is None else None}]})
+    if parsed.include_usage:
+        bodies.append({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": parsed.model,
+                       "choices": [], "usage": usage_body(usage)})
+    return bodies

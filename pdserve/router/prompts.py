@@ -8,7 +8,7 @@ import asyncio
 from pdserve.protos import pdserve_pb2 as pb
 
 MAX_PROMPT_CHARS = 4 << 20
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 async def prompt_token_ids(request: pb.GenerateRequest, tokenizer) -> list[int]:

@@ -15,7 +15,7 @@ import pytest
 from pdserve.cluster import Cluster
 from pdserve.engine.engine import Engine
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.router.api_fields import NOT_IMPLEMENTED
+from pdserve.router.api_fields import IMPLEMENTED, NOT_IMPLEMENTED
 
 from ..schemas import SCHEMAS
 from .serving import all_blocks_free, node_stats, wait_for
@@ -105,8 +105,12 @@ def test_every_field_not_implemented_is_refused_naming_it(client, name):
     value = {"best_of": 3, "skip_special_tokens": False, "add_generation_prompt": False,
              "service_tier": "flex"}.get(name, {"asks": "for something"})
     with pytest.raises(openai.BadRequestError, match=name) as error:
-        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body={name: value})
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={name: value})
     assert error.value.body["param"] == name
+    if name not in IMPLEMENTED[True]:  # chat implements the tool fields
+        with pytest.raises(openai.BadRequestError, match=name) as error:
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body={name: value})
+        assert error.value.body["param"] == name
 
 
 def test_unknown_fields_and_impossible_lengths_are_refused(client, cluster):
@@ -171,3 +175,67 @@ def test_vllm_structured_outputs_choice_regex_and_bad_schemas(client):
         client.chat.completions.create(**ask, extra_body={"guided_json": {"type": "object", "properties": 5}})
     with pytest.raises(openai.BadRequestError, match="only one of"):
         client.chat.completions.create(**ask, response_format={"type": "json_object"}, extra_body={"guided_regex": "a"})
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}}, "required": ["zone"]}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def streamed_calls(stream) -> tuple[list[dict], str]:
+    """The tool calls a stream's deltas build, as a client accumulates them, and its finish."""
+    calls, finish = {}, None
+    for chunk in stream:
+        choice = chunk.choices[0]
+        finish = choice.finish_reason or finish
+        for delta in choice.delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+            call["name"] += delta.function.name or ""
+            call["arguments"] += delta.function.arguments or ""
+    return [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_required_and_named_tool_calls_match_their_parameters(client, tool_choice):
+    ask = dict(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=tool_choice, max_tokens=80, temperature=0)
+    done = client.chat.completions.create(**ask)
+    (call,) = done.choices[0].message.tool_calls
+    assert done.choices[0].finish_reason == "tool_calls" and done.choices[0].message.content is None
+    assert call.id.startswith("call_") and call.type == "function"
+    if isinstance(tool_choice, dict):
+        assert call.function.name == "get_weather"
+    tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    calls, finish = streamed_calls(client.chat.completions.create(**ask, stream=True))
+    assert calls == [{"name": call.function.name, "arguments": call.function.arguments}] and finish == "tool_calls"
+
+
+def test_auto_and_none_tool_choice_and_a_conversation_with_calls(client, engine):
+    [plain] = engine.chat([ASK], SamplingParams(temperature=0, max_tokens=16))
+    none = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none",
+                                          max_tokens=16, temperature=0)
+    assert none.choices[0].message.content == plain.text  # the tools are not shown
+    auto = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=16, temperature=0)
+    assert auto.usage.prompt_tokens > none.usage.prompt_tokens + 50  # they are shown
+    assert auto.choices[0].message.content or auto.choices[0].message.tool_calls
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}]
+    answer = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], tool_choice="none",
+                                            max_tokens=16, temperature=0)
+    assert answer.choices[0].message.content and answer.usage.prompt_tokens > none.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0]"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+])
+def test_bad_tool_requests_are_400_naming_the_field(client, fields, param):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **fields)
+    assert error.value.body["param"] == param

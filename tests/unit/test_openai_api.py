@@ -1,5 +1,6 @@
 """Stop strings across chunk edges, and the OpenAI request checks (pure functions)."""
 
+import json
 import random
 
 import pytest
@@ -104,3 +105,16 @@ def test_unknown_model_is_404_and_good_requests_map_to_the_router_api():
     assert chat.generate.messages.messages[0].content == "ab" and chat.generate.sampling.max_tokens == 9
     assert parse(chat=True, max_tokens=...).generate.sampling.max_tokens == 0  # chat: until the end
     assert isinstance(chat.generate, pb.GenerateRequest)
+
+
+def test_auto_tool_calls_are_parsed_out_of_the_answer_and_bad_ones_stay_content():
+    from pdserve.router.openai_tools import ToolPlan, parse_calls
+    plan = ToolPlan("auto", [{"name": "f", "description": "", "parameters": {}}])
+    text = 'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>{"name": "g"}</tool_call>'
+    content, calls = parse_calls(plan, text)
+    assert content == "Let me check." and [c["function"]["name"] for c in calls] == ["f", "g"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"x": 1} and calls[1]["function"]["arguments"] == "{}"
+    assert parse_calls(plan, "no calls <tool_call>not json</tool_call>") == ("no calls <tool_call>not json</tool_call>", [])
+    required = ToolPlan("required", plan.tools)
+    assert parse_calls(required, '{"name": "f", "arguments": {}}')[0] is None
+    assert parse_calls(required, '{"name": "f", "argu') == ('{"name": "f", "argu', [])  # cut by max_tokens
