@@ -84,7 +84,8 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                     await abort(context, grpc.StatusCode.INTERNAL, f"{request_id}: engine step failed")
                 finished = outputs[-1].finished
                 yield _chunk([t for o in outputs for t in o.new_token_ids], outputs[-1].finish_reason,
-                             outputs[0].num_cached_tokens, [lp for o in outputs for lp in o.logprobs or ()])
+                             outputs[0].num_cached_tokens, [lp for o in outputs for lp in o.logprobs or ()],
+                             outputs[0].prompt_logprobs or ())
             metrics.requests_total.labels("decode", "ok").inc()
         finally:
             self.active.discard(request_id)
@@ -161,10 +162,11 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                               num_waiting=stats["num_waiting"] + self.admission.num_waiting)
 
 
-def _chunk(token_ids, finish_reason, num_cached_tokens: int = 0, logprobs=()) -> pb.DecodeResponse:
+def _chunk(token_ids, finish_reason, num_cached_tokens: int = 0, logprobs=(), prompt_logprobs=()) -> pb.DecodeResponse:
     return pb.DecodeResponse(chunk=pb.TokenChunk(token_ids=token_ids, finish_reason=FINISH_TO_PROTO[finish_reason],
                                                  num_cached_tokens=num_cached_tokens,
-                                                 logprobs=[logprobs_to_proto(lp) for lp in logprobs]))
+                                                 logprobs=[logprobs_to_proto(lp) for lp in logprobs],
+                                                 prompt_logprobs=[logprobs_to_proto(lp) for lp in prompt_logprobs]))
 
 
 def _settle_from_thread(future: asyncio.Future):

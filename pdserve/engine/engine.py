@@ -47,6 +47,7 @@ class Completion:
     text: str | None = None
     logits: list = field(default_factory=list)  # per step, only with keep_logits
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per token, where params.logprobs asks
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1.., where asked
 
 
 class Engine:
@@ -202,6 +203,8 @@ class Engine:
         return [self.kv.block_ids(s.request.request_id) for s in scheduled.scheduled]
 
     def _update(self, scheduled: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        for request_id, logprobs in (result.prompt_logprobs or {}).items():
+            self.requests[request_id].prompt_logprobs += logprobs
         outputs = self.scheduler.update(scheduled, result.sampled, result.logits, result.logprobs)
         for output in outputs:
             if output.finished:
@@ -233,6 +236,7 @@ class Engine:
                 if output.logits is not None:
                     result.logits.append(output.logits)
                 result.logprobs += output.logprobs or []
+                result.prompt_logprobs += output.prompt_logprobs or []
                 if output.finished:
                     result.finish_reason = output.finish_reason
         if self.tokenizer is not None:

@@ -23,7 +23,7 @@ from .kv_cache_sizing import kv_cache_bytes
 from .kv_pool import allocate_kv_caches
 from .model_source import ModelSource
 from .request import TokenLogprobs
-from .sampler import Sampler, token_logprobs
+from .sampler import Sampler, prompt_token_logprobs, token_logprobs
 from .scheduler import SchedulerOutput
 from .step_batch import StepBatch
 from .weights import load_model
@@ -76,15 +76,33 @@ class ModelRunner:
         layer i (its K/V for this step are then in the cache)."""
         batch = self._gather(out, block_tables)
         hidden, rows = self._forward(batch, layer_hook)
+        prompt_logprobs = self._prompt_logprobs(out, hidden)
         if not rows:
-            return StepResult({})
+            return StepResult({}, prompt_logprobs=prompt_logprobs)
         requests = [s.request for s in out.scheduled if s.samples]
         logits, token_ids = self._sample(hidden[rows], requests)
         ids = [r.request_id for r in requests]
         kept = dict(zip(ids, logits.float().cpu())) if self.keep_logits else None
         logprobs = token_logprobs(logits, token_ids, [r.params for r in requests])
         return StepResult(dict(zip(ids, token_ids.tolist())), kept,
-                          {i: lp for i, lp in zip(ids, logprobs) if lp is not None})
+                          {i: lp for i, lp in zip(ids, logprobs) if lp is not None}, prompt_logprobs)
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor) -> dict[str, list[TokenLogprobs]]:
+        """The logprobs of the prompt tokens this step's chunks predict, for requests that ask
+        (the hidden state at position p predicts token p + 1), in slices to bound the logits."""
+        result, offset = {}, 0
+        for s in out.scheduled:
+            request, start = s.request, s.request.num_computed_tokens
+            k = request.params.prompt_logprobs
+            end = min(start + s.num_new_tokens, request.num_prompt_tokens - 1)  # the last predicts output
+            if k is not None and end > start:
+                result[request.request_id] = [
+                    lp for a in range(start, end, PROMPT_LOGPROBS_SLICE)
+                    for lp in prompt_token_logprobs(
+                        self.model.compute_logits(hidden[offset + a - start:offset + min(a + PROMPT_LOGPROBS_SLICE, end) - start]),
+                        request.prompt_token_ids[a + 1:min(a + PROMPT_LOGPROBS_SLICE, end) + 1], k)]
+            offset += s.num_new_tokens
+        return result
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, block_tables: list[list[int]],
@@ -165,8 +183,10 @@ class StepResult(NamedTuple):
     sampled: dict[str, int]
     logits: dict | None = None
     logprobs: dict[str, TokenLogprobs] | None = None
+    prompt_logprobs: dict[str, list[TokenLogprobs]] | None = None  # this step's chunks' prompt tokens
 
 
+PROMPT_LOGPROBS_SLICE = 512  # prompt positions whose logits are computed at once
 ALL_ROWS = slice(None)  # every row of the step samples (a decode step): a view, no gather
 
 

@@ -36,6 +36,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # of every full block of all tokens
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprobs of prompt tokens 1.. computed so far
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -86,3 +87,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logits: object = None  # torch.Tensor [vocab_size], only with EngineConfig.keep_logits
     logprobs: list[TokenLogprobs] | None = None  # one per new token, where params.logprobs asks
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.. (first output, where asked)

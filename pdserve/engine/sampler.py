@@ -125,3 +125,13 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[S
         n = params[i].logprobs
         out[i] = TokenLogprobs(chosen[j], chosen_logprobs[j], tuple(zip(top_ids[j][:n], top_values[j][:n])))
     return out
+
+
+def prompt_token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
+    """Row i's log probability of `targets[i]` (the next prompt token) and its k likeliest."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    target = torch.as_tensor(targets, dtype=torch.int64, device=logits.device)
+    chosen = logprobs.gather(1, target[:, None])[:, 0].tolist()
+    top_values, top_ids = (v.tolist() for v in logprobs.topk(max(k, 1), dim=-1))
+    return [TokenLogprobs(t, c, tuple(zip(ids[:k], values[:k])))
+            for t, c, ids, values in zip(targets, chosen, top_ids, top_values)]

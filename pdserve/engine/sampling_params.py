@@ -30,7 +30,9 @@ class SamplingParams:
     output. `logit_bias` adds to a token's logit; `min_tokens` masks EOS and the stop tokens
     until that many tokens came out; `bad_words_token_ids`: a token that would complete one of
     these sequences at the output's end is masked. `logprobs` k: the sampled token's log
-    probability and the k likeliest (from the model's raw logits). `num_resumed_tokens`: the
+    probability and the k likeliest (from the model's raw logits); `prompt_logprobs` k the same
+    for each prompt token after the first (such a prompt skips the prefix cache: every position
+    must be computed). `num_resumed_tokens`: the
     prompt's last tokens are this request's own earlier output (a stream resumed on another
     node); penalties, min_tokens, max_tokens and a seed's draws count them as output.
     """
@@ -52,6 +54,7 @@ class SamplingParams:
     logprobs: int | None = None
     num_resumed_tokens: int = 0
     structured_output: StructuredOutput | None = None
+    prompt_logprobs: int | None = None  # each prompt token's logprob (after the first) and its k likeliest
 
     @property
     def needs_history(self) -> bool:
@@ -112,8 +115,10 @@ class SamplingParams:
                 raise ValueError(f"bad_words: each word must be 1 to {MAX_BAD_WORD_TOKENS} tokens")
             for token_id in word:
                 _check_token_id("bad_words", token_id, vocab_size)
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         so = self.structured_output
         if so is not None and (not isinstance(so, StructuredOutput) or so.kind not in STRUCTURED_KINDS
                                or not isinstance(so.spec, str) or len(so.spec) > MAX_STRUCTURED_SPEC_CHARS):

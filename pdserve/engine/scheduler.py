@@ -130,6 +130,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.prompt_logprobs = []  # its chunks run again
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
@@ -159,8 +160,17 @@ class Scheduler:
                 request.request_id, [token_id], reason is not None or handed_over, reason,
                 request.num_prompt_tokens, request.num_cached_tokens,
                 logits.get(request.request_id) if logits else None,
-                [logprobs[request.request_id]] if logprobs and request.request_id in logprobs else None))
+                [logprobs[request.request_id]] if logprobs and request.request_id in logprobs else None,
+                self._take_prompt_logprobs(request)))
         return outputs
+
+    @staticmethod
+    def _take_prompt_logprobs(request: Request) -> list | None:
+        """With the first output, the prompt logprobs gathered over the prompt's chunks."""
+        if request.params.prompt_logprobs is None or len(request.output_token_ids) != 1:
+            return None
+        logprobs, request.prompt_logprobs = request.prompt_logprobs, []
+        return logprobs
 
     def _finish_reason(self, request: Request, token_id: int) -> FinishReason | None:
         params = request.params

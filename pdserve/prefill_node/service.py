@@ -112,6 +112,7 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
             return pb.PrefillResponse(first_token_id=output.new_token_ids[0],
                                       first_token_logprob=logprobs_to_proto(output.logprobs[0])
                                       if output.logprobs else None,
+                                      prompt_logprobs=[logprobs_to_proto(lp) for lp in output.prompt_logprobs or ()],
                                       finish_reason=FINISH_TO_PROTO[output.finish_reason],
                                       num_cached_tokens=output.num_cached_tokens,
                                       prefill_seconds=prefill_s,

@@ -21,7 +21,7 @@ COMMON = frozenset({
 IMPLEMENTED = {
     True: COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                     "parallel_tool_calls"},  # chat
-    False: COMMON | {"prompt"},  # completions
+    False: COMMON | {"prompt", "echo"},  # completions
 }
 _NOTHING = (None, False, 0, [], {}, "")
 # documented elsewhere, not implemented here: the values that ask for nothing

@@ -157,9 +157,7 @@ class Gateway:
         try:
             async for response in call:
                 choice = choices[response.index]
-                choice.text += response.text
-                choice.token_ids += response.token_ids
-                choice.logprobs += response.logprobs
+                choice.add(response)
                 if response.finish_reason:
                     choice.finish_reason = FINISH_REASONS.get(response.finish_reason)
                     usages.append(response.usage)
@@ -197,12 +195,13 @@ class Gateway:
                 await _send(out, chunk_body(parsed, request_id, created, response.text, finish,
                                             first=index not in started, token_ids=response.token_ids,
                                             logprobs=response.logprobs, text_offset=text_offsets[index],
-                                            index=index))
+                                            index=index, prompt_text=response.prompt_text,
+                                            prompt_logprobs=response.prompt_logprobs))
                 elapsed = time.perf_counter() - received
                 gateway_added.labels("chunk" if started else "request").observe(
                     elapsed if started else elapsed + before_call)
                 started.add(index)
-                text_offsets[index] += len(response.text)
+                text_offsets[index] += len(response.prompt_text) + len(response.text)
                 if finish is not None:
                     usages.append(response.usage)
                     if parsed.include_usage and len(usages) == parsed.generate.n:

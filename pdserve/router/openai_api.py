@@ -39,6 +39,7 @@ class ParsedRequest:
     return_token_ids: bool = False
     logprobs: bool = False  # each choice carries its tokens' logprobs
     tools: ToolPlan | None = None  # chat with tools in play: calls are parsed from the answers
+    echo: bool = False  # completions: the prompt's text (and logprobs) before each answer's
 
 
 def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
@@ -69,8 +70,11 @@ def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
         plan = _tools(body, request)
     else:
         _prompt(body, request)
+        request.echo = bool(_get(body, "echo", bool))
+        if request.echo and request.sampling.HasField("logprobs"):  # OpenAI: the prompt's logprobs too
+            request.sampling.prompt_logprobs = request.sampling.logprobs
     return ParsedRequest(chat, model, stream, include_usage, request, bool(_get(body, "return_token_ids", bool)),
-                         request.sampling.HasField("logprobs"), plan)
+                         request.sampling.HasField("logprobs"), plan, request.echo)
 
 
 def _tools(body: dict, request: pb.GenerateRequest) -> ToolPlan | None:
@@ -280,6 +284,15 @@ class Choice:
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    prompt_text: str = ""  # with echo
+    prompt_logprobs: list = field(default_factory=list)  # with echo and logprobs: prompt tokens 1..
+
+    def add(self, response: pb.GenerateResponse) -> None:
+        self.text += response.text
+        self.token_ids += response.token_ids
+        self.logprobs += response.logprobs
+        self.prompt_text += response.prompt_text
+        self.prompt_logprobs += response.prompt_logprobs
 
 
 def response_body(parsed: ParsedRequest, request_id: str, created: int, choices: list[Choice],
@@ -291,8 +304,9 @@ def response_body(parsed: ParsedRequest, request_id: str, created: int, choices:
             message, finish_reason = chat_message(parsed, c)
             choice = {"index": index, "message": message}
         else:
-            choice = {"index": index, "text": c.text}
-        choice |= {"logprobs": _logprobs_body(parsed, c.logprobs), "finish_reason": finish_reason}
+            choice = {"index": index, "text": c.prompt_text + c.text}
+        choice |= {"logprobs": _logprobs_body(parsed, c.logprobs, 0, c.prompt_text, c.prompt_logprobs),
+                   "finish_reason": finish_reason}
         if parsed.return_token_ids:
             choice["token_ids"] = list(c.token_ids)
         body.append(choice)
@@ -315,11 +329,13 @@ def chat_message(parsed: ParsedRequest, choice: Choice) -> tuple[dict, str | Non
 
 def chunk_body(parsed: ParsedRequest, request_id: str, created: int, text: str | None,
                finish_reason: str | None, usage: pb.Usage | None = None, first: bool = False,
-               token_ids: list[int] = (), logprobs=(), text_offset: int = 0, index: int = 0) -> dict:
+               token_ids: list[int] = (), logprobs=(), text_offset: int = 0, index: int = 0,
+               prompt_text: str = "", prompt_logprobs=()) -> dict:
     """One streamed chunk of completion `index`; `text` None with `usage`: the final
     usage-only chunk. `text_offset` (completions' logprobs): where this chunk's text starts in
-    its whole completion."""
-    lp = _logprobs_body(parsed, logprobs, text_offset)
+    its whole completion. With echo the first chunk carries the prompt's text (and logprobs)."""
+    lp = _logprobs_body(parsed, logprobs, text_offset, prompt_text, prompt_logprobs)
+    text = prompt_text + text if text is not None else None
     if parsed.chat:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         choices = [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]
@@ -336,10 +352,15 @@ def chunk_body(parsed: ParsedRequest, request_id: str, created: int, text: str |
     return body
 
 
-def _logprobs_body(parsed: ParsedRequest, logprobs, text_offset: int = 0) -> dict | None:
+def _logprobs_body(parsed: ParsedRequest, logprobs, text_offset: int = 0, prompt_text: str = "",
+                   prompt_logprobs=()) -> dict | None:
     if not parsed.logprobs:
         return None
-    return chat_logprobs(logprobs) if parsed.chat else completion_logprobs(logprobs, text_offset)
+    if parsed.chat:
+        return chat_logprobs(logprobs)
+    if not prompt_text:
+        return completion_logprobs(logprobs, text_offset)
+    return completion_logprobs(logprobs, text_offset, prompt_text, prompt_logprobs)
 
 
 def whole_answer_chunks(parsed: ParsedRequest, request_id: str, created: int, choices: list[Choice],

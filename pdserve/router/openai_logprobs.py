@@ -18,15 +18,24 @@ def chat_logprobs(logprobs: Sequence[pb.TokenLogprob]) -> dict:
         for lp in logprobs]}
 
 
-def completion_logprobs(logprobs: Sequence[pb.TokenLogprob], text_offset: int = 0) -> dict:
-    """`text_offset`: where the first token's text starts in the completion's text."""
+def completion_logprobs(logprobs: Sequence[pb.TokenLogprob], text_offset: int = 0, prompt_text: str = "",
+                        prompt_logprobs: Sequence[pb.TokenLogprob] = ()) -> dict:
+    """`text_offset`: where the first token's text starts in the completion's text. With echo
+    (`prompt_text`), the prompt's tokens come first, the first of them without a logprob (its
+    text: what the prompt's text has before the others')."""
+    entries = list(prompt_logprobs) + list(logprobs)
+    tokens = [lp.token for lp in entries]
+    values: list = [lp.logprob for lp in entries]
+    tops: list = [dict(zip(lp.top_tokens, lp.top_logprobs)) for lp in entries]
+    if prompt_text:
+        tokens.insert(0, prompt_text[:max(0, len(prompt_text) - sum(len(lp.token) for lp in prompt_logprobs))])
+        values.insert(0, None)
+        tops.insert(0, None)
     offsets = []
-    for lp in logprobs:
+    for token in tokens:
         offsets.append(text_offset)
-        text_offset += len(lp.token)
-    return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [dict(zip(lp.top_tokens, lp.top_logprobs)) for lp in logprobs],
-            "text_offset": offsets}
+        text_offset += len(token)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _entry(token: str, logprob: float) -> dict:

@@ -33,13 +33,15 @@ class Progress:
     num_cached_tokens: int = 0  # prefilled on a decode node: what its prefix cache held
 
     index: int = 0  # which of the request's n completions
+    echo: bool = False  # the first response carries the prompt's text
 
     def copy_for(self, index: int) -> "Progress":
         """A fresh Progress for the request's completion `index` (a seeded request's copy i
         samples with seed + i, so the copies differ and the request stays reproducible)."""
         seed = self.params.seed
         params = self.params if seed is None else dataclasses.replace(self.params, seed=(seed + index) % 2**64)
-        return Progress(self.prompt, params, StopStringMatcher(self.stop.stop) if self.stop else None, index=index)
+        return Progress(self.prompt, params, StopStringMatcher(self.stop.stop) if self.stop else None, index=index,
+                        echo=self.echo)
 
     def remaining_params(self) -> pb.SamplingParams:
         """The params of the next attempt, whose prompt ends with the tokens already sent: they
@@ -49,6 +51,8 @@ class Progress:
             msg.max_tokens = self.params.max_tokens - len(self.sent)
         msg.min_tokens = max(0, self.params.min_tokens - len(self.sent))
         msg.num_resumed_tokens = len(self.sent)
+        if self.sent:  # the prompt's logprobs went out with the first token
+            msg.ClearField("prompt_logprobs")
         return msg
 
 
@@ -59,3 +63,4 @@ class Chunk(NamedTuple):
     token_ids: list[int]
     finish_reason: FinishReason | None
     logprobs: Sequence[pb.TokenLogprob] = ()
+    prompt_logprobs: Sequence[pb.TokenLogprob] = ()  # the attempt's first chunk

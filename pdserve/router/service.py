@@ -253,7 +253,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             metrics.routed_cached_tokens.inc(response.num_cached_tokens)
             reason = FINISH_FROM_PROTO[response.finish_reason]
             first_logprobs = [response.first_token_logprob] if response.HasField("first_token_logprob") else []
-            yield Chunk([response.first_token_id], reason, first_logprobs)
+            yield Chunk([response.first_token_id], reason, first_logprobs, response.prompt_logprobs)
             if reason is not None:
                 return
             async for chunk in _chunks(decode_call, decode):
@@ -294,7 +294,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     def _response(self, request_id, progress: Progress, detok, chunk: Chunk) -> pb.GenerateResponse:
         token_ids, reason = chunk.token_ids, chunk.finish_reason
         now = time.monotonic()
-        if progress.first_at is None:
+        first = progress.first_at is None
+        if first:
             progress.first_at = now
             metrics.time_to_first_token.observe(now - progress.start)
         elif token_ids:
@@ -308,6 +309,10 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             reason = FinishReason.STOP if stopped else reason
         response = pb.GenerateResponse(request_id=request_id, token_ids=token_ids, text=text, index=progress.index,
                                        finish_reason=FINISH_TO_PROTO[reason], logprobs=named_logprobs(self.tokenizer, chunk.logprobs))
+        if first:
+            response.prompt_logprobs.extend(named_logprobs(self.tokenizer, chunk.prompt_logprobs))
+            if progress.echo and self.tokenizer is not None:
+                response.prompt_text = self.tokenizer.decode(progress.prompt, skip_special_tokens=False)
         if reason is not None:
             pre = progress.prefill
             response.usage.CopyFrom(pb.Usage(prompt_tokens=len(progress.prompt),
@@ -351,7 +356,7 @@ async def _chunks(call, decode: NodeClient, progress: Progress | None = None):
         if progress is not None and progress.first_at is None:
             progress.num_cached_tokens = message.chunk.num_cached_tokens
         reason = FINISH_FROM_PROTO[message.chunk.finish_reason]
-        yield Chunk(list(message.chunk.token_ids), reason, message.chunk.logprobs)
+        yield Chunk(list(message.chunk.token_ids), reason, message.chunk.logprobs, message.chunk.prompt_logprobs)
         if reason is not None:
             return
     raise Retry(f"decode node {decode.address} ended the stream early", {decode})

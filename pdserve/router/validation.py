@@ -37,7 +37,9 @@ async def checked_request(request: pb.GenerateRequest, tokenizer, vocab_size: in
     validate_stop(list(request.stop))
     if request.stop and tokenizer is None:
         raise ValueError("stop: this model has no tokenizer to match text; use stop_token_ids")
-    return Progress(prompt, params, StopStringMatcher(list(request.stop)) if request.stop else None)
+    if request.echo and tokenizer is None:
+        raise ValueError("echo: this model has no tokenizer to write the prompt's text")
+    return Progress(prompt, params, StopStringMatcher(list(request.stop)) if request.stop else None, echo=request.echo)
 
 
 def bad_word_ids(tokenizer, word: str) -> list[list[int]]:

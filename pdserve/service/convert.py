@@ -35,7 +35,7 @@ def sampling_from_proto(msg: pb.SamplingParams,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
         repetition_penalty=get("repetition_penalty"), logit_bias=dict(msg.logit_bias),
         min_tokens=msg.min_tokens, bad_words_token_ids=bad_words, logprobs=get("logprobs"),
-        num_resumed_tokens=msg.num_resumed_tokens,
+        num_resumed_tokens=msg.num_resumed_tokens, prompt_logprobs=get("prompt_logprobs"),
         structured_output=StructuredOutput(msg.structured_output.kind, msg.structured_output.spec)
         if msg.HasField("structured_output") else None)
 
@@ -53,6 +53,8 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     if params.structured_output is not None:
         msg.structured_output.kind = params.structured_output.kind
         msg.structured_output.spec = params.structured_output.spec

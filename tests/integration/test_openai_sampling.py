@@ -239,3 +239,22 @@ def test_bad_tool_requests_are_400_naming_the_field(client, fields, param):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **fields)
     assert error.value.body["param"] == param
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_the_engine(client, engine):
+    """What evaluation harnesses send for a log-likelihood: echo, logprobs, one new token."""
+    [want] = engine.generate([PROMPT], SamplingParams(temperature=0, max_tokens=1, logprobs=1, prompt_logprobs=1))
+    done = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    choice = done.choices[0]
+    assert choice.text == PROMPT + want.text
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = [p.logprob for p in want.prompt_logprobs] + [want.logprobs[0].logprob]
+    assert len(lp.token_logprobs) == len(expected) + 1
+    assert all(close(a, b) for a, b in zip(lp.token_logprobs[1:], expected))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks).startswith(PROMPT) and chunks[0].choices[0].text.startswith(PROMPT)
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.chat.completions.create(model=MODEL, messages=CHAT, extra_body={"echo": True})

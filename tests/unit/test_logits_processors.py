@@ -187,3 +187,18 @@ def test_bad_processor_params_name_the_field(field, value):
     name = field.replace("_token_ids", "")
     with pytest.raises(ValueError, match=name):
         SamplingParams(**{field: value}).validate(vocab_size=1000)
+
+
+def test_prompt_logprobs_equal_transformers_across_chunks_and_skip_the_cache(hf, prompts):
+    engine = Engine(model="smollm2-135m", num_kv_blocks=256, max_num_batched_tokens=16)  # chunks of 16
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    for _ in range(2):  # the second time the prompt is in the prefix cache, which it must not use
+        [result] = engine.generate(prompts[2:3], params)
+        prompt = prompts[2]
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+        assert [lp.token_id for lp in result.prompt_logprobs] == prompt[1:]
+        for i, lp in enumerate(result.prompt_logprobs):
+            assert abs(lp.logprob - ref[i, prompt[i + 1]].item()) < 1e-4
+            assert [t for t, _ in lp.top] == ref[i].topk(2).indices.tolist()
+        assert result.num_cached_tokens == 0
