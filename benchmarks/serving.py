@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-seconds", type=float, default=300.0, help="per rate: cancel what is left after this")
     ap.add_argument("--input-len", default="64:256", help="prompt tokens, lo:hi (uniform)")
     ap.add_argument("--output-len", type=int, default=64, help="output tokens (ignore_eos)")
-    ap.add_argument("--workload", default="random", choices=("random", "shared-prefix", "multi-turn"))
+    ap.add_argument("--workload", default="random", choices=("random", "shared-prefix", "multi-turn", "mix"))
     ap.add_argument("--num-turns", type=int, default=4, help="multi-turn: turns per chat")
     ap.add_argument("--turn-len", type=int, default=64, help="multi-turn: tokens of each new message")
     ap.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: tokens every prompt starts with")

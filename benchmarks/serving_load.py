@@ -56,14 +56,43 @@ def make_workload(kind: str, vocab_size: int, count: int, input_len: tuple[int, 
     lengths uniform in `input_len`; `shared-prefix`: the same `prefix_len` tokens, then a
     random suffix of such a length; `multi-turn`: chats of `num_turns` turns, the first a
     prompt of such a length, each next one the last prompt, its answer and a new message of
-    `turn_len` tokens, sent once the last turn has finished (`Workload.prompt_for`)."""
+    `turn_len` tokens, sent once the last turn has finished (`Workload.prompt_for`); `mix`: a
+    third each of short prompts, long prompts and chat turns (`_mix`)."""
     rng = random.Random(seed)
     lo, hi = input_len
     if kind == "multi-turn":
         return _chats(rng, vocab_size, count, input_len, output_len, num_turns, turn_len)
+    if kind == "mix":
+        return _mix(rng, vocab_size, count, input_len, output_len, num_turns, turn_len)
     prefix = [rng.randrange(100, vocab_size) for _ in range(prefix_len)] if kind == "shared-prefix" else []
     prompts = [prefix + [rng.randrange(100, vocab_size) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
     return Workload(prompts, output_len)
+
+
+def _mix(rng, vocab_size, count, input_len, output_len, num_turns, turn_len) -> Workload:
+    """A third each, interleaved: short prompts (a quarter of `input_len`), long ones (four
+    times it) and chats of `num_turns` turns starting at `input_len`."""
+    lo, hi = input_len
+    tokens = lambda n: [rng.randrange(100, vocab_size) for _ in range(n)]  # noqa: E731
+    num_chat = count // 3
+    chats = _chats(rng, vocab_size, num_chat, input_len, output_len, num_turns, turn_len)
+    singles = [tokens(rng.randint(max(1, lo // 4), max(1, hi // 4))) if i % 2 == 0 else tokens(rng.randint(4 * lo, 4 * hi))
+               for i in range(count - num_chat)]
+    prompts, after, where = [], [], {}
+    order = sorted(range(count), key=lambda _: rng.random())  # positions of the chats' turns, kept in order
+    chat_slots = sorted(order[:num_chat])
+    single_iter, chat_i = iter(singles), 0
+    for slot in range(count):
+        if chat_i < num_chat and slot == chat_slots[chat_i]:
+            before = chats.after[chat_i]
+            prompts.append(chats.prompts[chat_i])
+            after.append(None if before is None else where[before])
+            where[chat_i] = slot
+            chat_i += 1
+        else:
+            prompts.append(next(single_iter))
+            after.append(None)
+    return Workload(prompts, output_len, after)
 
 
 def _chats(rng, vocab_size, count, input_len, output_len, num_turns, turn_len) -> Workload:

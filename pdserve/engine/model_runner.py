@@ -96,13 +96,17 @@ class ModelRunner:
             k = request.params.prompt_logprobs
             end = min(start + s.num_new_tokens, request.num_prompt_tokens - 1)  # the last predicts output
             if k is not None and end > start:
-                result[request.request_id] = [
-                    lp for a in range(start, end, PROMPT_LOGPROBS_SLICE)
-                    for lp in prompt_token_logprobs(
-                        self.model.compute_logits(hidden[offset + a - start:offset + min(a + PROMPT_LOGPROBS_SLICE, end) - start]),
-                        request.prompt_token_ids[a + 1:min(a + PROMPT_LOGPROBS_SLICE, end) + 1], k)]
+                result[request.request_id] = self._next_token_logprobs(
+                    hidden[offset:offset + end - start], request.prompt_token_ids[start + 1:end + 1], k)
             offset += s.num_new_tokens
         return result
+
+    def _next_token_logprobs(self, hidden: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
+        logprobs = []
+        for a in range(0, len(targets), PROMPT_LOGPROBS_SLICE):
+            b = a + PROMPT_LOGPROBS_SLICE
+            logprobs += prompt_token_logprobs(self.model.compute_logits(hidden[a:b]), targets[a:b], k)
+        return logprobs
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, block_tables: list[list[int]],

@@ -22,8 +22,10 @@ class RouterConfig:
     disaggregation: str = "auto"
     # auto: a prompt with at most this many tokens its decode node does not hold in its prefix
     # cache, and fewer than the prefill node would compute, is prefilled there (chats whose
-    # history it holds); 0: only when no prefill node is healthy
-    prefill_here_max_tokens: int = 0
+    # history it holds, short prompts while the prefill nodes are busy); 0: only when no
+    # prefill node is healthy. The default is measured (benchmarks/results/h100-modes-issue30):
+    # as good as the better pure mode on short prompts and chats, with less KV moved.
+    prefill_here_max_tokens: int = 512
     max_attempts: int = 3  # per request: the first try plus retries/resumes on other pairs
     health_interval_s: float = 0.5
     drain_timeout_s: float = 30.0

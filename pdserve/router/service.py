@@ -67,7 +67,7 @@ class Route:
 class RouterServicer(pb_grpc.RouterServiceServicer):
     def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3,
                  index=None, model_fingerprint: str = "", model_name: str = "", disaggregation: str = "auto",
-                 prefill_here_max_tokens: int = 0):
+                 prefill_here_max_tokens: int = 512):
         if disaggregation not in DISAGGREGATION:
             raise ValueError(f"--disaggregation must be one of {', '.join(DISAGGREGATION)}, got {disaggregation!r}")
         self.pool, self.policy, self.tokenizer = pool, policy, tokenizer

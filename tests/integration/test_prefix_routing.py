@@ -63,8 +63,10 @@ def redis_server(tmp_path):
 def test_index_follows_the_cache_through_eviction_salt_restart_and_expiry(redis_server):
     url, raw = redis_server.url, redis.Redis.from_url(redis_server.url)
     rng = random.Random(0)
-    with Cluster(MODEL, 1, 1, redis=url, node_args=["--num-kv-blocks", "24"],
-                 prefill_args=FAST_HEARTBEAT, router_args=FAST_ROUTER) as cluster:
+    # every prompt prefilled on the prefill node, whose index this follows (by default a prompt
+    # its decode node holds, as it holds floods[0] after the restart, would be prefilled there)
+    with Cluster(MODEL, 1, 1, redis=url, node_args=["--num-kv-blocks", "24"], prefill_args=FAST_HEARTBEAT,
+                 router_args=FAST_ROUTER + ["--disaggregation", "always"]) as cluster:
         node = cluster.prefill[0].info["node_id"]
         prompt = tokens(rng, 99)  # 98 tokens before the last: 6 full blocks
         generate(cluster.router_address, prompt, ONE_TOKEN)

@@ -29,3 +29,14 @@ def test_the_serving_benchmark_runs_end_to_end(tmp_path):
     assert (tmp_path / "serving_latency.png").stat().st_size > 0
     assert (tmp_path / "serving_goodput.png").stat().st_size > 0
     assert "ratio" in result.stdout  # the table, cluster against engine
+
+
+def test_the_mix_workload_holds_a_third_of_each_kind_with_chat_turns_in_order():
+    from benchmarks.serving_load import make_workload
+    w = make_workload("mix", 1000, 30, (64, 128), 8, 0, seed=3, num_turns=5, turn_len=16)
+    turns = [i for i, a in enumerate(w.after) if a is not None]
+    assert all(w.after[i] < i for i in turns)  # a turn is sent after the one it follows
+    firsts = {i for i, a in enumerate(w.after) if a is None and i in set(w.after)}
+    assert len(turns) + len(firsts) == 10  # 2 chats of 5 turns: a third
+    singles = [len(p) for i, p in enumerate(w.prompts) if w.after[i] is None and i not in firsts]
+    assert sum(n <= 32 for n in singles) == 10 and sum(n >= 256 for n in singles) == 10
