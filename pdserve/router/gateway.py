@@ -27,6 +27,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 
 from .config import GatewayConfig
+from .merged_calls import MergedCall
 from .openai_api import (FINISH_REASONS, APIError, Choice, ParsedRequest, chunk_body, parse_request, response_body,
                          total_usage, whole_answer_chunks)
 
@@ -134,8 +135,11 @@ class Gateway:
             raise APIError(400, f"the request body is not valid JSON: {e}"[:300]) from None
         parsed = parse_request(body, chat, self.model_name)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        parsed.generate.request_id = request_id
-        call = self.stub.Generate(parsed.generate, timeout=self.config.request_timeout_s)
+        calls = []
+        for i, generate in enumerate([parsed.generate, *parsed.more]):
+            generate.request_id = request_id if i == 0 else f"{request_id}-p{i}"
+            calls.append(self.stub.Generate(generate, timeout=self.config.request_timeout_s))
+        call = calls[0] if len(calls) == 1 else MergedCall(calls, parsed.generate.n)
         before_call = time.perf_counter() - arrived
         try:
             if parsed.stream and parsed.tools is not None:
@@ -152,18 +156,18 @@ class Gateway:
 
     async def _gather(self, parsed: ParsedRequest, call) -> tuple[list[Choice], pb.Usage]:
         """Every choice's whole answer and the total usage."""
-        choices = [Choice() for _ in range(parsed.generate.n)]
-        usages = []
+        choices = [Choice() for _ in range(parsed.num_choices)]
+        usages = {}
         try:
             async for response in call:
                 choice = choices[response.index]
                 choice.add(response)
                 if response.finish_reason:
                     choice.finish_reason = FINISH_REASONS.get(response.finish_reason)
-                    usages.append(response.usage)
+                    usages[response.index] = response.usage
         except grpc.aio.AioRpcError as e:
             raise _api_error(e) from None
-        return choices, total_usage(usages)
+        return choices, total_usage(usages, parsed.generate.n)
 
     async def _stream_whole(self, request: web.Request, parsed: ParsedRequest, call, request_id: str):
         """A stream whose answers go out once complete (chat with tools: calls are parsed from
@@ -188,7 +192,7 @@ class Gateway:
                                           "Cache-Control": "no-cache"})
         await out.prepare(request)
         created, response = int(time.time()), first
-        started, usages, text_offsets = set(), [], [0] * parsed.generate.n
+        started, usages, text_offsets = set(), {}, [0] * parsed.num_choices
         try:
             while response is not grpc.aio.EOF:
                 index, finish = response.index, FINISH_REASONS.get(response.finish_reason)
@@ -203,9 +207,10 @@ class Gateway:
                 started.add(index)
                 text_offsets[index] += len(response.prompt_text) + len(response.text)
                 if finish is not None:
-                    usages.append(response.usage)
-                    if parsed.include_usage and len(usages) == parsed.generate.n:
-                        await _send(out, chunk_body(parsed, request_id, created, None, None, total_usage(usages)))
+                    usages[index] = response.usage
+                    if parsed.include_usage and len(usages) == parsed.num_choices:
+                        await _send(out, chunk_body(parsed, request_id, created, None, None,
+                                                    total_usage(usages, parsed.generate.n)))
                 response = await call.read()
                 received = time.perf_counter()
         except grpc.aio.AioRpcError as e:  # mid-stream: an error chunk, then [DONE]

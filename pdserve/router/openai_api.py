@@ -25,6 +25,7 @@ from .openai_logprobs import chat_logprobs, completion_logprobs
 
 MAX_TOKENS_LIMIT = 1 << 31
 MAX_N = 16  # as the router
+MAX_PROMPTS = 64  # in one completions request
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                   pb.FINISH_REASON_ABORT: "abort"}
 
@@ -40,6 +41,11 @@ class ParsedRequest:
     logprobs: bool = False  # each choice carries its tokens' logprobs
     tools: ToolPlan | None = None  # chat with tools in play: calls are parsed from the answers
     echo: bool = False  # completions: the prompt's text (and logprobs) before each answer's
+    more: list[pb.GenerateRequest] = field(default_factory=list)  # completions: prompts 2.. of a list
+
+    @property
+    def num_choices(self) -> int:
+        return (1 + len(self.more)) * self.generate.n
 
 
 def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
@@ -68,13 +74,14 @@ def parse_request(body, chat: bool, model_name: str) -> ParsedRequest:
     if chat:
         request.messages.CopyFrom(_messages(body))
         plan = _tools(body, request)
-    else:
-        _prompt(body, request)
+    more = []
+    if not chat:
         request.echo = bool(_get(body, "echo", bool))
         if request.echo and request.sampling.HasField("logprobs"):  # OpenAI: the prompt's logprobs too
             request.sampling.prompt_logprobs = request.sampling.logprobs
+        more = _prompts(body, request)
     return ParsedRequest(chat, model, stream, include_usage, request, bool(_get(body, "return_token_ids", bool)),
-                         request.sampling.HasField("logprobs"), plan, request.echo)
+                         request.sampling.HasField("logprobs"), plan, request.echo, more)
 
 
 def _tools(body: dict, request: pb.GenerateRequest) -> ToolPlan | None:
@@ -195,20 +202,36 @@ def _stop(body: dict) -> list[str]:
     return stop
 
 
-def _prompt(body: dict, request: pb.GenerateRequest) -> None:
+def _prompts(body: dict, request: pb.GenerateRequest) -> list[pb.GenerateRequest]:
+    """The prompt into `request`; a list of prompts: the first into it, and a copy of it for
+    each other one (returned)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise bad("prompt", f"at most {MAX_PROMPTS} prompts in one request")
+        more = []
+        for i, p in enumerate(prompt[1:], 1):
+            other = pb.GenerateRequest()
+            other.CopyFrom(request)
+            _prompt(p, other, f"prompt[{i}]")
+            more.append(other)
+        _prompt(prompt[0], request, "prompt[0]")
+        return more
+    _prompt(prompt, request, "prompt")
+    return []
+
+
+def _prompt(prompt, request: pb.GenerateRequest, param: str) -> None:
     if isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if not all(0 <= t < 2**32 for t in prompt):
-            raise bad("prompt", "token ids must be non-negative 32-bit integers")
+            raise bad(param, "token ids must be non-negative 32-bit integers")
         request.token_ids.ids.extend(prompt)
     elif prompt is None:
-        raise bad("prompt", "required")
+        raise bad(param, "required")
     else:
-        raise bad("prompt", "expected a string or a list of token ids (one prompt per request)")
+        raise bad(param, "expected a string, a list of token ids, or a list of those")
 
 
 def _messages(body: dict) -> pb.ChatMessages:
@@ -262,12 +285,13 @@ _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a b
 
 # ---- answers ---------------------------------------------------------------------------
 
-def total_usage(usages: list[pb.Usage]) -> pb.Usage:
-    """The usage of a request's n completions: one prompt, every completion's tokens."""
-    if not usages:
-        return pb.Usage()
-    return pb.Usage(prompt_tokens=usages[0].prompt_tokens, cached_tokens=usages[0].cached_tokens,
-                    completion_tokens=sum(u.completion_tokens for u in usages))
+def total_usage(usages: dict[int, pb.Usage], n: int) -> pb.Usage:
+    """The usage of a request's choices ({index: its usage}): each prompt once (its n
+    completions share it), every completion's tokens."""
+    prompts = {index // n: u for index, u in usages.items()}
+    return pb.Usage(prompt_tokens=sum(u.prompt_tokens for u in prompts.values()),
+                    cached_tokens=sum(u.cached_tokens for u in prompts.values()),
+                    completion_tokens=sum(u.completion_tokens for u in usages.values()))
 
 
 def usage_body(usage: pb.Usage) -> dict:

@@ -258,3 +258,17 @@ def test_echo_with_logprobs_scores_the_prompt_like_the_engine(client, engine):
     assert "".join(c.choices[0].text for c in chunks).startswith(PROMPT) and chunks[0].choices[0].text.startswith(PROMPT)
     with pytest.raises(openai.BadRequestError, match="echo"):
         client.chat.completions.create(model=MODEL, messages=CHAT, extra_body={"echo": True})
+
+
+def test_a_list_of_prompts_answers_each_with_n_choices(client, engine):
+    prompts = ["The capital of France is", [1, 504, 3045, 2136], "Three colors are"]
+    want = [c.text for c in engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))]
+    done = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, n=2)
+    texts = {c.index: c.text for c in done.choices}
+    assert texts == {i: want[i // 2] for i in range(6)}  # choice i: prompt i // n
+    lengths = [len(engine.tokenizer.encode(p)) if isinstance(p, str) else len(p) for p in prompts]
+    assert done.usage.prompt_tokens == sum(lengths) and done.usage.completion_tokens == 36
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert streamed == want and chunks[-1].usage.completion_tokens == 18

@@ -56,7 +56,7 @@ def parse(chat=False, **fields):
     ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10**30}, "max_tokens"),
     ({"max_tokens": True}, "max_tokens"), ({"n": 17}, "n"), ({"seed": 2**70}, "seed"),
     ({"stop": 5}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"prompt": ...}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [1, -2]}, "prompt"), ({"logprobs": 21}, "logprobs"),
+    ({"prompt": ["a", [1, -5]]}, "prompt[1]"), ({"prompt": ["a", 5]}, "prompt"), ({"prompt": [1, -2]}, "prompt"), ({"prompt": ["a"] * 65}, "prompt"), ({"logprobs": 21}, "logprobs"),
     ({"logprobs": True}, "logprobs"), ({"echo": "yes"}, "echo"), ({"max_token": 5}, "max_token"),
     ({"response_format": {"type": "xml"}}, "response_format"), ({"best_of": 2}, "best_of"),
     ({"guided_json": "{bad"}, "guided_json"), ({"structured_outputs": {"json": {}, "regex": "a"}}, "structured_outputs"),
