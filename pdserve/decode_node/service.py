@@ -57,6 +57,8 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
             await abort(context, grpc.StatusCode.UNAVAILABLE,
                         "decode node is " + ("draining" if self.draining else "loading"))
         request_id = request.request_id or f"dec-{uuid.uuid4().hex[:12]}"
+        if request_id in self.active:  # refused before the other request's stream or ticket is touched
+            await abort(context, grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use")
         queue = self.loop.open_stream(request_id)
         ticket, finished = None, False
         self.active.add(request_id)

@@ -88,6 +88,8 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
         problem = self._ticket_problem(ticket, len(prompt))
         if problem:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"ticket: {problem}")
+        if request_id in self.active:  # refused before the other request's stream or ticket is touched
+            await abort(context, grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use")
         queue = self.loop.open_stream(request_id)
         self.active.add(request_id)
         self.tickets[request_id] = ticket

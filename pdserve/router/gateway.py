@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 << 20
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
                grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-               grpc.StatusCode.NOT_FOUND: 404}
+               grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409}
 http_requests = prom.Counter("pdserve_http_requests_total", "Gateway: requests by path and status",
                              ["path", "status"])
 # what the gateway itself adds: "request" from the HTTP request's arrival to the gRPC call, plus
@@ -69,7 +69,7 @@ class Gateway:
         try:
             response = await handler(request)
         except APIError as e:
-            response = web.json_response(e.body(), status=e.status)
+            response = web.json_response(e.body(), status=e.status, headers=e.headers)
         except web.HTTPException as e:  # aiohttp's own: 404 no route, 405, 413 too large
             response = web.json_response(APIError(e.status, e.reason).body(), status=e.status)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -83,12 +83,14 @@ class Gateway:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
+        """`Authorization: Bearer <key>` on /v1/* when a key is set (the scheme in any case, as
+        HTTP has it); a 401 says how to authenticate (WWW-Authenticate)."""
         key = self.config.api_key
         if key and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), key.encode()):
+            scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
                 raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                               code="invalid_api_key")
+                               code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="pdserve"'})
         return await handler(request)
 
     # ---- endpoints ----------------------------------------------------------------------
@@ -133,6 +135,11 @@ class Gateway:
             body = json.loads(await request.read())
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise APIError(400, f"the request body is not valid JSON: {e}"[:300]) from None
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 string may hold
+            json.dumps(body, ensure_ascii=False).encode()
+        except (UnicodeEncodeError, RecursionError):
+            raise APIError(400, "the request body holds text that is not valid Unicode (a lone surrogate "
+                                "such as \\ud800)") from None
         parsed = parse_request(body, chat, self.model_name)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         calls = []

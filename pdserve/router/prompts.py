@@ -7,11 +7,13 @@ import asyncio
 
 from pdserve.protos import pdserve_pb2 as pb
 
-MAX_PROMPT_CHARS = 4 << 20
+MAX_CHARS_PER_TOKEN = 32  # a prompt longer than this many characters a token cannot fit the context
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
-async def prompt_token_ids(request: pb.GenerateRequest, tokenizer) -> list[int]:
+async def prompt_token_ids(request: pb.GenerateRequest, tokenizer, max_model_len: int) -> list[int]:
+    """The prompt's ids. Text longer than `max_model_len` tokens could hold is refused before
+    any tokenizing, so a flood of huge prompts cannot keep the tokenizer threads busy."""
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise ValueError("prompt: set one of text, token_ids or messages")
@@ -20,6 +22,10 @@ async def prompt_token_ids(request: pb.GenerateRequest, tokenizer) -> list[int]:
     else:
         if tokenizer is None:
             raise ValueError(f"prompt.{kind}: this model has no tokenizer; send token_ids")
+        num_chars = len(request.text) if kind == "text" else sum(len(m.content) for m in request.messages.messages)
+        if num_chars > max_model_len * MAX_CHARS_PER_TOKEN:
+            raise ValueError(f"prompt.{kind}: {num_chars} characters cannot fit the context of {max_model_len} "
+                             f"tokens (at most {max_model_len * MAX_CHARS_PER_TOKEN} characters are taken)")
         prompt = await asyncio.to_thread(_tokenize, request, kind, tokenizer)
     if not prompt:
         raise ValueError(f"prompt.{kind}: the prompt is empty")
@@ -28,16 +34,12 @@ async def prompt_token_ids(request: pb.GenerateRequest, tokenizer) -> list[int]:
 
 def _tokenize(request: pb.GenerateRequest, kind: str, tokenizer) -> list[int]:
     if kind == "text":
-        if len(request.text) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt.text: longer than {MAX_PROMPT_CHARS} characters")
         return tokenizer.encode(request.text) if request.text else []
     messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
     for i, m in enumerate(messages):
         if m["role"] not in CHAT_ROLES:
             raise ValueError(f"prompt.messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, "
                              f"got {m['role']!r}")
-    if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt.messages: longer than {MAX_PROMPT_CHARS} characters")
     if not messages:
         return []
     try:

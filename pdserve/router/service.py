@@ -77,16 +77,22 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self.max_attempts = max_attempts
         self.index, self.model_fingerprint = index, model_fingerprint
         self.pending = PendingPrefixes()
+        self.active_ids: set[str] = set()  # request ids of the streams open now
 
     async def Generate(self, request: pb.GenerateRequest, context):
         request_id = request.request_id or f"gen-{uuid.uuid4().hex[:16]}"
-        progress = await self._parse(request, context)
+        if request_id in self.active_ids:  # refused before anything of the other request is touched
+            await abort(context, grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use")
+        self.active_ids.add(request_id)
         try:
+            progress = await self._parse(request, context)
             generate = self._generate if request.n <= 1 else self._generate_n
             async for response in generate(request_id, request, progress):
                 yield response
         except ClientError as e:
             await abort(context, e.code, e.details)
+        finally:
+            self.active_ids.discard(request_id)
 
     async def _generate_n(self, request_id: str, request: pb.GenerateRequest, progress: Progress):
         """`n` completions of one prompt: the first alone until its first token (the prompt's KV

@@ -19,7 +19,7 @@ async def checked_request(request: pb.GenerateRequest, tokenizer, vocab_size: in
         raise ValueError(f"n: at most {MAX_N} completions per request, got {request.n}")
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise ValueError(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
-    prompt = await prompt_token_ids(request, tokenizer)
+    prompt = await prompt_token_ids(request, tokenizer, max_model_len)
     params = sampling_from_proto(request.sampling, (lambda word: bad_word_ids(tokenizer, word)) if tokenizer else None)
     params.validate(vocab_size)
     if params.num_resumed_tokens:

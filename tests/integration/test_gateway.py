@@ -247,3 +247,43 @@ def test_an_error_mid_stream_is_an_error_chunk_then_done():
         with httpx.stream("POST", f"{tiny.gateway_url}/completions", json={
                 "model": "dummy:tiny", "prompt": [5], "max_tokens": 2, "stream": True}) as reply:
             assert reply.status_code == 503  # and with no node left, the error comes before the stream
+
+
+@pytest.mark.parametrize("field", ["prompt", "stop", "cache_salt", "messages"])
+def test_text_that_is_not_unicode_is_400(cluster, field):
+    body = {"model": MODEL, "max_tokens": 2, "prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}
+    value = "a\ud800b"  # a lone surrogate: valid JSON escape, not valid Unicode
+    body[field] = [{"role": "user", "content": value}] if field == "messages" else value
+    chat = field == "messages"
+    reply = httpx.post(f"{cluster.gateway_url}/{'chat/completions' if chat else 'completions'}",
+                       content=json.dumps(body).encode(), headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert reply.status_code == 400 and "Unicode" in reply.json()["error"]["message"]
+
+
+def test_auth_takes_the_scheme_in_any_case_and_says_how_to_authenticate(cluster):
+    url = f"{cluster.gateway_url}/models"
+    assert httpx.get(url, headers={"Authorization": f"bearer {KEY}"}).status_code == 200
+    for header in (KEY, f"Basic {KEY}", f"Bearer {KEY}x", ""):
+        reply = httpx.get(url, headers={"Authorization": header})
+        assert reply.status_code == 401 and reply.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_a_duplicate_request_id_is_refused_and_leaves_the_first_stream_alone(cluster, engine):
+    prompt = [1, 504, 3045, 2136, 282, 253]
+    [want] = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    request = pb.GenerateRequest(request_id="same-id", token_ids=pb.TokenIds(ids=prompt), sampling=sampling_to_proto(
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)))
+    with grpc.insecure_channel(cluster.router_address) as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        first = stub.Generate(request, timeout=120)
+        tokens = list(next(first).token_ids)  # the first stream is open
+        with pytest.raises(grpc.RpcError) as error:
+            list(stub.Generate(request, timeout=30))
+        assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        tokens += [t for response in first for t in response.token_ids]
+    assert tokens == want.token_ids
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(client):
+    with pytest.raises(openai.BadRequestError, match="cannot fit the context"):
+        client.completions.create(model=MODEL, prompt="x" * 400_000, max_tokens=2)
