@@ -71,7 +71,11 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                 self.receiver.expect(ticket, _settle_from_thread(transfer))
                 yield pb.DecodeResponse(ticket=ticket_to_proto(ticket))
                 first_token_id = await self._await_transfer(transfer, ticket, request_id, context)
-                admitted = await self.loop.call(self.engine.admit, request_id, first_token_id)
+                try:
+                    admitted = await self.loop.call(self.engine.admit, request_id, first_token_id)
+                except ValueError as e:  # the transfer's DONE named no token: this request fails alone
+                    self._count_failure()
+                    await abort(context, grpc.StatusCode.DATA_LOSS, f"{request_id}: kv transfer: {e}")
                 if admitted is None:
                     await abort(context, grpc.StatusCode.ABORTED, f"{request_id}: reservation lost")
                 if admitted.finished:  # the first token already ended it (EOS, max_tokens 1)

@@ -103,7 +103,12 @@ class Engine:
         return Reservation(self.kv.block_ids(request.request_id), request.num_cached_tokens // self.config.block_size)
 
     def admit(self, request_id: str, first_token_id: int) -> RequestOutput | None:
-        """Decode nodes: the reserved request's KV has arrived; it joins the running batch."""
+        """Decode nodes: the reserved request's KV has arrived; it joins the running batch.
+        ValueError for a first token that is no token of this model (the sender's word, checked
+        here so a bad transfer fails its own request, never the step of all of them)."""
+        vocab = self.model_config.vocab_size
+        if not isinstance(first_token_id, int) or not 0 <= first_token_id < vocab:
+            raise ValueError(f"first_token_id {first_token_id!r} is not a token id of this model (vocabulary of {vocab})")
         output = self.scheduler.admit(request_id, first_token_id)
         if output is not None and output.finished:
             self._forget(request_id)

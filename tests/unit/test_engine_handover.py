@@ -99,3 +99,19 @@ def test_a_reservation_adopts_cached_blocks_and_only_the_rest_is_copied(engines)
     assert run_disaggregated(prefill, decode, [second], [params]) == [expected]
     for engine in engines:
         assert engine.stats()["num_free_blocks"] == KW["num_kv_blocks"]
+
+
+def test_a_first_token_that_is_no_token_fails_its_request_alone(engines):
+    """A transfer's DONE frame names the first token; 2**32 - 1 once crashed the decode step of
+    every request on the node. Now admit refuses it, and the others decode on."""
+    reference, prefill, decode = engines
+    prompts = [list(range(3, 40)), list(range(50, 70))]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)] * 2
+    want = [c.token_ids for c in reference.generate(prompts[1:], params[1:])]
+    decode.reserve(prompts[0], params[0], request_id="bad")
+    for token_id in (2**32 - 1, -1, decode.model_config.vocab_size):
+        with pytest.raises(ValueError, match="first_token_id"):
+            decode.admit("bad", token_id)
+    assert run_disaggregated(prefill, decode, prompts[1:], params[1:]) == want
+    assert decode.abort_request("bad")
+    assert decode.stats()["num_free_blocks"] == KW["num_kv_blocks"]
