@@ -81,6 +81,8 @@ HELP = {
     "prefill_here_max_tokens": "with --disaggregation auto: prefill a prompt on its decode node when at "
                                "most this many of its tokens are not in that node's prefix cache, and fewer "
                                "than the prefill node would compute (0: only when no prefill node is healthy)",
+    "stream_timeout_s": "seconds a decode stream may stay silent (its node sends a heartbeat every second "
+                        "while a request waits) before the request resumes on another node",
     "router": "the router's gRPC address",
     "api_key": "require this key (Authorization: Bearer) on /v1/*",
     "served_model_name": "the model name clients send (default: the router's --model)",

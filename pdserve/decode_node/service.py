@@ -48,9 +48,21 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
         self.admission = AdmissionQueue(max_queued_requests)
         self.loop: EngineLoop | None = None
         self.num_transfer_failures = 0
+        self._beats: asyncio.Task | None = None
 
     def attach(self, loop: EngineLoop, receiver: KVReceiver) -> None:
         self.loop, self.engine, self.receiver = loop, loop.engine, receiver
+
+    def _start_beats(self) -> None:
+        """Once: a task that marks every open stream each HEARTBEAT_S (one put per stream, not
+        a timer per chunk read)."""
+        if self._beats is None:
+            self._beats = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            self.loop.beat(BEAT)
 
     async def Decode(self, request: pb.DecodeRequest, context):
         if self.draining or self.loop is None:
@@ -70,6 +82,11 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                 transfer = asyncio.get_running_loop().create_future()
                 self.receiver.expect(ticket, _settle_from_thread(transfer))
                 yield pb.DecodeResponse(ticket=ticket_to_proto(ticket))
+                while not transfer.done():  # the KV lands: the router hears we are alive
+                    try:
+                        await asyncio.wait_for(asyncio.shield(transfer), HEARTBEAT_S)
+                    except TimeoutError:
+                        yield _chunk([], None)
                 first_token_id = await self._await_transfer(transfer, ticket, request_id, context)
                 try:
                     admitted = await self.loop.call(self.engine.admit, request_id, first_token_id)
@@ -82,10 +99,20 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                     finished = True
                     yield _chunk([], admitted.finish_reason)
                     return
+            self._start_beats()
+            beats_since_sent = 0
             while not finished:
                 outputs = [await queue.get()]
                 while not queue.empty():
                     outputs.append(queue.get_nowait())
+                outputs = [o for o in outputs if o is not BEAT]
+                if not outputs:  # only beats: waiting (queued, preempted, a long step)
+                    beats_since_sent += 1
+                    if beats_since_sent >= 2:  # a whole beat period without output: say we are alive
+                        beats_since_sent = 0
+                        yield _chunk([], None)
+                    continue
+                beats_since_sent = 0
                 if None in outputs:
                     await abort(context, grpc.StatusCode.INTERNAL, f"{request_id}: engine step failed")
                 finished = outputs[-1].finished
@@ -166,6 +193,12 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                               vocab_size=self.engine.model_config.vocab_size, draining=self.draining,
                               num_kv_transfer_failures=self.num_transfer_failures,
                               num_waiting=stats["num_waiting"] + self.admission.num_waiting)
+
+
+# a stream that produced nothing for a beat period sends an empty chunk: the router bounds the
+# silence of a stream (a hung node) at a few of these
+HEARTBEAT_S = 0.5
+BEAT = object()  # the marker EngineLoop.beat puts into every open stream
 
 
 def _chunk(token_ids, finish_reason, num_cached_tokens: int = 0, logprobs=(), prompt_logprobs=()) -> pb.DecodeResponse:

@@ -72,6 +72,12 @@ class EngineLoop:
     def close_stream(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
+    def beat(self, marker) -> None:
+        """Puts `marker` into every open stream (call on the event loop): a reader that finds
+        only markers since it last sent knows its request produced nothing meanwhile."""
+        for queue in self._queues.values():
+            queue.put_nowait(marker)
+
     async def close(self) -> None:
         self._closed = True
         self._wake.set()

@@ -27,6 +27,9 @@ class RouterConfig:
     # as good as the better pure mode on short prompts and chats, with less KV moved.
     prefill_here_max_tokens: int = 512
     max_attempts: int = 3  # per request: the first try plus retries/resumes on other pairs
+    # a decode stream silent this long (its node sends a heartbeat every second while a request
+    # waits) is a hung node: the request resumes elsewhere as after a crash
+    stream_timeout_s: float = 10.0
     health_interval_s: float = 0.5
     drain_timeout_s: float = 30.0
     ready_file: str | None = None

@@ -49,7 +49,8 @@ async def serve(config: RouterConfig) -> None:
     server = Server(service_name("RouterService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
     servicer = RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint,
-                              config.model, config.disaggregation, config.prefill_here_max_tokens)
+                              config.model, config.disaggregation, config.prefill_here_max_tokens,
+                              config.stream_timeout_s)
     pb_grpc.add_RouterServiceServicer_to_server(servicer, server.grpc)
     await server.start()
     pool.start()

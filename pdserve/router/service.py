@@ -67,7 +67,7 @@ class Route:
 class RouterServicer(pb_grpc.RouterServiceServicer):
     def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3,
                  index=None, model_fingerprint: str = "", model_name: str = "", disaggregation: str = "auto",
-                 prefill_here_max_tokens: int = 512):
+                 prefill_here_max_tokens: int = 512, stream_timeout_s: float = 10.0):
         if disaggregation not in DISAGGREGATION:
             raise ValueError(f"--disaggregation must be one of {', '.join(DISAGGREGATION)}, got {disaggregation!r}")
         self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
@@ -77,6 +77,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self.max_attempts = max_attempts
         self.index, self.model_fingerprint = index, model_fingerprint
         self.pending = PendingPrefixes()
+        self.stream_timeout_s = stream_timeout_s
         self.active_ids: set[str] = set()  # request ids of the streams open now
 
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -262,7 +263,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             yield Chunk([response.first_token_id], reason, first_logprobs, response.prompt_logprobs)
             if reason is not None:
                 return
-            async for chunk in _chunks(decode_call, decode):
+            async for chunk in _chunks(decode_call, decode, self.stream_timeout_s):
                 yield chunk
         finally:
             decode_call.cancel()  # a no-op once it finished; frees the blocks otherwise
@@ -276,7 +277,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             request_id=attempt_id, prompt_token_ids=progress.prompt + progress.sent,
             sampling=progress.remaining_params(), cache_salt=cache_salt, prefill_here=True))
         try:
-            async for chunk in _chunks(call, decode, progress):
+            async for chunk in _chunks(call, decode, self.stream_timeout_s, progress):
                 yield chunk
         finally:
             call.cancel()  # a no-op once it finished; frees the blocks otherwise
@@ -353,27 +354,36 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                              has_tokenizer=self.tokenizer is not None, can_serve=self.can_serve())
 
 
-async def _chunks(call, decode: NodeClient, progress: Progress | None = None):
-    """The Chunks of a decode stream, up to the one with a finish reason; Retry when the stream ends before it. `progress` (a prompt prefilled on the
-    decode node): takes the first chunk's count of prompt tokens its prefix cache held."""
-    while (message := await _read(call, decode)) is not None:
+async def _chunks(call, decode: NodeClient, timeout: float, progress: Progress | None = None):
+    """The Chunks of a decode stream, up to the one with a finish reason; Retry when the stream
+    ends before it, or stays silent for `timeout` seconds (a hung node: its heartbeats, empty
+    chunks, stopped too). `progress` (a prompt prefilled on the decode node): takes the first
+    chunk's count of prompt tokens its prefix cache held."""
+    while (message := await _read(call, decode, timeout)) is not None:
         if not message.HasField("chunk"):
             raise Retry(f"decode node {decode.address} sent a ticket where token chunks were due", {decode})
+        chunk = message.chunk
+        if not chunk.token_ids and chunk.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+            continue  # a heartbeat
         if progress is not None and progress.first_at is None:
-            progress.num_cached_tokens = message.chunk.num_cached_tokens
-        reason = FINISH_FROM_PROTO[message.chunk.finish_reason]
-        yield Chunk(list(message.chunk.token_ids), reason, message.chunk.logprobs, message.chunk.prompt_logprobs)
+            progress.num_cached_tokens = chunk.num_cached_tokens
+        reason = FINISH_FROM_PROTO[chunk.finish_reason]
+        yield Chunk(list(chunk.token_ids), reason, chunk.logprobs, chunk.prompt_logprobs)
         if reason is not None:
             return
     raise Retry(f"decode node {decode.address} ended the stream early", {decode})
 
 
-async def _read(call, node: NodeClient):
-    """The next message of a node's stream (None at its end); node failures become Retry."""
+async def _read(call, node: NodeClient, timeout: float | None = None):
+    """The next message of a node's stream (None at its end); node failures, and a silence of
+    `timeout` seconds, become Retry."""
     try:
-        message = await call.read()
+        message = await asyncio.wait_for(call.read(), timeout)
     except grpc.aio.AioRpcError as e:
         raise _classify(e, node) from None
+    except TimeoutError:
+        node.mark_down(f"{node.role} node {node.address}: its stream was silent for {timeout:.1f} s")
+        raise Retry(f"{node.role} node {node.address} sent nothing for {timeout:.1f} s", {node}) from None
     return None if message is grpc.aio.EOF else message
 
 

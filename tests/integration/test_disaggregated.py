@@ -124,7 +124,8 @@ def test_a_reservation_without_kv_expires_at_its_deadline(cluster):
         ticket = next(call).ticket
         assert len(ticket.block_ids) == 7 and node_stats(decode).num_reserved == 1
         with pytest.raises(grpc.RpcError) as info:
-            next(call)  # nobody pushes the KV
+            for message in call:  # nobody pushes the KV: heartbeats (empty chunks) until the deadline
+                assert not message.chunk.token_ids and not message.chunk.finish_reason
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert node_stats(decode).num_reserved == 0
     assert wait_for(lambda: all_blocks_free(cluster))

@@ -1,17 +1,19 @@
-"""Failures on real processes: a corrupted KV transfer, a decode node killed mid-stream, a
-decode node drained by SIGTERM. Every request still returns the engine's exact tokens. Each
+"""Failures on real processes: a corrupted KV transfer, a decode node killed or hung mid-stream,
+a decode node drained by SIGTERM. Every request still returns the engine's exact tokens. Each
 test breaks a cluster of its own (one prefill and two decode nodes), so none depends on what
 another did."""
 
 import concurrent.futures
 import random
 import signal
+import time
 
 import pytest
 
+from pdserve.client import generate_request, stream
+from pdserve.cluster import Cluster
 from pdserve.engine.engine import Engine
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.cluster import Cluster
 
 from .serving import (GREEDY, all_blocks_free, generate, generate_killing_its_decode_node, health, node_stats,
                       running_decode, wait_for)
@@ -19,10 +21,10 @@ from .serving import (GREEDY, all_blocks_free, generate, generate_killing_its_de
 LONG = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
 
 
-def start_cluster(prefill_args=()) -> Cluster:
+def start_cluster(prefill_args=(), router_args=()) -> Cluster:
     return Cluster("dummy:tiny", num_prefill=1, num_decode=2,
                    node_args=["--num-kv-blocks", "160", "--drain-timeout-s", "60"], prefill_args=prefill_args,
-                   router_args=["--policy", "round_robin", "--health-interval-s", "0.2"])
+                   router_args=["--policy", "round_robin", "--health-interval-s", "0.2", *router_args])
 
 
 @pytest.fixture
@@ -76,6 +78,35 @@ def test_a_resumed_stream_keeps_its_penalties_min_tokens_and_seed(cluster, refer
     want = reference.generate([p], params)[0].token_ids
     tokens, last, _ = generate_killing_its_decode_node(cluster, p, params)
     assert tokens == want and last.timings.num_attempts == 2
+
+
+def test_a_hung_decode_node_is_left_after_the_stream_timeout_and_the_stream_resumes():
+    """SIGSTOP (a hung node, not a dead one: its connections stay open) mid-stream: the stream
+    goes silent, the router gives up on it after --stream-timeout-s and resumes the request on
+    the other decode node; the tokens equal an undisturbed run and the gap stays within the
+    bound plus a margin. (Before, the stream froze for as long as the node hung.)"""
+    timeout_s = 2.0
+    reference = Engine(model="dummy:tiny", num_kv_blocks=512, max_model_len=2048)
+    params = SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
+    p = prompt(4, 40)
+    want = reference.generate([p], params)[0].token_ids
+    with start_cluster(router_args=["--stream-timeout-s", str(timeout_s)]) as cluster:
+        times, tokens, stopped = [], [], None
+        try:
+            for response in stream(cluster.router_address, generate_request(p, params), timeout=120):
+                times.append(time.monotonic())
+                tokens += response.token_ids
+                if stopped is None and len(tokens) > 20:
+                    stopped = running_decode(cluster)
+                    stopped.popen.send_signal(signal.SIGSTOP)
+            assert stopped is not None and tokens == want
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            assert timeout_s <= max(gaps) < timeout_s + 3.0  # the silence, then the resume
+            assert response.timings.num_attempts == 2
+        finally:
+            if stopped is not None:
+                stopped.popen.send_signal(signal.SIGCONT)
+        assert wait_for(lambda: all_blocks_free(cluster), timeout=30)  # the woken node frees its request
 
 
 def test_draining_decode_node_finishes_its_stream_and_gets_no_new_work(cluster, reference):
