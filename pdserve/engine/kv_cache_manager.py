@@ -48,8 +48,8 @@ class KVCacheManager:
         At least one token is always left to compute: the last prompt token's logits are
         needed to sample, so a fully cached prompt gives back all but its last block.
         """
-        if not self.enable_caching or request.params.prompt_logprobs is not None:
-            return []  # prompt logprobs need every prompt position computed
+        if not self.enable_caching:
+            return []
         self.update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
         tokens = request.all_token_ids

@@ -85,7 +85,9 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            hits = self.kv.get_computed_blocks(request)
+            # prompt logprobs need every prompt position computed here; a reservation for KV
+            # computed elsewhere (`reserve`) still adopts the cached blocks
+            hits = [] if request.params.prompt_logprobs is not None else self.kv.get_computed_blocks(request)
             num_cached = len(hits) * self.kv.block_size
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(request, num_new, hits):

@@ -33,6 +33,7 @@ from .pending_prefixes import PendingPrefixes
 from .validation import checked_request
 from .policy import queued_prefill_tokens
 from .progress import Chunk, Progress
+from .silence_watch import SilenceWatch, Watched
 from .prefix_index import MAX_LOOKUP_BLOCKS
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self.max_attempts = max_attempts
         self.index, self.model_fingerprint = index, model_fingerprint
         self.pending = PendingPrefixes()
-        self.stream_timeout_s = stream_timeout_s
+        self.silence = SilenceWatch(stream_timeout_s)
         self.active_ids: set[str] = set()  # request ids of the streams open now
 
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -263,7 +264,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             yield Chunk([response.first_token_id], reason, first_logprobs, response.prompt_logprobs)
             if reason is not None:
                 return
-            async for chunk in _chunks(decode_call, decode, self.stream_timeout_s):
+            async for chunk in _chunks(decode_call, decode, self.silence):
                 yield chunk
         finally:
             decode_call.cancel()  # a no-op once it finished; frees the blocks otherwise
@@ -277,7 +278,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             request_id=attempt_id, prompt_token_ids=progress.prompt + progress.sent,
             sampling=progress.remaining_params(), cache_salt=cache_salt, prefill_here=True))
         try:
-            async for chunk in _chunks(call, decode, self.stream_timeout_s, progress):
+            async for chunk in _chunks(call, decode, self.silence, progress):
                 yield chunk
         finally:
             call.cancel()  # a no-op once it finished; frees the blocks otherwise
@@ -354,36 +355,45 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                              has_tokenizer=self.tokenizer is not None, can_serve=self.can_serve())
 
 
-async def _chunks(call, decode: NodeClient, timeout: float, progress: Progress | None = None):
+async def _chunks(call, decode: NodeClient, silence: SilenceWatch, progress: Progress | None = None):
     """The Chunks of a decode stream, up to the one with a finish reason; Retry when the stream
-    ends before it, or stays silent for `timeout` seconds (a hung node: its heartbeats, empty
+    ends before it, or stays silent past the watch's bound (a hung node: its heartbeats, empty
     chunks, stopped too). `progress` (a prompt prefilled on the decode node): takes the first
     chunk's count of prompt tokens its prefix cache held."""
-    while (message := await _read(call, decode, timeout)) is not None:
-        if not message.HasField("chunk"):
-            raise Retry(f"decode node {decode.address} sent a ticket where token chunks were due", {decode})
-        chunk = message.chunk
-        if not chunk.token_ids and chunk.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
-            continue  # a heartbeat
-        if progress is not None and progress.first_at is None:
-            progress.num_cached_tokens = chunk.num_cached_tokens
-        reason = FINISH_FROM_PROTO[chunk.finish_reason]
-        yield Chunk(list(chunk.token_ids), reason, chunk.logprobs, chunk.prompt_logprobs)
-        if reason is not None:
-            return
+    watched = silence.watch(call)
+    try:
+        while (message := await _read(call, decode, watched)) is not None:
+            watched.last = time.monotonic()
+            if not message.HasField("chunk"):
+                raise Retry(f"decode node {decode.address} sent a ticket where token chunks were due", {decode})
+            chunk = message.chunk
+            if not chunk.token_ids and chunk.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+                continue  # a heartbeat
+            if progress is not None and progress.first_at is None:
+                progress.num_cached_tokens = chunk.num_cached_tokens
+            reason = FINISH_FROM_PROTO[chunk.finish_reason]
+            yield Chunk(list(chunk.token_ids), reason, chunk.logprobs, chunk.prompt_logprobs)
+            if reason is not None:
+                return
+    finally:
+        silence.unwatch(watched)
     raise Retry(f"decode node {decode.address} ended the stream early", {decode})
 
 
-async def _read(call, node: NodeClient, timeout: float | None = None):
-    """The next message of a node's stream (None at its end); node failures, and a silence of
-    `timeout` seconds, become Retry."""
+async def _read(call, node: NodeClient, watched: Watched | None = None):
+    """The next message of a node's stream (None at its end); node failures, and a call the
+    silence watch cancelled, become Retry."""
     try:
-        message = await asyncio.wait_for(call.read(), timeout)
+        message = await call.read()
     except grpc.aio.AioRpcError as e:
         raise _classify(e, node) from None
-    except TimeoutError:
-        node.mark_down(f"{node.role} node {node.address}: its stream was silent for {timeout:.1f} s")
-        raise Retry(f"{node.role} node {node.address} sent nothing for {timeout:.1f} s", {node}) from None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if watched is None or not watched.silent or (task is not None and getattr(task, "cancelling", lambda: 0)()):
+            raise  # the handler itself is cancelled (the client left): not the node's fault
+        node.mark_down(f"{node.role} node {node.address}: its stream was silent for {time.monotonic() - watched.last:.1f} s")
+        raise Retry(f"{node.role} node {node.address} sent nothing for {time.monotonic() - watched.last:.1f} s",
+                    {node}) from None
     return None if message is grpc.aio.EOF else message
 
 

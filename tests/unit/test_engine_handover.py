@@ -95,6 +95,10 @@ def test_a_reservation_adopts_cached_blocks_and_only_the_rest_is_copied(engines)
     reservation = decode.reserve(second, params, request_id="peek")
     assert reservation.num_cached_blocks == 3  # the first turn's 49 tokens: 3 full blocks
     decode.abort_request("peek")
+    # prompt logprobs make the node that computes the prompt skip its cache, not a reservation
+    logprob_params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, prompt_logprobs=1)
+    assert decode.reserve(second, logprob_params, request_id="peek2").num_cached_blocks == 3
+    decode.abort_request("peek2")
     expected = reference.generate([second], params)[0].token_ids
     assert run_disaggregated(prefill, decode, [second], [params]) == [expected]
     for engine in engines:
