@@ -104,7 +104,7 @@ def serve_receiver() -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "expect":
-            tickets = [KVTicket(**{**t, "block_ids": tuple(t["block_ids"])}) for t in cmd["tickets"]]
+            tickets = [KVTicket.from_json_dict(t) for t in cmd["tickets"]]
             results, all_done = [], threading.Event()
 
             def on_done(result, n=len(tickets)):
@@ -193,7 +193,7 @@ def connector_seconds(peer: Peer, sender, connector: str, block_ids, layers) -> 
     tickets = [KVTicket(uuid.uuid4().hex, peer.endpoint, tuple(ids), BLOCK_SIZE, CFG.num_layers,
                         CFG.num_kv_heads, CFG.head_dim, "bfloat16", time.time() + 60, "fp", connector)
                for ids in block_ids]
-    peer.send({"cmd": "expect", "tickets": [dataclasses.asdict(t) for t in tickets]})
+    peer.send({"cmd": "expect", "tickets": [t.as_json_dict() for t in tickets]})
     peer.read()
     SENT.clear()  # this run's posts only (the raw runs post on the same kind of pair)
     SENT_NCCL.clear()

@@ -183,7 +183,8 @@ def cluster_info(cluster) -> dict:
     with grpc.insecure_channel(cluster.router_address) as channel:
         router = pb_grpc.RouterServiceStub(channel).GetInfo(pb.InfoRequest(), timeout=30)
     with grpc.insecure_channel(cluster.decode[0].address) as channel:
-        decode = pb_grpc.DecodeServiceStub(channel).GetStats(pb.StatsRequest(), timeout=30)
+        decode = pb_grpc.DecodeServiceStub(channel).GetStats(pb.StatsRequest(), timeout=30,
+                                                             metadata=cluster.decode[0].metadata)
     return {"model": cluster.gateway.info["model"], "vocab_size": router.vocab_size,
             "max_model_len": router.max_model_len, "decode_kv_blocks": decode.num_kv_blocks}
 

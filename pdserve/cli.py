@@ -83,8 +83,12 @@ HELP = {
                                "than the prefill node would compute (0: only when no prefill node is healthy)",
     "stream_timeout_s": "seconds a decode stream may stay silent (its node sends a heartbeat every second "
                         "while a request waits) before the request resumes on another node",
-    "router": "the router's gRPC address",
-    "api_key": "require this key (Authorization: Bearer) on /v1/*",
+    "router": "the routers' gRPC addresses, comma-separated (a stream whose router goes away resumes on "
+              "the next)",
+    "api_key": "require this key, or one of several comma-separated (Authorization: Bearer): on the "
+               "gateway's /v1/*, on the router's Generate",
+    "cache_isolation": "shared (every client shares the prefix cache; a client may send cache_salt) or "
+                       "per-key (each API key's prefix cache apart)",
     "served_model_name": "the model name clients send (default: the router's --model)",
     "request_timeout_s": "a request running longer than this is cancelled",
 }
@@ -100,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=50051, help="the router's gRPC port (default 50051)")
     up.add_argument("--http-port", type=int, default=8000, help="the OpenAI HTTP gateway's port "
                     "(default 8000; -1: no gateway)")
-    up.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"), help="require this key on "
-                    "the gateway's /v1/* (env PDSERVE_API_KEY; the gateway gets it in its environment)")
+    up.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"), help="require this key (or one "
+                    "of several, comma-separated) on the gateway's /v1/* and the router's Generate (env "
+                    "PDSERVE_API_KEY; they get it in their environment)")
     up.add_argument("--policy", default="prefix", help="routing policy: round_robin, load or "
                     "prefix (default prefix)")
     up.add_argument("--redis-url", default=None, help="use this Redis for the prefix index and "
@@ -129,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     add_config_args(gen, EngineConfig, HELP, exclude=("keep_logits",))
+    for p in (router, gateway, *(sub.choices[n] for n in roles)):
+        p.epilog = ("The cluster secret that the components prove to each other is read from the environment only "
+                    "(env PDSERVE_CLUSTER_SECRET; the same value, 16+ characters, on every component; needed to "
+                    "listen on anything but loopback).")
     for p in (up, router, gateway, gen, *(sub.choices[n] for n in roles)):
         p.add_argument("--log-level", default="WARNING" if p in (up, gen) else "INFO",
                        help="logging level")
@@ -180,7 +189,7 @@ def run_up(args) -> int:
                       decode_args=[[*a, "--kv-connector", args.kv_connector]
                                    for a in device_args[args.num_prefill:]],
                       gateway_port=None if args.http_port < 0 else args.http_port,
-                      gateway_env={"PDSERVE_API_KEY": args.api_key} if args.api_key else None)
+                      api_key=args.api_key)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     # Ctrl-C stops the cluster even when this process was started with SIGINT ignored (an
     # ignored signal stays ignored across exec, and Python then installs no handler)
@@ -188,13 +197,15 @@ def run_up(args) -> int:
     try:
         cluster.start(progress=lambda m: print(f"pdserve: {m}", file=sys.stderr))
         address = cluster.router_address
+        env = "PDSERVE_API_KEY=<key> " if args.api_key else ""
+        grpc_key = "-H 'authorization: Bearer <key>' " if args.api_key else ""
         print(f"\npdserve is up: router at {address} (gRPC, pdserve.v1.RouterService/Generate)\n"
-              f"  try:  .venv/bin/pdserve generate --router {address} \"What is the capital of France?\"\n"
-              f"  or:   grpcurl -plaintext -d '{{\"messages\": {{\"messages\": [{{\"role\": \"user\", "
+              f"  try:  {env}.venv/bin/pdserve generate --router {address} \"What is the capital of France?\"\n"
+              f"  or:   grpcurl -plaintext {grpc_key}-d '{{\"messages\": {{\"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"Hi!\"}}]}}, \"sampling\": {{\"temperature\": 0, \"max_tokens\": 64}}}}' "
               f"{address} pdserve.v1.RouterService/Generate", file=sys.stderr)
         if cluster.gateway is not None:
-            key = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+            key = f" -H 'Authorization: Bearer {args.api_key.split(',')[0]}'" if args.api_key else ""
             print(f"  or:   curl {cluster.gateway_url}/chat/completions -H 'Content-Type: application/json'"
                   f"{key} -d '{{\"model\": \"{cluster.gateway.info['model']}\", \"messages\": "
                   f"[{{\"role\": \"user\", \"content\": \"Hi!\"}}], \"max_tokens\": 64}}'\n"

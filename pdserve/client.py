@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import grpc
@@ -26,6 +27,10 @@ def generate_request(prompt, params: SamplingParams | None = None, chat: bool = 
     return msg
 
 
-def stream(address: str, request: pb.GenerateRequest, timeout: float | None = None) -> Iterator[pb.GenerateResponse]:
+def stream(address: str, request: pb.GenerateRequest, timeout: float | None = None,
+           api_key: str | None = None) -> Iterator[pb.GenerateResponse]:
+    """`api_key` (default: the first of $PDSERVE_API_KEY) goes as `authorization: Bearer`."""
+    key = api_key if api_key is not None else os.environ.get("PDSERVE_API_KEY", "").split(",")[0].strip()
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
     with grpc.insecure_channel(address) as channel:
-        yield from pb_grpc.RouterServiceStub(channel).Generate(request, timeout=timeout)
+        yield from pb_grpc.RouterServiceStub(channel).Generate(request, timeout=timeout, metadata=metadata)

@@ -2,13 +2,15 @@
 
 `pdserve up` and the integration tests both use it. Every process binds port 0 (the router
 may be given a fixed one) and reports its ports in a ready file once it is serving, so
-nothing races for ports. Logs go to one file per process under `log_dir`.
+nothing races for ports. Logs go to one file per process under `log_dir`. The processes share
+a cluster secret (service/cluster_auth.py), made here and handed over in their environment.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,6 +18,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .service.cluster_auth import ENV as CLUSTER_SECRET_ENV
+from .service.cluster_auth import ClusterAuth
 
 
 @dataclass
@@ -27,6 +32,7 @@ class Process:
     info: dict = field(default_factory=dict)  # from the ready file: port, metrics_port, kv_port, pid
     args: list[str] = field(default_factory=list)  # what it was started with (after the role)
     role: str = ""
+    metadata: tuple = ()  # what a call to its services must carry: the cluster secret
 
     @property
     def address(self) -> str:
@@ -49,12 +55,16 @@ class Cluster:
     start a redis-server (stopped with the cluster); or a URL. With Redis, the nodes register
     there and the router finds them there. `gateway_port` (0: any free port): also run the
     OpenAI HTTP gateway over the router; `gateway_env` adds to its environment (secrets such
-    as PDSERVE_API_KEY go there: a command line is visible to every user of the machine)."""
+    as PDSERVE_API_KEY go there: a command line is visible to every user of the machine).
+    `cluster_secret`: shared by every process (default: a new random one). `api_key`: one or
+    several comma-separated keys that the gateway and the router's gRPC API require.
+    `num_routers`: routers over the same nodes (the gateway uses them all; `router` is the first)."""
 
     def __init__(self, model: str, num_prefill: int = 1, num_decode: int = 1, router_port: int = 0,
                  node_args: list[str] = (), prefill_args=(), decode_args=(), router_args=(),
                  log_dir: str | None = None, log_level: str = "INFO", redis: str | None = None,
-                 gateway_port: int | None = None, gateway_args=(), gateway_env: dict[str, str] | None = None):
+                 gateway_port: int | None = None, gateway_args=(), gateway_env: dict[str, str] | None = None,
+                 cluster_secret: str | None = None, api_key: str | None = None, num_routers: int = 1):
         if num_prefill < 0 or num_decode < 1:
             raise ValueError("a cluster needs at least one decode node (and no prefill node: aggregated serving)")
         self.model, self.num_prefill, self.num_decode = model, num_prefill, num_decode
@@ -69,14 +79,21 @@ class Cluster:
         self.local_redis = None
         self.gateway_port, self.gateway_args = gateway_port, list(gateway_args)
         self.gateway_env = dict(gateway_env or {})
+        self.auth = ClusterAuth(cluster_secret or secrets.token_urlsafe(32))
+        self.api_key_env = {"PDSERVE_API_KEY": api_key} if api_key else {}  # router and gateway
+        self.num_routers = num_routers
         self.gateway: Process | None = None
         self.prefill: list[Process] = []
         self.decode: list[Process] = []
-        self.router: Process | None = None
+        self.routers: list[Process] = []
 
     @property
     def processes(self) -> list[Process]:
-        return self.prefill + self.decode + [p for p in (self.router, self.gateway) if p]
+        return self.prefill + self.decode + self.routers + [p for p in (self.gateway,) if p]
+
+    @property
+    def router(self) -> Process | None:
+        return self.routers[0] if self.routers else None
 
     @property
     def router_address(self) -> str:
@@ -105,13 +122,14 @@ class Cluster:
             self._wait_ready(self.prefill + self.decode, timeout, progress)
             nodes = registry or ["--prefill-nodes", ",".join(p.address for p in self.prefill),
                                  "--decode-nodes", ",".join(p.address for p in self.decode)]
-            self.router = self._spawn("router", "router", [
-                "--model", self.model, "--port", str(self.router_port), *nodes, *self.router_args])
-            self._wait_ready([self.router], timeout, progress)
+            self.routers = [self._spawn("router" if i == 0 else f"router-{i}", "router", [
+                "--model", self.model, "--port", str(self.router_port if i == 0 else 0), *nodes, *self.router_args],
+                self.api_key_env) for i in range(self.num_routers)]
+            self._wait_ready(self.routers, timeout, progress)
             if self.gateway_port is not None:
                 self.gateway = self._spawn("gateway", "gateway", [
-                    "--router", self.router_address, "--port", str(self.gateway_port), *self.gateway_args],
-                    self.gateway_env)
+                    "--router", ",".join(r.address for r in self.routers), "--port", str(self.gateway_port), *self.gateway_args],
+                    {**self.api_key_env, **self.gateway_env})
                 self._wait_ready([self.gateway], timeout, progress)
         except BaseException:
             self.stop()
@@ -127,8 +145,9 @@ class Cluster:
                *metrics, "--ready-file", str(ready), "--log-level", self.log_level, *args]
         with open(log, "w") as out:
             popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
-        return Process(name, popen, ready, log, args=list(args), role=role)
+                                     env={**os.environ, CLUSTER_SECRET_ENV: self.auth.secret, **(env or {})},
+                                     start_new_session=True)
+        return Process(name, popen, ready, log, args=list(args), role=role, metadata=self.auth.metadata)
 
     def restart(self, name: str, timeout: float = 120.0) -> Process:
         """Kills a node (SIGKILL: no drain, no goodbye to Redis) and starts it again on the same

@@ -8,6 +8,7 @@ import logging
 from pdserve.engine.config import EngineConfig
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
+from pdserve.service.cluster_auth import check_exposure
 from pdserve.service.node_registration import register
 from pdserve.service.server import Server, service_name
 
@@ -30,7 +31,9 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
 
     server = Server(service_name("DecodeService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
-    servicer = DecodeServicer(config.reservation_timeout_s, config.kv_connector, config.max_queued_requests)
+    check_exposure(config.kv_host, server.auth, "the KV receiver")
+    servicer = DecodeServicer(config.reservation_timeout_s, config.kv_connector, config.max_queued_requests,
+                              server.auth)
     servicer.server = server
     pb_grpc.add_DecodeServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads

@@ -29,6 +29,7 @@ from pdserve.kv_transfer.connector import KVReceiver, KVTicket, TransferResult
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
+from pdserve.service.cluster_auth import ClusterAuth
 from pdserve.service.convert import (FINISH_TO_PROTO, logprobs_to_proto, sampling_from_proto, stats_to_proto,
                                      ticket_to_proto)
 from pdserve.service.server import Drainable, abort
@@ -41,8 +42,10 @@ log = logging.getLogger(__name__)
 class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
     """Registered before the model loads (so health answers at once); `attach` makes it work."""
 
-    def __init__(self, reservation_timeout_s: float, kv_connector: str = "tcp", max_queued_requests: int = 256):
+    def __init__(self, reservation_timeout_s: float, kv_connector: str = "tcp", max_queued_requests: int = 256,
+                 auth: ClusterAuth = ClusterAuth()):
         super().__init__()
+        self.auth = auth  # signs the tickets: prefill nodes send only where a member asked
         self.reservation_timeout_s = reservation_timeout_s
         self.kv_connector = kv_connector
         self.admission = AdmissionQueue(max_queued_requests)
@@ -97,6 +100,7 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                     await abort(context, grpc.StatusCode.ABORTED, f"{request_id}: reservation lost")
                 if admitted.finished:  # the first token already ended it (EOS, max_tokens 1)
                     finished = True
+                    metrics.requests_total.labels("decode", "ok").inc()
                     yield _chunk([], admitted.finish_reason)
                     return
             self._start_beats()
@@ -116,10 +120,11 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                 if None in outputs:
                     await abort(context, grpc.StatusCode.INTERNAL, f"{request_id}: engine step failed")
                 finished = outputs[-1].finished
+                if finished:  # counted before the last yield: the caller may close the stream on it
+                    metrics.requests_total.labels("decode", "ok").inc()
                 yield _chunk([t for o in outputs for t in o.new_token_ids], outputs[-1].finish_reason,
                              outputs[0].num_cached_tokens, [lp for o in outputs for lp in o.logprobs or ()],
                              outputs[0].prompt_logprobs or ())
-            metrics.requests_total.labels("decode", "ok").inc()
         finally:
             self.active.discard(request_id)
             self.loop.close_stream(request_id)
@@ -163,11 +168,11 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
             await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode node is full: {e}")
         cfg, runner = self.engine.model_config, self.engine.runner
         num_cached = reservation.num_cached_blocks
-        return KVTicket(uuid.uuid4().hex, self.receiver.endpoint, tuple(reservation.block_ids[num_cached:]),
-                        self.engine.config.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                        str(runner.dtype).removeprefix("torch."),
-                        time.time() + self.reservation_timeout_s, self.engine.fingerprint,
-                        self.kv_connector, num_cached)
+        return self.auth.sign(KVTicket(  # with a fresh secret (the ticket's own) for the sender to prove
+            uuid.uuid4().hex, self.receiver.endpoint, tuple(reservation.block_ids[num_cached:]),
+            self.engine.config.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+            str(runner.dtype).removeprefix("torch."), time.time() + self.reservation_timeout_s,
+            self.engine.fingerprint, self.kv_connector, num_cached))
 
     async def _await_transfer(self, transfer: asyncio.Future, ticket: KVTicket, request_id: str,
                               context) -> int:

@@ -154,7 +154,7 @@ class FrameChannel:
             elif isinstance(item, DoneItem):
                 self.send_done(item.out, item.first_token_id)
             else:
-                self._write(abort_frame(item.out.ticket.transfer_key))
+                self._write(item.out.ticket, abort_frame(item.out.ticket.transfer_key, item.out.ticket.secret))
                 self.settle(item.out)
         except Exception as e:  # noqa: BLE001  (whatever broke, the transfers fail; the thread lives)
             self._disconnect()
@@ -205,13 +205,15 @@ class FrameChannel:
             log.warning("kv receiver %s closed the connection; reconnecting", self.endpoint)
             self._disconnect()
 
-    def _write(self, *parts) -> None:
+    def _write(self, ticket: KVTicket, *parts) -> None:
+        """Writes `parts`, frames of `ticket`'s transfer, connecting first if need be (a
+        connection that must open with a proof makes it with `ticket`: nccl.py)."""
         if self.sock is None:
-            self._connect()
+            self._connect(ticket)
         for part in parts:
             self.sock.sendall(part)
 
-    def _connect(self) -> None:
+    def _connect(self, ticket: KVTicket) -> None:
         host, port = split_endpoint(self.endpoint)
         self.sock = socket.create_connection((host, port), timeout=self.sender.connect_timeout)
         self.sock.settimeout(60.0)

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import dataclasses
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from .frame import DTYPE_SIZES
+from .proof import new_secret
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,29 @@ class KVTicket:
     model_fingerprint: str
     connector: str = "tcp"
     num_cached_blocks: int = 0  # the prompt's leading blocks the decode node holds: not sent
+    # what the sender proves on the KV channel (kv_transfer/proof.py); made by the decode node
+    secret: bytes = field(default_factory=new_secret, repr=False)
+    # the issuing decode node's signature under the cluster secret (service/cluster_auth.py):
+    # a prefill node sends KV only to endpoints that a member of its cluster named
+    signature: bytes = field(default=b"", repr=False)
+
+    def signed_part(self) -> bytes:
+        """Every field but the signature, in a fixed encoding: what the signature covers."""
+        fields = self.as_json_dict()
+        del fields["signature"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+    def as_json_dict(self) -> dict:
+        """The fields as JSON takes them (bytes as hex): for peers in other processes (tests,
+        benchmarks); the nodes send tickets as protobuf."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "block_ids": list(self.block_ids), "secret": self.secret.hex(),
+                "signature": self.signature.hex()}
+
+    @classmethod
+    def from_json_dict(cls, fields: dict) -> "KVTicket":
+        return cls(**{**fields, "block_ids": tuple(fields["block_ids"]), "secret": bytes.fromhex(fields["secret"]),
+                      "signature": bytes.fromhex(fields["signature"])})
 
     @cached_property  # read for every layer sent and received
     def transfer_key(self) -> bytes:

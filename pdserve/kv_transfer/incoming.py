@@ -4,6 +4,7 @@ connection (`Connection`)."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -66,6 +67,8 @@ class Connection:
     buffer: bytearray = field(default_factory=bytearray)  # reused for payloads read off the socket
     transfers: set[bytes] = field(default_factory=set)  # transfer keys that had frames here
     watch_until: float = 0.0  # time.monotonic(): a pair connection's reader polls until then
+    opened_at: float = field(default_factory=time.monotonic)
+    proven: bool = False  # a frame here proved a live ticket's secret (receiver.py `_proven`)
 
     @property
     def pair(self):

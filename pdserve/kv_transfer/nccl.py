@@ -122,10 +122,10 @@ class PairChannel(FrameChannel):
         super()._run()
         self.completions.close()
 
-    def _connect(self) -> None:
-        super()._connect()
+    def _connect(self, ticket: KVTicket) -> None:
+        super()._connect(ticket)
         offer, store = ProcessGroupPair.offer(self.sock.getsockname()[0], self.sender.device)
-        self.sock.sendall(pair_frame(offer.pack()))
+        self.sock.sendall(pair_frame(offer.pack(), ticket.transfer_key, ticket.secret))
         self.pair = ProcessGroupPair.create(offer, 0, self.sender.device, self.sender.transfer_timeout,
                                             store=store)
         self.pair.use_stream()  # this channel's thread posts every op of the pair
@@ -187,10 +187,10 @@ class PairChannel(FrameChannel):
     def _connected(self) -> bool:
         return self.pair is not None and not self.broken and super()._connected()
 
-    def _write(self, *parts) -> None:
+    def _write(self, ticket: KVTicket, *parts) -> None:
         if self.broken:  # a transfer timed out on this pair: every frame goes on a new one
             self._disconnect()
-        super()._write(*parts)
+        super()._write(ticket, *parts)
 
     def send_layers(self, entries: list[LayerEntry]) -> None:
         """One GROUP frame with an entry per layer, then the group's bytes as one message: layers
@@ -198,8 +198,8 @@ class PairChannel(FrameChannel):
         costs far less than the host time of an NCCL op per tensor, which bounds throughput."""
         if not entries:
             return
-        self._write(group_frame([(e.out.ticket.transfer_key, e.layer, e.out.ticket.layer_bytes)
-                                 for e in entries]))
+        self._write(entries[0].out.ticket, group_frame([
+            (e.out.ticket.transfer_key, e.layer, e.out.ticket.layer_bytes, e.out.ticket.secret) for e in entries]))
         waited = None
         for e in entries:
             if e.ready is not None and e.ready is not waited:  # layers sent together share one
@@ -219,8 +219,8 @@ class PairChannel(FrameChannel):
             return self.settle(out)
         checksums = [0] * out.ticket.num_layers
         frame = done_frame(out.ticket.transfer_key, first_token_id, len(out.layer_checksums),
-                           summary_checksum(checksums))
-        self._write(frame)
+                           summary_checksum(checksums), out.ticket.secret)
+        self._write(out.ticket, frame)
         out.num_bytes += len(frame)
         done_at = time.monotonic()
         deadline = done_at + self.sender.transfer_timeout

@@ -22,7 +22,7 @@ from pdserve.engine.host_copy import to_device
 from pdserve.engine.kv_pool import layer_rows
 from pdserve.engine.private_apis import tight_timer_slack
 
-from .frame import FrameError, FrameHeader, MAX_GROUP, GROUP_ENTRY, group_entries
+from .frame import GROUP_ENTRY, MAX_GROUP, FrameError, FrameHeader, GroupEntry, group_entries
 from .nccl import GROUP_BYTES
 from .pair import ProcessGroupPair
 from .sockets import recv_exact
@@ -81,7 +81,7 @@ class PairPayloads:
         raise FrameError("KV frame on a pair connection (its layers come in GROUP frames)")
 
     def on_group(self, header: FrameHeader) -> None:
-        """A GROUP frame: N (transfer, layer, num_bytes) entries, then their payloads as one
+        """A GROUP frame: N (transfer, layer, num_bytes, tag) entries, then their payloads as one
         group over the process group."""
         if header.num_bytes > MAX_GROUP * GROUP_ENTRY.size:
             raise FrameError("unexpected GROUP frame")
@@ -91,15 +91,15 @@ class PairPayloads:
         payload = recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
         self.recv_group(group_entries(header, payload))  # entries copy out what they keep
 
-    def recv_group(self, entries: list[tuple[bytes, int, int]]) -> None:
+    def recv_group(self, entries: list[GroupEntry]) -> None:
         """One GROUP's bytes in one receive into staging, then every block of its layers into
         the reserved blocks with one copy (a pool row per block of K or V: `_scatter`). `entries`:
-        (transfer id, layer, num_bytes) each. The receive is posted first and each entry is
+        GroupEntry each (its tag proves its ticket's secret). The receive is posted first and each entry is
         checked against its ticket while the bytes move: nothing reaches a block before that.
         A transfer nobody expects any more has its bytes dropped."""
-        if any(num_bytes % (2 * self.row_bytes) for *_, num_bytes in entries):
+        if any(e.num_bytes % (2 * self.row_bytes) for e in entries):
             raise FrameError("a layer that is not K and V of whole blocks of this cache")
-        num_rows = [num_bytes // self.row_bytes for *_, num_bytes in entries]
+        num_rows = [e.num_bytes // self.row_bytes for e in entries]
         total_rows = sum(num_rows)
         if total_rows * self.row_bytes > max(GROUP_BYTES, self.receiver.max_frame_bytes):
             raise FrameError(f"a group of {total_rows * self.row_bytes} bytes")
@@ -108,7 +108,7 @@ class PairPayloads:
         flat = torch.empty((total_rows, self.rows.shape[1]), dtype=self.rows.dtype, device=self.rows.device)
         self.pair.recv_many([flat])
         found = self.receiver.admit_entries(self.conn, entries)
-        kept = [(incoming, layer) for incoming, (_, layer, _) in zip(found, entries) if incoming is not None]
+        kept = [(incoming, e.layer) for incoming, e in zip(found, entries) if incoming is not None]
         if not kept:
             return
         if len(kept) < len(entries):

@@ -9,6 +9,13 @@ process group, announced by GROUP frames. Both land on a stream of the receiver'
 settle a transfer only once its copies have run, so the decode node admits a request only
 when its KV is in the blocks and its decode steps never wait for a landing.
 
+Who may write (kv_transfer/proof.py): a frame that names a transfer must carry the tag of
+that ticket's secret; the receiver checks it before it reads the payload or allocates a byte
+for it. A connection's first frame must be proven so (a frame for an unknown transfer there
+closes it), and a connection with no proven frame `proof_timeout` after it opened is closed;
+at most `max_connections` are open at once. A proven connection's frames for transfers nobody
+expects any more (cancelled meanwhile) are read past in small pieces, into nothing new.
+
 Timeouts, in one place (`_watch`): a ticket whose first bytes have not come by its deadline
 (the reservation's: the prefill may queue that long) fails, and so does a transfer not done
 `transfer_timeout` after its first bytes came. When a connection ends, the transfers that had
@@ -29,7 +36,8 @@ from pdserve.engine.kv_pool import pool_rows
 
 from .completions import Completions
 from .connector import KVReceiver, KVTicket, TransferResult
-from .frame import DONE, GROUP_ENTRY, HEADER_SIZE, FrameError, FrameHeader, FrameType, checksum, summary_checksum
+from .frame import (DONE, GROUP_ENTRY, HEADER_SIZE, FrameError, FrameHeader, FrameType, GroupEntry, checksum,
+                    summary_checksum)
 from .incoming import Connection, Incoming
 from .nccl_receiver import PairPayloads
 from .pair import MAX_OFFER_BYTES, PairOffer
@@ -45,6 +53,7 @@ log = logging.getLogger(__name__)
 WATCH_S = 20e-3
 POLL_S = 20e-6  # the watch's look at the socket
 WATCHDOG_S = 0.1  # how often `_watch` looks for transfers past their time
+DISCARD_BYTES = 256 << 10  # a dropped payload is read through a buffer this big, shared by all
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,19 +62,24 @@ class KVSocketReceiver(KVReceiver):
     """Listens on `host:port` (port 0: any free one) and writes transfers into `kv_caches`, a
     list of (k_cache, v_cache) per layer, each [num_blocks, block_size, num_kv_heads, head_dim].
     `transfer_timeout`: seconds a transfer may take from its first bytes to its last landing;
-    `pair_timeout`: joining a pair's process group (nccl)."""
+    `pair_timeout`: joining a pair's process group (nccl); `proof_timeout`: how long a connection
+    may stay open without a proven frame; `max_connections`: open connections at most."""
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], host: str = "127.0.0.1",
                  port: int = 0, advertise_host: str | None = None, in_place: bool | None = None,
-                 pair_timeout: float = 30.0, transfer_timeout: float = 30.0):
+                 pair_timeout: float = 30.0, transfer_timeout: float = 30.0, proof_timeout: float = 10.0,
+                 max_connections: int = 256):
         self.kv_caches = kv_caches
         self.pair_timeout = pair_timeout
         self.transfer_timeout = transfer_timeout
+        self.proof_timeout = proof_timeout
+        self.max_connections = max_connections
         self.device = kv_caches[0][0].device
         # host caches take payloads straight from the socket; device caches via pinned staging
         self.in_place = self.device.type == "cpu" if in_place is None else in_place
-        # a frame for an unknown transfer is discarded only up to one whole layer of the cache
+        # a frame for an unknown transfer is read past only up to one whole layer of the cache
         self.max_frame_bytes = 2 * kv_caches[0][0].nbytes
+        self._discard = memoryview(bytearray(DISCARD_BYTES))  # what it is read into: bytes nobody reads
         self.pool_rows = pool_rows(kv_caches)  # one row per block of K or V; the nccl connector needs it
         cuda = self.device.type == "cuda"
         # landings run here, never on the stream the decode steps run on
@@ -81,6 +95,7 @@ class KVSocketReceiver(KVReceiver):
         self.num_bytes_received = 0
         self.num_failed = 0
         self.num_bad_connections = 0
+        self.num_refused_connections = 0  # over `max_connections`
         threading.Thread(target=self._accept, name="kv-accept", daemon=True).start()
         threading.Thread(target=self._watch, name="kv-watchdog", daemon=True).start()
 
@@ -140,14 +155,13 @@ class KVSocketReceiver(KVReceiver):
     # ---- what the payload paths call ----------------------------------------------------
 
     def admit(self, conn: Connection, header: FrameHeader) -> Incoming | None:
-        """The transfer a KV, DONE or ABORT frame belongs to, checked against its ticket, or None
-        when nobody expects it any more (its payload is dropped). Raises FrameError on a frame
-        that does not match its ticket: the stream cannot be trusted, so the connection closes."""
-        with self._lock:
-            incoming = self._tickets.get(header.transfer_id)
+        """The transfer a KV, DONE or ABORT frame belongs to, proven and checked against its
+        ticket, or None when nobody expects it any more (its payload is dropped). Raises
+        FrameError on a frame that is not proven or does not match its ticket: the stream cannot
+        be trusted, so the connection closes (a frame not proven fails no transfer: whoever sent
+        it holds none)."""
+        incoming = self._proven(conn, header)
         if incoming is None:
-            if header.num_bytes > self.max_frame_bytes:
-                raise FrameError(f"frame of {header.num_bytes} bytes for an unknown transfer")
             return None
         try:
             _check(incoming, header)
@@ -158,17 +172,37 @@ class KVSocketReceiver(KVReceiver):
             self._track(conn, [incoming])
         return incoming
 
-    def admit_entries(self, conn: Connection, entries: list[tuple[bytes, int, int]]) -> list[Incoming | None]:
-        """The transfer of each GROUP entry ((transfer id, layer, num_bytes); no dtype or
-        shape: they are the ticket's), checked against its ticket and counted at once, so the
-        same layer twice, even in one group, is refused; None where nobody expects the
-        transfer any more (its bytes are dropped). Raises FrameError on an entry that does not
-        fit its ticket, which fails. One lock for the whole group: a group may carry a layer of
-        each of many transfers."""
+    def _proven(self, conn: Connection, header: FrameHeader) -> Incoming | None:
+        """The live transfer `header` names, once its tag proves the ticket's secret; None for
+        a transfer nobody expects on a connection proven before. Raises FrameError otherwise."""
         with self._lock:
-            found = [self._tickets.get(transfer_id) for transfer_id, _, _ in entries]
+            incoming = self._tickets.get(header.transfer_id)
+        if incoming is None:
+            if not conn.proven:
+                raise FrameError(f"{header.type.name} frame for an unknown transfer before any proven frame")
+            if header.num_bytes > self.max_frame_bytes:
+                raise FrameError(f"frame of {header.num_bytes} bytes for an unknown transfer")
+            return None
+        if not header.proven_by(incoming.ticket.secret):
+            raise FrameError(f"{header.type.name} frame not proven for transfer {incoming.ticket.transfer_id}")
+        conn.proven = True
+        return incoming
+
+    def admit_entries(self, conn: Connection, entries: list[GroupEntry]) -> list[Incoming | None]:
+        """The transfer of each GROUP entry (no dtype or shape: they are the ticket's), proven
+        and checked against its ticket and counted at once, so the same layer twice, even in one
+        group, is refused; None where nobody expects the transfer any more (its bytes are
+        dropped). Raises FrameError on an entry not proven (the connection closes), or that does
+        not fit its ticket (which fails). One lock for the whole group: a group may carry a layer
+        of each of many transfers."""
+        with self._lock:
+            found = [self._tickets.get(entry.transfer_id) for entry in entries]
+        for entry, incoming in zip(entries, found):
+            if incoming is not None and not entry.proven_by(incoming.ticket.secret):
+                raise FrameError(f"GROUP entry not proven for transfer {incoming.ticket.transfer_id}")
+        with self._lock:
             self._track(conn, [incoming for incoming in found if incoming is not None])
-        for (_, layer, num_bytes), incoming in zip(entries, found):
+        for (_, layer, num_bytes, _), incoming in zip(entries, found):
             if incoming is None:  # its bytes are in the group's receive already (sized by the caller)
                 continue
             error = _layer_error(incoming, layer, num_bytes)
@@ -218,16 +252,21 @@ class KVSocketReceiver(KVReceiver):
                 sock, addr = self._server.accept()
             except OSError:
                 return
+            if self.num_connections >= self.max_connections:
+                self.num_refused_connections += 1
+                log.warning("kv receiver: refusing a connection from %s: %d open already", addr, self.max_connections)
+                sock.close()
+                continue
             tune_socket(sock)
-            threading.Thread(target=self._serve, args=(sock, addr), name=f"kv-recv-{addr[1]}", daemon=True).start()
+            conn = Connection(sock, addr)
+            with self._lock:
+                self._connections.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name=f"kv-recv-{addr[1]}", daemon=True).start()
 
-    def _serve(self, sock: socket.socket, addr) -> None:
+    def _serve(self, conn: Connection) -> None:
         """Reads frames until the peer closes. Transfers that had frames on this connection
         and have not settled fail when it ends: the sender cannot finish them any more."""
-        conn = Connection(sock, addr)
         conn.payloads = TcpPayloads(self, conn)  # this thread's current stream: the copy stream
-        with self._lock:
-            self._connections.add(conn)
         try:
             while True:
                 if conn.pair is not None:  # a run of layers may be coming: look, do not sleep
@@ -235,10 +274,7 @@ class KVSocketReceiver(KVReceiver):
                 head = recv_exact(conn.sock, memoryview(bytearray(HEADER_SIZE)))
                 if head is None:
                     return  # clean close between frames
-                header = FrameHeader.unpack(bytes(head))
-                if len(conn.buffer) < header.num_bytes <= self.max_frame_bytes:
-                    conn.buffer = bytearray(header.num_bytes)
-                self._on_frame(conn, header)
+                self._on_frame(conn, FrameHeader.unpack(bytes(head)))
                 conn.watch_until = time.monotonic() + WATCH_S
         except (FrameError, ConnectionError, OSError, RuntimeError, ValueError) as e:
             self.num_bad_connections += 1
@@ -264,11 +300,10 @@ class KVSocketReceiver(KVReceiver):
             return
         incoming = self.admit(conn, header)
         if incoming is None:  # cancelled or expired: read past it
-            recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
-            return
+            return self._read_past(conn, header.num_bytes)
         if kind is FrameType.KV:
             return conn.payloads.on_layer(incoming, header)
-        payload = recv_exact(conn.sock, memoryview(conn.buffer)[:header.num_bytes], eof_ok=False)
+        payload = recv_exact(conn.sock, memoryview(bytearray(header.num_bytes)), eof_ok=False)  # _check: small
         incoming.num_bytes += HEADER_SIZE + header.num_bytes
         if checksum(payload) != header.payload_checksum:
             self.fail(incoming, f"checksum mismatch in {kind.name} frame")
@@ -277,10 +312,17 @@ class KVSocketReceiver(KVReceiver):
         else:
             self.fail(incoming, "the sender aborted the transfer")
 
+    def _read_past(self, conn: Connection, num_bytes: int) -> None:
+        for start in range(0, num_bytes, DISCARD_BYTES):
+            recv_exact(conn.sock, self._discard[:min(DISCARD_BYTES, num_bytes - start)], eof_ok=False)
+
     def _open_pair(self, conn: Connection, header: FrameHeader) -> None:
-        """A PAIR frame: this connection's KV payloads come over a process group from now on."""
+        """A PAIR frame, proven by the ticket of a live transfer: this connection's KV payloads
+        come over a process group from now on."""
         if conn.pair is not None or not 0 < header.num_bytes <= MAX_OFFER_BYTES:
             raise FrameError("unexpected PAIR frame")
+        if self._proven(conn, header) is None:
+            raise FrameError("PAIR frame for a transfer nobody expects")
         payload = recv_exact(conn.sock, memoryview(bytearray(header.num_bytes)), eof_ok=False)
         if checksum(payload) != header.payload_checksum:
             raise FrameError("checksum mismatch in PAIR frame")
@@ -320,6 +362,11 @@ class KVSocketReceiver(KVReceiver):
                 late = [i for i in self._tickets.values()
                         if (i.started_at is None and wall > i.ticket.deadline)
                         or (i.started_at is not None and now > i.started_at + self.transfer_timeout)]
+                unproven = [c for c in self._connections if not c.proven and now > c.opened_at + self.proof_timeout]
+            for conn in unproven:
+                log.warning("kv receiver: closing %s: no proven frame %.0fs after it opened", conn.addr,
+                            self.proof_timeout)
+                conn.shutdown()
             for incoming in late:
                 if incoming.started_at is None:
                     self.fail(incoming, "no KV arrived before the reservation's deadline", timed_out=True)

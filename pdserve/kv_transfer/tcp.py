@@ -37,7 +37,9 @@ class TcpPayloads:
         if self.copy_stream is not None:
             staging = torch.empty(header.num_bytes, dtype=torch.uint8, pin_memory=True)
             payload = memoryview(staging.numpy())
-        else:
+        else:  # the frame is proven (receiver.py `admit`): its bytes may have room
+            if len(self.conn.buffer) < header.num_bytes:
+                self.conn.buffer = bytearray(header.num_bytes)
             staging, payload = None, memoryview(self.conn.buffer)[:header.num_bytes]
         value = recv_checksummed(self.conn.sock, payload)
         incoming.num_bytes += HEADER_SIZE + header.num_bytes

@@ -108,20 +108,21 @@ class TcpChannel(FrameChannel):
         out, layer, staged = entry.out, entry.layer, entry.staged
         entry.ready()
         payload = staged.view(-1).view(torch.uint8).numpy()
-        header = kv_frame(out.ticket.transfer_key, layer, out.ticket.dtype, tuple(staged.shape), payload)
+        header = kv_frame(out.ticket.transfer_key, layer, out.ticket.dtype, tuple(staged.shape), payload,
+                          out.ticket.secret)
         out.layer_checksums[layer] = FrameHeader.unpack(header).payload_checksum
         if layer == 0 and self.sender.take_corruption():
             payload = payload.copy()
             payload[len(payload) // 2] ^= 0xFF
             log.warning("test hook: corrupting kv transfer %s", out.ticket.transfer_id)
-        self._write(header, payload)
+        self._write(out.ticket, header, payload)
         out.num_bytes += HEADER_SIZE + payload.nbytes
 
     def send_done(self, out: Outgoing, first_token_id: int) -> None:
         if out.error is None:
             checksums = [out.layer_checksums.get(i, 0) for i in range(out.ticket.num_layers)]
             frame = done_frame(out.ticket.transfer_key, first_token_id, len(out.layer_checksums),
-                               summary_checksum(checksums))
-            self._write(frame)
+                               summary_checksum(checksums), out.ticket.secret)
+            self._write(out.ticket, frame)
             out.num_bytes += len(frame)
         self.settle(out)

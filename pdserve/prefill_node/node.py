@@ -28,7 +28,7 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     check_device_turns(config.device_turns)
     server = Server(service_name("PrefillService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s)
-    servicer = PrefillServicer(config.kv_test_hold_prefill_s)
+    servicer = PrefillServicer(config.kv_test_hold_prefill_s, server.auth)
     servicer.server = server
     pb_grpc.add_PrefillServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads

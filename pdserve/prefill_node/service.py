@@ -28,6 +28,7 @@ from pdserve.kv_transfer.senders import SenderByConnector
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
+from pdserve.service.cluster_auth import ClusterAuth
 from pdserve.service.convert import (FINISH_TO_PROTO, logprobs_to_proto, sampling_from_proto, stats_to_proto,
                                      ticket_from_proto)
 from pdserve.service.server import Drainable, abort
@@ -38,8 +39,9 @@ log = logging.getLogger(__name__)
 class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
     """Registered before the model loads (so health answers at once); `attach` makes it work."""
 
-    def __init__(self, test_hold_s: float = 0.0):
+    def __init__(self, test_hold_s: float = 0.0, auth: ClusterAuth = ClusterAuth()):
         super().__init__()
+        self.auth = auth  # a ticket must be signed by a decode node of the cluster
         self.test_hold_s = test_hold_s  # test hook: each prompt waits this long, as if queued
         self.loop: EngineLoop | None = None
         self.tickets: dict[str, KVTicket] = {}  # request_id -> where its KV goes
@@ -152,6 +154,10 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
         asyncio.wrap_future(transfer).add_done_callback(sent)
 
     def _ticket_problem(self, ticket: KVTicket, num_prompt_tokens: int) -> str | None:
+        if not self.auth.issued_by_member(ticket):  # else anyone could name an endpoint to send to
+            return "not signed by a decode node of this cluster"
+        if not ticket.secret:
+            return "no secret to prove on the KV channel"
         cfg, engine = self.engine.model_config, self.engine
         mine = (engine.fingerprint, engine.config.block_size, cfg.num_layers, cfg.num_kv_heads,
                 cfg.head_dim, str(engine.runner.dtype).removeprefix("torch."))

@@ -33,14 +33,16 @@ class RouterConfig:
     health_interval_s: float = 0.5
     drain_timeout_s: float = 30.0
     ready_file: str | None = None
+    api_key: str | None = None  # one or several (comma-separated): Generate needs one of them when set
+    cache_isolation: str = "shared"  # shared | per-key: each API key's prefix cache apart (api_keys.py)
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    router: str = "127.0.0.1:50051"
-    api_key: str | None = None  # required as "Authorization: Bearer <key>" on /v1/* when set
+    router: str = "127.0.0.1:50051"  # one or several (comma-separated): a stream outlives its router
+    api_key: str | None = None  # one or several (comma-separated): "Authorization: Bearer <key>" on /v1/*
     served_model_name: str | None = None  # default: the router's --model
     request_timeout_s: float = 600.0
     ready_file: str | None = None

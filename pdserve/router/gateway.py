@@ -13,7 +13,6 @@ UNAVAILABLE 503, DEADLINE_EXCEEDED 504.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -24,12 +23,15 @@ import prometheus_client as prom
 from aiohttp import web
 
 from pdserve.protos import pdserve_pb2 as pb
-from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 
+from pdserve.service.cluster_auth import ClusterAuth
+
+from .api_keys import ApiKeys, bearer_key
 from .config import GatewayConfig
 from .merged_calls import MergedCall
 from .openai_api import (FINISH_REASONS, APIError, Choice, ParsedRequest, chunk_body, parse_request, response_body,
                          total_usage, whole_answer_chunks)
+from .router_calls import Routers, parse_routers
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,9 @@ gateway_added = prom.Histogram("pdserve_gateway_added_seconds", "Gateway: latenc
 class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
-        self.channel = grpc.aio.insecure_channel(config.router)
-        self.stub = pb_grpc.RouterServiceStub(self.channel)
+        self.routers = Routers(parse_routers(config.router))
+        self.api_keys = ApiKeys(config.api_key)
+        self.cluster_metadata = ClusterAuth.from_env().metadata  # the router knows a member by it
         self.model_name = config.served_model_name
         self.started = int(time.time())
 
@@ -83,12 +86,10 @@ class Gateway:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        """`Authorization: Bearer <key>` on /v1/* when a key is set (the scheme in any case, as
+        """`Authorization: Bearer <key>` on /v1/* when keys are set (the scheme in any case, as
         HTTP has it); a 401 says how to authenticate (WWW-Authenticate)."""
-        key = self.config.api_key
-        if key and request.path.startswith("/v1/"):
-            scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        if self.api_keys.enabled and request.path.startswith("/v1/"):
+            if not self.api_keys.valid(bearer_key(request.headers.get("Authorization"))):
                 raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                                code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="pdserve"'})
         return await handler(request)
@@ -123,7 +124,7 @@ class Gateway:
 
     async def _info(self) -> pb.RouterInfo:
         try:
-            return await self.stub.GetInfo(pb.InfoRequest(), timeout=2.0)
+            return await self.routers.info(timeout=2.0)
         except grpc.aio.AioRpcError as e:
             raise APIError(503, f"router at {self.config.router} unavailable: {e.details()}") from None
 
@@ -145,7 +146,7 @@ class Gateway:
         calls = []
         for i, generate in enumerate([parsed.generate, *parsed.more]):
             generate.request_id = request_id if i == 0 else f"{request_id}-p{i}"
-            calls.append(self.stub.Generate(generate, timeout=self.config.request_timeout_s))
+            calls.append(self.routers.generate(generate, self.config.request_timeout_s, self._metadata(request)))
         call = calls[0] if len(calls) == 1 else MergedCall(calls, parsed.generate.n)
         before_call = time.perf_counter() - arrived
         try:
@@ -156,6 +157,11 @@ class Gateway:
             return await self._collect(parsed, call, request_id)
         finally:
             call.cancel()  # a no-op when it ended; frees the request's blocks when it did not
+
+    def _metadata(self, request: web.Request) -> tuple:
+        """The cluster secret, and the client's key (the router salts per-key caches with it)."""
+        key = bearer_key(request.headers.get("Authorization"))
+        return self.cluster_metadata + ((("authorization", f"Bearer {key}"),) if key else ())
 
     async def _collect(self, parsed: ParsedRequest, call, request_id: str) -> web.Response:
         choices, usage = await self._gather(parsed, call)
@@ -251,7 +257,7 @@ async def serve(config: GatewayConfig) -> None:
     log.info("gateway listening on http://%s:%d (router %s)", config.host, port, config.router)
     while gateway.model_name is None:  # with --served-model-name it serves (503s) without a router
         try:
-            gateway.model_name = (await gateway.stub.GetInfo(pb.InfoRequest(), timeout=2.0)).model
+            gateway.model_name = (await gateway.routers.info(timeout=2.0)).model
         except grpc.aio.AioRpcError as e:
             log.warning("waiting for the router at %s: %s", config.router, e.details())
             await asyncio.sleep(1.0)
@@ -263,4 +269,4 @@ async def serve(config: GatewayConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await runner.cleanup()
-    await gateway.channel.close()
+    await gateway.routers.close()

@@ -11,8 +11,10 @@ import asyncio
 
 import grpc
 
+from .router_calls import ReadAsIterator
 
-class MergedCall:
+
+class MergedCall(ReadAsIterator):
     def __init__(self, calls: list, n: int):
         self.calls, self.n = calls, n
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -38,15 +40,6 @@ class MergedCall:
                 return item
             self.num_open -= 1
         return grpc.aio.EOF
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        response = await self.read()
-        if response is grpc.aio.EOF:
-            raise StopAsyncIteration
-        return response
 
     def cancel(self) -> None:
         for call in self.calls:

@@ -9,6 +9,9 @@ import logging
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service.server import Server, service_name
 
+from pdserve.service.cluster_auth import ClusterAuth
+
+from .api_keys import ApiKeys, metadata_key
 from .config import RouterConfig
 from .nodes import NodePool
 from .policy import make_policy
@@ -39,18 +42,20 @@ async def serve(config: RouterConfig) -> None:
     model_config = source.model_config()
     tokenizer, vocab_size = source.tokenizer(), model_config.vocab_size
     fingerprint = model_config.fingerprint(source.weights_id())
+    auth = ClusterAuth.from_env()
     static = config.redis_url is None
     index = PrefixIndex(config.redis_url, fingerprint) if config.redis_url else None
     if policy.uses_index and index is None:
         log.warning("policy %s without --redis-url: no prefix index, routing by load", policy.name)
     pool = NodePool(_addresses(config.prefill_nodes, "--prefill-nodes", static and config.disaggregation == "always"),
                     _addresses(config.decode_nodes, "--decode-nodes", static), config.health_interval_s,
-                    index, fingerprint, config.heartbeat_grace_s)
+                    index, fingerprint, config.heartbeat_grace_s, auth.metadata)
+    api_keys = ApiKeys(config.api_key, config.cache_isolation)
     server = Server(service_name("RouterService"), config.host, config.port, config.metrics_port,
-                    config.drain_timeout_s)
+                    config.drain_timeout_s, auth, _authenticate(auth, api_keys))
     servicer = RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint,
                               config.model, config.disaggregation, config.prefill_here_max_tokens,
-                              config.stream_timeout_s)
+                              config.stream_timeout_s, api_keys)
     pb_grpc.add_RouterServiceServicer_to_server(servicer, server.grpc)
     await server.start()
     pool.start()
@@ -60,6 +65,18 @@ async def serve(config: RouterConfig) -> None:
     await pool.close()
     if index is not None:
         await index.close()
+
+
+def _authenticate(auth: ClusterAuth, api_keys: ApiKeys):
+    """Generate takes a client's API key (when keys are set) or a member's cluster secret (the
+    gateway's calls, which carry the client's key too: it salts per-key caches). GetInfo (the
+    model's name and limits, the healthy node counts) is open, as the gateway's /health is."""
+    def refusal(method: str, metadata) -> str | None:
+        if (not method.endswith("/Generate") or not api_keys.enabled or (auth.enabled and auth.admits(metadata))
+                or api_keys.valid(metadata_key(metadata))):
+            return None
+        return "invalid or missing API key (send metadata authorization: Bearer <key>)"
+    return refusal
 
 
 async def _follow_nodes(server: Server, servicer: RouterServicer, ready_file: str | None) -> None:

@@ -42,17 +42,18 @@ class NodeClient:
     static: bool = True  # from a flag: kept whatever the registry says
     node_id: str | None = None  # its id in the Redis registry and prefix index
     expires_at: float | None = None  # monotonic end of its heartbeat (None: not known)
+    metadata: tuple = ()  # what every call carries: the cluster secret (service/cluster_auth.py)
 
     @property
     def routable(self) -> bool:
         return self.healthy and (self.expires_at is None or time.monotonic() < self.expires_at)
 
     @classmethod
-    def connect(cls, role: str, address: str) -> "NodeClient":
+    def connect(cls, role: str, address: str, metadata: tuple = ()) -> "NodeClient":
         channel = grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-        return cls(role, address, channel)
+        return cls(role, address, channel, metadata=metadata)
 
     def update_stats(self, stats: pb.NodeStats, num_done_before: int) -> None:
         """Takes a stats reply. Its queue counts this router's requests too, but is stale by the
@@ -75,12 +76,15 @@ class NodeClient:
 
 class NodePool:
     def __init__(self, prefill: list[str], decode: list[str], poll_interval_s: float = 0.5,
-                 index=None, model_fingerprint: str | None = None, heartbeat_grace_s: float = 10.0):
+                 index=None, model_fingerprint: str | None = None, heartbeat_grace_s: float = 10.0,
+                 metadata: tuple = ()):
         """`index`: a PrefixIndex to discover nodes from; `model_fingerprint`: nodes serving
         other weights are never routed to; `heartbeat_grace_s`: how long registered nodes
-        may be missing after Redis comes up before they are dropped."""
-        self.nodes = ([NodeClient.connect("prefill", a) for a in prefill] +
-                      [NodeClient.connect("decode", a) for a in decode])
+        may be missing after Redis comes up before they are dropped; `metadata`: what every call
+        to a node carries (the cluster secret)."""
+        self.metadata = metadata
+        self.nodes = ([NodeClient.connect("prefill", a, metadata) for a in prefill] +
+                      [NodeClient.connect("decode", a, metadata) for a in decode])
         self.poll_interval_s = poll_interval_s
         self.index, self.model_fingerprint = index, model_fingerprint
         self.heartbeat_grace_s = heartbeat_grace_s
@@ -132,7 +136,7 @@ class NodePool:
                 continue
             node = by_address.get((record.role, record.address))
             if node is None:
-                node = NodeClient.connect(record.role, record.address)
+                node = NodeClient.connect(record.role, record.address, self.metadata)
                 node.static = False
                 self.nodes.append(node)
                 log.info("discovered %s node %s at %s", record.role, record.node_id, record.address)
@@ -162,7 +166,7 @@ class NodePool:
             if reply.status != health_pb2.HealthCheckResponse.SERVING:
                 return node.mark_down("health is NOT_SERVING")
             num_done_before = node.num_done_prompt_tokens
-            stats = await node.stub.GetStats(pb.StatsRequest(), timeout=1.0)
+            stats = await node.stub.GetStats(pb.StatsRequest(), timeout=1.0, metadata=node.metadata)
             if self.model_fingerprint and stats.model_fingerprint != self.model_fingerprint:
                 return node.mark_down(f"it serves model {stats.model_fingerprint}, this router "
                                       f"{self.model_fingerprint}")

@@ -34,6 +34,7 @@ class Progress:
 
     index: int = 0  # which of the request's n completions
     echo: bool = False  # the first response carries the prompt's text
+    pending_text: str = ""  # resumed from another router: text of `sent` the client has not seen (resume.py)
 
     def copy_for(self, index: int) -> "Progress":
         """A fresh Progress for the request's completion `index` (a seeded request's copy i

@@ -27,6 +27,7 @@ from pdserve.service import metrics
 from pdserve.service.convert import FINISH_FROM_PROTO, FINISH_TO_PROTO
 from pdserve.service.server import abort
 
+from .api_keys import ApiKeys, metadata_key
 from .detokenizer import IncrementalDetokenizer, named_logprobs
 from .nodes import NodeClient, NodePool
 from .pending_prefixes import PendingPrefixes
@@ -68,7 +69,8 @@ class Route:
 class RouterServicer(pb_grpc.RouterServiceServicer):
     def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3,
                  index=None, model_fingerprint: str = "", model_name: str = "", disaggregation: str = "auto",
-                 prefill_here_max_tokens: int = 512, stream_timeout_s: float = 10.0):
+                 prefill_here_max_tokens: int = 512, stream_timeout_s: float = 10.0,
+                 api_keys: ApiKeys = ApiKeys()):
         if disaggregation not in DISAGGREGATION:
             raise ValueError(f"--disaggregation must be one of {', '.join(DISAGGREGATION)}, got {disaggregation!r}")
         self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
@@ -80,6 +82,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self.pending = PendingPrefixes()
         self.silence = SilenceWatch(stream_timeout_s)
         self.active_ids: set[str] = set()  # request ids of the streams open now
+        self.api_keys = api_keys  # salts each key's prefix cache apart with --cache-isolation per-key
 
     async def Generate(self, request: pb.GenerateRequest, context):
         request_id = request.request_id or f"gen-{uuid.uuid4().hex[:16]}"
@@ -88,6 +91,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         self.active_ids.add(request_id)
         try:
             progress = await self._parse(request, context)
+            request.cache_salt = self.api_keys.cache_salt(request.cache_salt, metadata_key(context.invocation_metadata()))
             generate = self._generate if request.n <= 1 else self._generate_n
             async for response in generate(request_id, request, progress):
                 yield response
@@ -132,7 +136,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
 
     async def _generate(self, request_id: str, request: pb.GenerateRequest, progress: Progress):
         """One completion's responses, across attempts; ClientError when it cannot be served."""
-        detok = IncrementalDetokenizer(self.tokenizer, progress.prompt) if self.tokenizer else None
+        detok = IncrementalDetokenizer(self.tokenizer, progress.prompt + progress.sent) if self.tokenizer else None
         failures: list[str] = []
         excluded: set[NodeClient] = set()  # failed this request: avoided while others exist
         full_nodes: set[NodeClient] = set()  # decode nodes without room: never retried
@@ -148,9 +152,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                         self._attempt(request_id, request.cache_salt, progress, route)) as chunks:
                     async for chunk in chunks:
                         response = self._response(request_id, progress, detok, chunk)
-                        yield response
-                        if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                        last = response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+                        if last:  # counted before the yield: the caller may close the stream on it
                             metrics.requests_total.labels("router", "ok").inc()
+                        yield response
+                        if last:
                             return  # closing `chunks` cancels the decode call, freeing its blocks
             except Retry as e:
                 failures.append(str(e))
@@ -249,7 +255,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         params = progress.remaining_params()
         decode.num_inflight += 1
         decode_call = decode.stub.Decode(pb.DecodeRequest(
-            request_id=attempt_id, prompt_token_ids=prompt, sampling=params, cache_salt=cache_salt))
+            request_id=attempt_id, prompt_token_ids=prompt, sampling=params, cache_salt=cache_salt),
+            metadata=decode.metadata)
         try:
             first = await _read(decode_call, decode)
             if not first.HasField("ticket"):
@@ -276,7 +283,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         decode.num_inflight += 1
         call = decode.stub.Decode(pb.DecodeRequest(
             request_id=attempt_id, prompt_token_ids=progress.prompt + progress.sent,
-            sampling=progress.remaining_params(), cache_salt=cache_salt, prefill_here=True))
+            sampling=progress.remaining_params(), cache_salt=cache_salt, prefill_here=True),
+            metadata=decode.metadata)
         try:
             async for chunk in _chunks(call, decode, self.silence, progress):
                 yield chunk
@@ -291,7 +299,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         node.num_inflight_tokens += num_tokens
         node.num_sent_prompt_tokens += num_prompt_tokens
         try:
-            return await node.stub.Prefill(message)
+            return await node.stub.Prefill(message, metadata=node.metadata)
         except grpc.aio.AioRpcError as e:
             raise _classify(e, node) from None
         finally:
@@ -315,6 +323,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         if progress.stop is not None:
             text, stopped = progress.stop.push(text, final=reason is not None)
             reason = FinishReason.STOP if stopped else reason
+        if first and progress.pending_text:
+            text = progress.pending_text + text
         response = pb.GenerateResponse(request_id=request_id, token_ids=token_ids, text=text, index=progress.index,
                                        finish_reason=FINISH_TO_PROTO[reason], logprobs=named_logprobs(self.tokenizer, chunk.logprobs))
         if first:

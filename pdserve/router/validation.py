@@ -8,10 +8,12 @@ from pdserve.service.convert import sampling_from_proto
 
 from .progress import Progress
 from .prompts import prompt_token_ids
+from .resume import resume
 from .stop_strings import StopStringMatcher, validate_stop
 
 MAX_REQUEST_ID_CHARS = 256
 MAX_N = 16  # completions per request
+MAX_CACHE_SALT_CHARS = 256
 
 
 async def checked_request(request: pb.GenerateRequest, tokenizer, vocab_size: int, max_model_len: int) -> Progress:
@@ -19,6 +21,8 @@ async def checked_request(request: pb.GenerateRequest, tokenizer, vocab_size: in
         raise ValueError(f"n: at most {MAX_N} completions per request, got {request.n}")
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise ValueError(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
+    if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:
+        raise ValueError(f"cache_salt: longer than {MAX_CACHE_SALT_CHARS} characters")
     prompt = await prompt_token_ids(request, tokenizer, max_model_len)
     params = sampling_from_proto(request.sampling, (lambda word: bad_word_ids(tokenizer, word)) if tokenizer else None)
     params.validate(vocab_size)
@@ -39,7 +43,10 @@ async def checked_request(request: pb.GenerateRequest, tokenizer, vocab_size: in
         raise ValueError("stop: this model has no tokenizer to match text; use stop_token_ids")
     if request.echo and tokenizer is None:
         raise ValueError("echo: this model has no tokenizer to write the prompt's text")
-    return Progress(prompt, params, StopStringMatcher(list(request.stop)) if request.stop else None, echo=request.echo)
+    progress = Progress(prompt, params, StopStringMatcher(list(request.stop)) if request.stop else None,
+                        echo=request.echo)
+    resume(progress, request, tokenizer, vocab_size, max_model_len)
+    return progress
 
 
 def bad_word_ids(tokenizer, word: str) -> list[list[int]]:

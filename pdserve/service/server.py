@@ -1,7 +1,8 @@
 """The life of a pdserve gRPC service: a grpc.aio server with health checking (NOT_SERVING
 until the service is loaded and while it drains), reflection, Prometheus /metrics, a ready
 file for launchers, and a graceful stop on SIGTERM or SIGINT: health turns NOT_SERVING, new
-RPCs are refused, running ones get `drain_timeout_s` to finish."""
+RPCs are refused, running ones get `drain_timeout_s` to finish. Every call of our services
+passes a `CallGuard` (service/call_guard.py): by default, the cluster secret of `auth`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from grpc_reflection.v1alpha import reflection
 
 from pdserve.protos import pdserve_pb2
 
+from .call_guard import ANSWERED, Authenticate, CallGuard
+from .cluster_auth import ClusterAuth, check_exposure
 from .metrics import start_metrics_server
 
 log = logging.getLogger(__name__)
@@ -28,12 +31,17 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 class Server:
     def __init__(self, service_name: str, host: str, port: int, metrics_port: int | None,
-                 drain_timeout_s: float = 30.0):
+                 drain_timeout_s: float = 30.0, auth: ClusterAuth | None = None,
+                 authenticate: Authenticate | None = None):
+        """`authenticate` (method, metadata) -> why a call is refused, or None; by default a call
+        must carry `auth`'s cluster secret."""
         self.service_name = service_name  # e.g. "pdserve.v1.DecodeService"
         self.host, self.port, self.metrics_port = host, port, metrics_port
         self.drain_timeout_s = drain_timeout_s
         self.draining = False
-        self.grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        self.auth = auth if auth is not None else ClusterAuth.from_env()
+        check_exposure(host, self.auth, service_name)
+        self.grpc = grpc.aio.server(interceptors=[CallGuard(authenticate or self._member_only)], options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                              ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                              ("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
@@ -41,6 +49,9 @@ class Server:
         reflection.enable_server_reflection(
             (service_name, reflection.SERVICE_NAME, health.SERVICE_NAME), self.grpc)
         self._stop = asyncio.Event()
+
+    def _member_only(self, method: str, metadata) -> str | None:
+        return None if self.auth.admits(metadata) else "this service takes calls from cluster members only"
 
     async def start(self) -> None:
         """Binds (port 0: any free port), starts serving, health NOT_SERVING until `set_serving`."""
@@ -117,4 +128,4 @@ def service_name(servicer_module_name: str) -> str:
 async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str):
     """Ends the RPC with a status; logs it so the node says what happened to which request."""
     log.info("%s: %s", code.name, message)
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=ANSWERED)

@@ -20,10 +20,10 @@ from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-def generate(address: str, prompt, params: SamplingParams = GREEDY, **kw):
+def generate(address: str, prompt, params: SamplingParams = GREEDY, api_key: str | None = None, **kw):
     """(all token ids, the last response, the number of messages) of one streamed request."""
     tokens, last, count = [], None, 0
-    for response in stream(address, generate_request(prompt, params, **kw), timeout=120):
+    for response in stream(address, generate_request(prompt, params, **kw), timeout=120, api_key=api_key):
         tokens += response.token_ids
         last, count = response, count + 1
     return tokens, last, count
@@ -54,7 +54,7 @@ def node_stats(process) -> pb.NodeStats:
     role = process.info["role"]
     with grpc.insecure_channel(process.address) as channel:
         stub = (pb_grpc.PrefillServiceStub if role == "prefill" else pb_grpc.DecodeServiceStub)(channel)
-        return stub.GetStats(pb.StatsRequest(), timeout=5)
+        return stub.GetStats(pb.StatsRequest(), timeout=5, metadata=process.metadata)
 
 
 def health(address: str) -> str:

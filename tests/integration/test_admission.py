@@ -46,7 +46,8 @@ def test_the_queue_is_fifo_and_only_a_full_queue_refuses():
             stub = pb_grpc.DecodeServiceStub(channel)
 
             def reserve(i):
-                return stub.Decode(pb.DecodeRequest(request_id=f"hold-{i}", prompt_token_ids=prompt), timeout=600)
+                return stub.Decode(pb.DecodeRequest(request_id=f"hold-{i}", prompt_token_ids=prompt), timeout=600,
+                                   metadata=decode.metadata)
 
             holds = [reserve(i) for i in range(4)]
             try:

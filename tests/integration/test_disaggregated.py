@@ -120,7 +120,8 @@ def test_a_reservation_without_kv_expires_at_its_deadline(cluster):
     decode = cluster.decode[1]
     with grpc.insecure_channel(decode.address) as channel:
         call = pb_grpc.DecodeServiceStub(channel).Decode(
-            pb.DecodeRequest(request_id="never-sent", prompt_token_ids=prompts(6, [100])[0]))
+            pb.DecodeRequest(request_id="never-sent", prompt_token_ids=prompts(6, [100])[0]),
+            metadata=decode.metadata)
         ticket = next(call).ticket
         assert len(ticket.block_ids) == 7 and node_stats(decode).num_reserved == 1
         with pytest.raises(grpc.RpcError) as info:
@@ -177,11 +178,13 @@ def test_each_connector_carries_a_request(cluster, reference, connector):
     request = dict(prompt_token_ids=prompt, sampling=sampling_to_proto(params))
     with grpc.insecure_channel(decode.address) as d, grpc.insecure_channel(cluster.prefill[0].address) as p:
         decode_call = pb_grpc.DecodeServiceStub(d).Decode(pb.DecodeRequest(request_id=f"by-hand-{connector}",
-                                                                           **request), timeout=60)
+                                                                           **request), timeout=60,
+                                                          metadata=decode.metadata)
         ticket = next(decode_call).ticket
         assert ticket.connector == connector
         first = pb_grpc.PrefillServiceStub(p).Prefill(pb.PrefillRequest(request_id=f"by-hand-{connector}",
-                                                                        ticket=ticket, **request), timeout=60)
+                                                                        ticket=ticket, **request), timeout=60,
+                                                      metadata=decode.metadata)
         tokens = [first.first_token_id] + [t for m in decode_call for t in m.chunk.token_ids]
     assert tokens == want.token_ids
     assert kv_bytes_received(decode) > before

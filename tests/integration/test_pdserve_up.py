@@ -90,7 +90,7 @@ def test_chats_through_the_cluster_equal_the_engine(up):
     params = SamplingParams(temperature=0, max_tokens=24)
     expected = engine.chat([[{"role": "user", "content": c}] for c in CHATS], params)
     for chat, want in zip(CHATS, expected):
-        tokens, last, _ = generate(address, chat, params, chat=True)
+        tokens, last, _ = generate(address, chat, params, chat=True, api_key=KEY)
         assert tokens == want.token_ids, (chat, want.text)
 
 
@@ -98,7 +98,7 @@ def test_generate_command_gets_a_sensible_answer(up):
     address = up[0]
     result = subprocess.run([sys.executable, "-m", "pdserve.cli", "generate", "--router", address,
                              "What is the capital of France? Answer in one word."],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PDSERVE_API_KEY": KEY})
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 

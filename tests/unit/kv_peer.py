@@ -18,12 +18,11 @@ from pdserve.kv_transfer.connector import KVTicket
 
 
 def ticket_to_json(ticket: KVTicket) -> str:
-    return json.dumps(dataclasses.asdict(ticket))
+    return json.dumps(ticket.as_json_dict())
 
 
 def ticket_from_json(text: str) -> KVTicket:
-    fields = json.loads(text)
-    return KVTicket(**{**fields, "block_ids": tuple(fields["block_ids"])})
+    return KVTicket.from_json_dict(json.loads(text))
 
 
 def layer_data(ticket: KVTicket, layer: int) -> torch.Tensor:

@@ -3,6 +3,7 @@ land exactly in the reserved blocks, transfers run concurrently, a peer that die
 fails its transfers within the timeout (real processes, killed), and pairs come and go with
 their nodes. The oracle: the tensors pushed, compared with the receiver's cache."""
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -126,8 +127,7 @@ def test_receiver_process_killed_fails_the_senders_transfers(connector):
                             stdout=subprocess.PIPE, text=True)
     try:
         endpoint = peer.stdout.readline().strip()
-        first = make_ticket(None, [0, 3], connector=connector, endpoint=endpoint,
-                            transfer_id=template.transfer_id)
+        first = dataclasses.replace(template, kv_endpoint=endpoint)  # its secret is the peer's ticket's
         sender = make_sender(connector)
         assert push(sender, first, random_layers(first)).result(20) > 0  # the pair works
         peer.kill()

@@ -68,9 +68,12 @@ def pair():
 
 
 def closed_by_peer(sock) -> bool:
-    """The receiver closed the connection (a reset when our bytes were still unread)."""
+    """The receiver closed the connection (a reset when our bytes were still unread); False
+    when it stays open past the socket's timeout (if it has one)."""
     try:
         return sock.recv(1) == b""
+    except TimeoutError:
+        return False
     except (ConnectionResetError, OSError):  # reset, or no longer connected at all
         return True
 
@@ -103,11 +106,14 @@ def test_frame_header_round_trip_and_rejects():
 
 
 def test_group_frame_round_trip_and_rejects():
-    entries = [(os.urandom(16), layer, 4096 * (layer + 1)) for layer in range(5)]
+    secret = os.urandom(16)
+    entries = [(os.urandom(16), layer, 4096 * (layer + 1), secret) for layer in range(5)]
     frame = group_frame(entries)
     header = FrameHeader.unpack(frame[:HEADER_SIZE])
     assert header.type is FrameType.GROUP and header.layer == 5
-    assert group_entries(header, frame[HEADER_SIZE:]) == entries
+    parsed = group_entries(header, frame[HEADER_SIZE:])
+    assert [e[:3] for e in parsed] == [e[:3] for e in entries]
+    assert all(e.proven_by(secret) and not e.proven_by(os.urandom(16)) for e in parsed)
     bad = bytearray(frame)
     bad[HEADER_SIZE + 20] ^= 1  # a layer number
     with pytest.raises(FrameError, match="checksum"):
@@ -195,7 +201,7 @@ def test_mismatched_header_closes_connection_and_fails_transfer(pair):
     wrong = torch.zeros(2, 3, BLOCK_SIZE, KV_HEADS, HEAD_DIM)  # three blocks, the ticket has two
     payload = wrong.numpy().tobytes()
     with socket.create_connection(("127.0.0.1", receiver.port)) as s:
-        s.sendall(kv_frame(ticket.transfer_key, 0, "float32", tuple(wrong.shape), payload) + payload)
+        s.sendall(kv_frame(ticket.transfer_key, 0, "float32", tuple(wrong.shape), payload, ticket.secret) + payload)
         assert closed_by_peer(s)
     assert not waiter.wait().ok and "does not match" in waiter.result.error
     assert_next_transfer_lands(caches, receiver, sender, [7])  # the receiver still serves others
@@ -211,22 +217,24 @@ def test_random_bytes_and_unknown_transfers_are_harmless(pair):
             except OSError:  # the receiver already dropped the connection: what we check below
                 pass
             assert closed_by_peer(s)
-    # a well-formed frame for a transfer nobody expects is read past, the next one lands
+    # on a proven connection, a transfer nobody expects (any more) is read past and the next lands
+    assert_next_transfer_lands(caches, receiver, sender, [5, 6])
     stray = make_ticket(receiver, [0, 1])
     push(sender, stray, random_layers(stray)).result(10)
     assert_next_transfer_lands(caches, receiver, sender, [4, 8])
-    assert receiver.num_bad_connections >= 3
+    assert receiver.num_bad_connections == 3 and receiver.num_connections == 1
 
 
-@pytest.mark.parametrize("frames", [
-    [group_frame([(bytes(16), 0, 8)] * 2)],  # a GROUP belongs to pair connections only
-    [pair_frame(b"nccl 127.0.0.1 notaport")],  # a PAIR offer that does not parse
-])
-def test_frames_of_the_other_connector_out_of_place_close_only_their_connection(pair, frames):
+@pytest.mark.parametrize("frame", ["group", "pair"])
+def test_frames_of_the_other_connector_out_of_place_close_only_their_connection(pair, frame):
     caches, receiver, sender = pair
+    live = make_ticket(receiver, [9])
+    receiver.expect(live, Waiter())
+    frames = {"group": group_frame([(live.transfer_key, 0, 8, live.secret)] * 2),  # pair connections only
+              "pair": pair_frame(b"nccl 127.0.0.1 notaport", live.transfer_key, live.secret)}  # does not parse
     bad_before = receiver.num_bad_connections
     with socket.create_connection(("127.0.0.1", receiver.port)) as s:
-        s.sendall(b"".join(frames))
+        s.sendall(frames[frame])
         assert closed_by_peer(s)
     assert receiver.num_bad_connections == bad_before + 1
     assert_next_transfer_lands(caches, receiver, sender, [2, 3])

@@ -40,8 +40,13 @@ imagePullSecrets:
 {{- end }}
 {{- end -}}
 
-{{/* Environment of every pdserve container: where things are written, the config map. */}}
+{{/* Environment of every pdserve container: where things are written, the cluster secret. */}}
 {{- define "pdserve.envCommon" -}}
+- name: PDSERVE_CLUSTER_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.clusterSecret.existingSecret | default (printf "%s-cluster" (include "pdserve.fullname" .)) }}
+      key: cluster-secret
 - name: HOME
   value: /tmp
 - name: TRITON_CACHE_DIR
