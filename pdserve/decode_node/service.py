@@ -126,12 +126,14 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                              outputs[0].num_cached_tokens, [lp for o in outputs for lp in o.logprobs or ()],
                              outputs[0].prompt_logprobs or ())
         finally:
-            self.active.discard(request_id)
             self.loop.close_stream(request_id)
-            if not finished:  # cancelled, failed or expired: give the blocks back
+            if finished:
+                self.active.discard(request_id)
+            else:  # cancelled, failed or expired: give the blocks back; the id is free once aborted
                 if ticket is not None:
                     self.receiver.forget(ticket.transfer_id)
-                self.loop.call_soon(self.engine.abort_request, request_id)
+                self.loop.call_soon(self.engine.abort_request, request_id,
+                                    then=lambda: self.active.discard(request_id))
             self.admission.kick()  # after the abort above: the engine thread runs calls in order
 
     async def _add_here(self, request: pb.DecodeRequest, request_id: str, context) -> None:

@@ -59,9 +59,16 @@ class EngineLoop:
         self._wake.set()
         return await future
 
-    def call_soon(self, fn: Callable, *args) -> None:
-        """`call` without waiting for the result (safe in a `finally` of a cancelled handler)."""
-        self._calls.append(_Call(fn, args, {}, None))
+    def call_soon(self, fn: Callable, *args, then: Callable[[], None] | None = None) -> None:
+        """`call` without waiting for the result (safe in a `finally` of a cancelled handler).
+        `then()` runs on the event loop once `fn` has run, after the outputs of every step that
+        ended before it were delivered: a request id aborted so is free for reuse only then,
+        when no output of the old request can reach a stream opened under the same id."""
+        future = None
+        if then is not None:
+            future = self._loop.create_future()
+            future.add_done_callback(lambda _: then())
+        self._calls.append(_Call(fn, args, {}, future))
         self._wake.set()
 
     def open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput | None]:

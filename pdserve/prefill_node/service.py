@@ -123,11 +123,13 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
                                       kv_transfer_seconds=time.monotonic() - start - prefill_s,
                                       kv_bytes=ticket.num_layers * ticket.layer_bytes)
         finally:
-            self.active.discard(request_id)
             self.loop.close_stream(request_id)
             self.tickets.pop(request_id, None)
-            if not done:  # failed or cancelled: free the blocks, stop the transfer
-                self.loop.call_soon(self.engine.abort_request, request_id)
+            if done:
+                self.active.discard(request_id)
+            else:  # failed or cancelled: free the blocks, stop the transfer; the id is free once aborted
+                self.loop.call_soon(self.engine.abort_request, request_id,
+                                    then=lambda: self.active.discard(request_id))
                 self.sender.abort(ticket)
                 self.transfers.pop(request_id, None)
 

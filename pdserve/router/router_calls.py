@@ -98,7 +98,7 @@ class ResumableCall(ReadAsIterator):
     def _start(self):
         router = self.untried.pop(0)
         request = self.request
-        if self.num_starts:  # a new id: the nodes may not have let go of the old one's requests yet
+        if self.num_starts:  # a new id: the nodes refuse the old one's until they let go of its requests
             request = pb.GenerateRequest()
             request.CopyFrom(self.request)
             request.request_id = f"{self.request.request_id}-r{self.num_starts}"

@@ -41,18 +41,25 @@ class Malformed:
 
 
 class CallGuard(grpc.aio.ServerInterceptor):
+    """Wraps each of our methods' handlers once, on its first call; each call then only runs
+    `authenticate` on its metadata."""
+
     def __init__(self, authenticate: Authenticate = lambda method, metadata: None):
         self.authenticate = authenticate
+        self._guarded: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details):
+        guarded = self._guarded.get(details.method)
+        if guarded is not None:
+            return guarded
         handler = await continuation(details)
         if handler is None or not details.method.startswith(GUARDED_PREFIX):
             return handler
-        refusal = self.authenticate(details.method, details.invocation_metadata or ())
-        return _guarded(handler, refusal)
+        guarded = self._guarded[details.method] = _guarded(handler, details.method, self.authenticate)
+        return guarded
 
 
-def _guarded(handler, refusal: str | None):
+def _guarded(handler, method: str, authenticate: Authenticate):
     deserialize = handler.request_deserializer
 
     def parse(data: bytes):
@@ -65,7 +72,7 @@ def _guarded(handler, refusal: str | None):
         inner = handler.unary_unary
 
         async def unary(request, context):
-            await _admit(request, context, refusal)
+            await _admit(request, context, authenticate(method, context.invocation_metadata() or ()))
             try:
                 return await inner(request, context)
             except Exception as e:  # noqa: BLE001
@@ -76,7 +83,7 @@ def _guarded(handler, refusal: str | None):
         inner = handler.unary_stream
 
         async def stream(request, context):
-            await _admit(request, context, refusal)
+            await _admit(request, context, authenticate(method, context.invocation_metadata() or ()))
             try:
                 async for response in inner(request, context):
                     yield response
