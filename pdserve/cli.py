@@ -134,11 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     add_config_args(gen, EngineConfig, HELP, exclude=("keep_logits",))
+    check = sub.add_parser("health", help="ask a router's or node's gRPC health (exit 0 when SERVING): "
+                           "a probe that speaks TLS, which Kubernetes' own gRPC probe does not")
+    check.add_argument("address", help="host:port of its gRPC port")
     for p in (router, gateway, *(sub.choices[n] for n in roles)):
         p.epilog = ("The cluster secret that the components prove to each other is read from the environment only "
                     "(env PDSERVE_CLUSTER_SECRET; the same value, 16+ characters, on every component; needed to "
-                    "listen on anything but loopback).")
-    for p in (up, router, gateway, gen, *(sub.choices[n] for n in roles)):
+                    "listen on anything but loopback). TLS on every port, off unless set (service/tls.py): "
+                    "env PDSERVE_TLS_CERT; env PDSERVE_TLS_KEY; (PEM files) env PDSERVE_TLS_CA; (the CA "
+                    "peers are checked against) env PDSERVE_TLS_SERVER_NAME; (the name their certificates "
+                    "carry) env PDSERVE_TLS_KV; (off: the KV connector in plain text).")
+    for p in (up, router, gateway, gen, check, *(sub.choices[n] for n in roles)):
         p.add_argument("--log-level", default="WARNING" if p in (up, gen) else "INFO",
                        help="logging level")
     args = parser.parse_args(argv)
@@ -148,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_up(args)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "health":
+            return run_health(args.address)
         if args.command == "router":
             from pdserve.router.node import serve
             asyncio.run(serve(config_from_args(RouterConfig, args)))
@@ -199,14 +207,17 @@ def run_up(args) -> int:
         address = cluster.router_address
         env = "PDSERVE_API_KEY=<key> " if args.api_key else ""
         grpc_key = "-H 'authorization: Bearer <key>' " if args.api_key else ""
+        tls = cluster.tls
+        plaintext = (f"-cacert {tls.ca_file}" if tls.ca_file else "") if tls.dials else "-plaintext"
+        cacert = f" --cacert {tls.ca_file}" if tls.ca_file else ""
         print(f"\npdserve is up: router at {address} (gRPC, pdserve.v1.RouterService/Generate)\n"
               f"  try:  {env}.venv/bin/pdserve generate --router {address} \"What is the capital of France?\"\n"
-              f"  or:   grpcurl -plaintext {grpc_key}-d '{{\"messages\": {{\"messages\": [{{\"role\": \"user\", "
+              f"  or:   grpcurl {plaintext} {grpc_key}-d '{{\"messages\": {{\"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"Hi!\"}}]}}, \"sampling\": {{\"temperature\": 0, \"max_tokens\": 64}}}}' "
               f"{address} pdserve.v1.RouterService/Generate", file=sys.stderr)
         if cluster.gateway is not None:
             key = f" -H 'Authorization: Bearer {args.api_key.split(',')[0]}'" if args.api_key else ""
-            print(f"  or:   curl {cluster.gateway_url}/chat/completions -H 'Content-Type: application/json'"
+            print(f"  or:   curl{cacert} {cluster.gateway_url}/chat/completions -H 'Content-Type: application/json'"
                   f"{key} -d '{{\"model\": \"{cluster.gateway.info['model']}\", \"messages\": "
                   f"[{{\"role\": \"user\", \"content\": \"Hi!\"}}], \"max_tokens\": 64}}'\n"
                   f"  (the OpenAI API at {cluster.gateway_url})", file=sys.stderr)
@@ -261,6 +272,14 @@ def node_devices(device: str, num_nodes: int) -> list[str]:
         import torch
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or devices
     return [devices[i % len(devices)] for i in range(num_nodes)]
+
+
+def run_health(address: str) -> int:
+    from pdserve.client import health
+
+    status = health(address)
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def run_generate(args) -> int:

@@ -19,8 +19,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from .service.cluster_auth import ENV as CLUSTER_SECRET_ENV
 from .service.cluster_auth import ClusterAuth
+from .service.tls import Tls
 
 
 @dataclass
@@ -33,10 +36,15 @@ class Process:
     args: list[str] = field(default_factory=list)  # what it was started with (after the role)
     role: str = ""
     metadata: tuple = ()  # what a call to its services must carry: the cluster secret
+    tls: Tls = field(default_factory=Tls)  # how it is dialled
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.info['port']}"
+
+    def channel(self) -> grpc.Channel:
+        """A (blocking) channel to its gRPC port."""
+        return self.tls.channel(self.address, aio=False)
 
     def log_tail(self, num_lines: int = 20) -> str:
         lines = self.log_file.read_text(errors="replace").splitlines() if self.log_file.exists() else []
@@ -64,7 +72,8 @@ class Cluster:
                  node_args: list[str] = (), prefill_args=(), decode_args=(), router_args=(),
                  log_dir: str | None = None, log_level: str = "INFO", redis: str | None = None,
                  gateway_port: int | None = None, gateway_args=(), gateway_env: dict[str, str] | None = None,
-                 cluster_secret: str | None = None, api_key: str | None = None, num_routers: int = 1):
+                 cluster_secret: str | None = None, api_key: str | None = None, num_routers: int = 1,
+                 tls: Tls | None = None):
         if num_prefill < 0 or num_decode < 1:
             raise ValueError("a cluster needs at least one decode node (and no prefill node: aggregated serving)")
         self.model, self.num_prefill, self.num_decode = model, num_prefill, num_decode
@@ -80,6 +89,7 @@ class Cluster:
         self.gateway_port, self.gateway_args = gateway_port, list(gateway_args)
         self.gateway_env = dict(gateway_env or {})
         self.auth = ClusterAuth(cluster_secret or secrets.token_urlsafe(32))
+        self.tls = tls if tls is not None else Tls.from_env()  # every component's (service/tls.py)
         self.api_key_env = {"PDSERVE_API_KEY": api_key} if api_key else {}  # router and gateway
         self.num_routers = num_routers
         self.gateway: Process | None = None
@@ -101,7 +111,7 @@ class Cluster:
 
     @property
     def gateway_url(self) -> str:
-        return f"http://{self.gateway.address}/v1"
+        return f"{self.tls.scheme}://{self.gateway.address}/v1"
 
     def start(self, timeout: float = 300.0, progress=lambda message: None) -> "Cluster":
         try:
@@ -145,9 +155,11 @@ class Cluster:
                *metrics, "--ready-file", str(ready), "--log-level", self.log_level, *args]
         with open(log, "w") as out:
             popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, CLUSTER_SECRET_ENV: self.auth.secret, **(env or {})},
+                                     env={**os.environ, CLUSTER_SECRET_ENV: self.auth.secret, **self.tls.env(),
+                                          **(env or {})},
                                      start_new_session=True)
-        return Process(name, popen, ready, log, args=list(args), role=role, metadata=self.auth.metadata)
+        return Process(name, popen, ready, log, args=list(args), role=role, metadata=self.auth.metadata,
+                       tls=self.tls)
 
     def restart(self, name: str, timeout: float = 120.0) -> Process:
         """Kills a node (SIGKILL: no drain, no goodbye to Redis) and starts it again on the same

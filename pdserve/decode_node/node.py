@@ -40,7 +40,7 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
     engine = await asyncio.to_thread(Engine, engine_config)
     receiver = KVSocketReceiver(engine.runner.kv_caches, config.kv_host, config.kv_port, config.kv_advertise_host,
                                 pair_timeout=config.kv_transfer_timeout_s,
-                                transfer_timeout=config.kv_transfer_timeout_s)
+                                transfer_timeout=config.kv_transfer_timeout_s, tls=server.tls.kv_server())
     registration = None
 
     def after_step(stats: dict) -> None:

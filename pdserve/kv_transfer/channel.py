@@ -10,6 +10,11 @@ at a time (the nccl connector sends each batch as one group).
 Whoever writes holds `_lock` from taking an item off the queue until its frames are out, so
 frames leave in queue order: this channel's thread, or (nccl) the thread that handed the
 layers over, posting them itself while its connection is up.
+
+A channel idle for `sender.channel_idle_s` asks its sender to retire it (`retire`), which the
+sender grants only while nothing is queued and no transfer to its endpoint is unsettled; then
+the thread disconnects and ends. So the channels of decode nodes that went away do not keep a
+thread and a socket each for the life of the prefill node.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import NamedTuple
 
 from .connector import KVTicket
 from .frame import abort_frame
-from .sockets import readable, split_endpoint, tune_socket
+from .sockets import dial, peer_closed
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,9 @@ class FrameChannel:
         if wake:
             self._wake.set()
 
+    def has_items(self) -> bool:
+        return bool(self._items)
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -111,7 +119,8 @@ class FrameChannel:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._wake.wait()
+            if not self._wake.wait(self.sender.channel_idle_s) and self.sender.retire(self):
+                break
             self._wake.clear()  # an item put from now on wakes the next round
             # Polled, not a blocking acquire: a thread blocked on a lock takes it the moment it
             # is released, then waits for the GIL while holding it (up to Python's switch
@@ -201,7 +210,7 @@ class FrameChannel:
         """A dead receiver's socket stays writable for a while; the next `_write` reconnects
         (and fails at once if the receiver is gone for good). The receiver never writes, so a
         readable socket means it closed (or reset) the connection."""
-        if self.sock is not None and readable(self.sock):
+        if self.sock is not None and peer_closed(self.sock):
             log.warning("kv receiver %s closed the connection; reconnecting", self.endpoint)
             self._disconnect()
 
@@ -214,10 +223,8 @@ class FrameChannel:
             self.sock.sendall(part)
 
     def _connect(self, ticket: KVTicket) -> None:
-        host, port = split_endpoint(self.endpoint)
-        self.sock = socket.create_connection((host, port), timeout=self.sender.connect_timeout)
+        self.sock = dial(self.endpoint, self.sender.connect_timeout, self.sender.tls)
         self.sock.settimeout(60.0)
-        tune_socket(self.sock)
 
     def _disconnect(self) -> None:
         if self.sock is not None:

@@ -4,6 +4,7 @@ connection (`Connection`)."""
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,13 @@ class Connection:
     def pair(self):
         """The connection's process group (ProcessGroupPair), or None."""
         return getattr(self.payloads, "pair", None)
+
+    def handshake(self, timeout: float) -> None:
+        """Over TLS, the handshake (within `timeout`, as a proof must be); nothing otherwise."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(timeout)
+            self.sock.do_handshake()
+            self.sock.settimeout(None)
 
     def shutdown(self) -> None:
         """Ends the connection from another thread: its reader sees EOF (or its receive on the

@@ -40,6 +40,7 @@ from .completions import Completions
 from .connector import KVTicket
 from .frame import BEGIN_FRAME, GROUP_ENTRY, MAX_GROUP, done_frame, group_frame, pair_frame, summary_checksum
 from .pair import ProcessGroupPair
+from .sockets import ClientTls
 from .tcp_sender import TcpKVSender
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,9 @@ class NcclKVSender(TcpKVSender):
     only tests ask for it there."""
 
     def __init__(self, device: torch.device | str, connect_timeout: float = 5.0,
-                 transfer_timeout: float = 30.0, post_from_caller: bool | None = None):
-        super().__init__(connect_timeout)
+                 transfer_timeout: float = 30.0, post_from_caller: bool | None = None,
+                 tls: ClientTls | None = None):
+        super().__init__(connect_timeout, tls=tls)
         self.device = torch.device(device)
         self.transfer_timeout = transfer_timeout
         self.post_from_caller = self.device.type == "cuda" if post_from_caller is None else post_from_caller
@@ -89,8 +91,7 @@ class NcclKVSender(TcpKVSender):
     def _hand_over(self, endpoint: str, item) -> None:
         """With `post_from_caller`, this thread writes the item (and those queued before it)
         itself when it can (`PairChannel.post_queued`), else wakes the channel's thread."""
-        channel = self._channel(endpoint)
-        channel.put(item, wake=not self.post_from_caller)
+        channel = self._put(endpoint, item, wake=not self.post_from_caller)
         if self.post_from_caller and not channel.post_queued():
             channel.wake()
 

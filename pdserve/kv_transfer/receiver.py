@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -63,17 +64,19 @@ class KVSocketReceiver(KVReceiver):
     list of (k_cache, v_cache) per layer, each [num_blocks, block_size, num_kv_heads, head_dim].
     `transfer_timeout`: seconds a transfer may take from its first bytes to its last landing;
     `pair_timeout`: joining a pair's process group (nccl); `proof_timeout`: how long a connection
-    may stay open without a proven frame; `max_connections`: open connections at most."""
+    may stay open without a proven frame; `max_connections`: open connections at most; `tls`:
+    every connection speaks TLS (its handshake within `proof_timeout`)."""
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], host: str = "127.0.0.1",
                  port: int = 0, advertise_host: str | None = None, in_place: bool | None = None,
                  pair_timeout: float = 30.0, transfer_timeout: float = 30.0, proof_timeout: float = 10.0,
-                 max_connections: int = 256):
+                 max_connections: int = 256, tls: ssl.SSLContext | None = None):
         self.kv_caches = kv_caches
         self.pair_timeout = pair_timeout
         self.transfer_timeout = transfer_timeout
         self.proof_timeout = proof_timeout
         self.max_connections = max_connections
+        self.tls = tls
         self.device = kv_caches[0][0].device
         # host caches take payloads straight from the socket; device caches via pinned staging
         self.in_place = self.device.type == "cpu" if in_place is None else in_place
@@ -258,6 +261,8 @@ class KVSocketReceiver(KVReceiver):
                 sock.close()
                 continue
             tune_socket(sock)
+            if self.tls is not None:  # the handshake is the connection's thread's (`_serve`)
+                sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             conn = Connection(sock, addr)
             with self._lock:
                 self._connections.add(conn)
@@ -268,6 +273,7 @@ class KVSocketReceiver(KVReceiver):
         and have not settled fail when it ends: the sender cannot finish them any more."""
         conn.payloads = TcpPayloads(self, conn)  # this thread's current stream: the copy stream
         try:
+            conn.handshake(self.proof_timeout)
             while True:
                 if conn.pair is not None:  # a run of layers may be coming: look, do not sleep
                     await_readable(conn.sock, conn.watch_until, POLL_S)

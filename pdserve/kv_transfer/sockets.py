@@ -1,16 +1,41 @@
-"""Socket helpers of the KV connectors: tuning, endpoints, exact and checksummed reads, and a
-reader's close watch on a connection that is expecting frames soon."""
+"""Socket helpers of the KV connectors: dialling (TLS optional), tuning, endpoints, exact and
+checksummed reads, a sender's look for a closed peer, and a reader's close watch on a
+connection that is expecting frames soon."""
 
 from __future__ import annotations
 
 import select
 import socket
+import ssl
 import time
+from typing import NamedTuple
 
 from .frame import checksum
 
 SOCKET_BUFFER = 4 << 20
 CHECKSUM_CHUNK = 128 << 10  # a payload is checksummed as each chunk lands, still in the core's L2
+
+
+class ClientTls(NamedTuple):
+    """How a KV sender dials receivers over TLS (service/tls.py makes one)."""
+
+    context: ssl.SSLContext
+    server_name: str | None = None  # the name the receiver's certificate must carry (None: its host)
+
+
+def dial(endpoint: str, timeout: float, tls: ClientTls | None = None) -> socket.socket:
+    """A tuned connection to `endpoint` (host:port), TLS when `tls`; `timeout` bounds the
+    connect and the handshake, and stays the socket's timeout."""
+    host, port = split_endpoint(endpoint)
+    sock = socket.create_connection((host, port), timeout=timeout)
+    if tls is not None:
+        try:
+            sock = tls.context.wrap_socket(sock, server_hostname=tls.server_name or host)
+        except BaseException:
+            sock.close()
+            raise
+    tune_socket(sock)
+    return sock
 
 
 def tune_socket(sock: socket.socket) -> None:
@@ -50,6 +75,25 @@ def recv_exact(conn: socket.socket, view: memoryview, eof_ok: bool = True):
     return view
 
 
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether the peer of a connection that never writes to us closed (or reset) it: anything
+    readable means so. Over TLS, records without data (a session ticket) are not a close."""
+    if not readable(sock):
+        return False
+    if not isinstance(sock, ssl.SSLSocket):
+        return True
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        return sock.recv(1) == b""
+    except ssl.SSLWantReadError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+
+
 def readable(sock: socket.socket) -> bool:
     """Whether a read from `sock` would not block: bytes, EOF or an error are waiting. (poll,
     not select: select refuses descriptors past 1023, which a busy node's sockets reach.)"""
@@ -64,6 +108,8 @@ def await_readable(sock: socket.socket, until: float, poll_s: float) -> None:
     woken several times later after a long sleep than a polling one (docs/architecture.md,
     "Measured figures behind the connectors"); the calling thread's timer slack should be
     tight (kv_transfer/pair.py `tight_timer_slack`)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return  # decrypted bytes wait in the TLS layer, where poll does not look
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     while time.monotonic() < until:

@@ -15,16 +15,22 @@ from pdserve.engine.host_copy import to_host
 from .channel import AbortItem, DoneItem, FrameChannel, LayerEntry, LayersItem, Outgoing
 from .connector import KVSender, KVTicket, TransferError
 from .frame import HEADER_SIZE, FrameHeader, done_frame, kv_frame, summary_checksum
+from .sockets import ClientTls
 
 log = logging.getLogger(__name__)
 
 
 class TcpKVSender(KVSender):
-    """`corrupt_transfers` is a test hook: the first N transfers get one flipped payload byte
-    after the checksum is computed, so the receiver must catch them."""
+    """`tls`: dial receivers over TLS; `channel_idle_s`: a destination's channel (thread and
+    connection) is retired after this long with nothing to send. `corrupt_transfers` is a test
+    hook: the first N transfers get one flipped payload byte after the checksum is computed, so
+    the receiver must catch them."""
 
-    def __init__(self, connect_timeout: float = 5.0, corrupt_transfers: int = 0):
+    def __init__(self, connect_timeout: float = 5.0, corrupt_transfers: int = 0, tls: ClientTls | None = None,
+                 channel_idle_s: float = 300.0):
         self.connect_timeout = connect_timeout
+        self.tls = tls
+        self.channel_idle_s = channel_idle_s
         self.num_corrupt_left = corrupt_transfers
         self._channels: dict[str, FrameChannel] = {}
         self._outgoing: dict[str, Outgoing] = {}
@@ -44,14 +50,14 @@ class TcpKVSender(KVSender):
 
     def _hand_over(self, endpoint: str, item) -> None:
         """Queues an item for `endpoint`'s channel thread to write."""
-        self._channel(endpoint).put(item)
+        self._put(endpoint, item)
 
     def abort(self, ticket: KVTicket) -> None:
         with self._lock:
             out = self._outgoing.get(ticket.transfer_id)
         if out is not None:
             out.error = out.error or TransferError("aborted by the sender")
-            self._channel(ticket.kv_endpoint).put(AbortItem(out))
+            self._put(ticket.kv_endpoint, AbortItem(out))
 
     def close(self) -> None:
         with self._lock:
@@ -86,12 +92,26 @@ class TcpKVSender(KVSender):
             return [self._outgoing.get(t.transfer_id) or self._outgoing.setdefault(t.transfer_id, Outgoing(t))
                     for t in tickets]
 
-    def _channel(self, endpoint: str) -> FrameChannel:
+    def _put(self, endpoint: str, item, wake: bool = True) -> FrameChannel:
+        """Queues `item` on `endpoint`'s channel (made if need be), under the lock that
+        `retire` takes: an item never lands on a channel that is retiring."""
         with self._lock:
             channel = self._channels.get(endpoint)
             if channel is None:
                 channel = self._channels[endpoint] = self._new_channel(endpoint)
+            channel.put(item, wake)
             return channel
+
+    def retire(self, channel: FrameChannel) -> bool:
+        """A channel's thread, idle for `channel_idle_s`: whether it may end (it is forgotten
+        here if so). Not while it has items queued or a transfer to its endpoint is unsettled."""
+        with self._lock:
+            busy = channel.has_items() or any(o.ticket.kv_endpoint == channel.endpoint for o in self._outgoing.values())
+            if busy or self._channels.get(channel.endpoint) is not channel:
+                return False
+            del self._channels[channel.endpoint]
+            log.info("kv sender: retiring the idle channel to %s", channel.endpoint)
+            return True
 
     def _new_channel(self, endpoint: str) -> FrameChannel:
         return TcpChannel(self, endpoint)

@@ -34,9 +34,10 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     await server.start()  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(Engine, engine_config)
     sender = SenderByConnector({  # the connector each ticket asks for, made on first use
-        "tcp": lambda: TcpKVSender(config.kv_connect_timeout_s, config.kv_test_corrupt_transfers),
+        "tcp": lambda: TcpKVSender(config.kv_connect_timeout_s, config.kv_test_corrupt_transfers,
+                                   tls=server.tls.kv_client()),
         "nccl": lambda: NcclKVSender(engine.runner.device, config.kv_connect_timeout_s,
-                                     config.kv_transfer_timeout_s)})
+                                     config.kv_transfer_timeout_s, tls=server.tls.kv_client())})
     registration = None
 
     def after_step(stats: dict) -> None:

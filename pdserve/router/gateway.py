@@ -25,6 +25,7 @@ from aiohttp import web
 from pdserve.protos import pdserve_pb2 as pb
 
 from pdserve.service.cluster_auth import ClusterAuth
+from pdserve.service.tls import Tls
 
 from .api_keys import ApiKeys, bearer_key
 from .config import GatewayConfig
@@ -51,7 +52,8 @@ gateway_added = prom.Histogram("pdserve_gateway_added_seconds", "Gateway: latenc
 class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
-        self.routers = Routers(parse_routers(config.router))
+        self.tls = Tls.from_env()  # HTTPS when it serves; to the routers when it dials
+        self.routers = Routers(parse_routers(config.router), self.tls)
         self.api_keys = ApiKeys(config.api_key)
         self.cluster_metadata = ClusterAuth.from_env().metadata  # the router knows a member by it
         self.model_name = config.served_model_name
@@ -251,10 +253,10 @@ async def serve(config: GatewayConfig) -> None:
     gateway = Gateway(config)
     runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=gateway.tls.server_context())
     await site.start()
     port = runner.addresses[0][1]
-    log.info("gateway listening on http://%s:%d (router %s)", config.host, port, config.router)
+    log.info("gateway listening on %s://%s:%d (router %s)", gateway.tls.scheme, config.host, port, config.router)
     while gateway.model_name is None:  # with --served-model-name it serves (503s) without a router
         try:
             gateway.model_name = (await gateway.routers.info(timeout=2.0)).model

@@ -10,6 +10,7 @@ from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service.server import Server, service_name
 
 from pdserve.service.cluster_auth import ClusterAuth
+from pdserve.service.tls import Tls
 
 from .api_keys import ApiKeys, metadata_key
 from .config import RouterConfig
@@ -42,17 +43,17 @@ async def serve(config: RouterConfig) -> None:
     model_config = source.model_config()
     tokenizer, vocab_size = source.tokenizer(), model_config.vocab_size
     fingerprint = model_config.fingerprint(source.weights_id())
-    auth = ClusterAuth.from_env()
+    auth, tls = ClusterAuth.from_env(), Tls.from_env()
     static = config.redis_url is None
     index = PrefixIndex(config.redis_url, fingerprint) if config.redis_url else None
     if policy.uses_index and index is None:
         log.warning("policy %s without --redis-url: no prefix index, routing by load", policy.name)
     pool = NodePool(_addresses(config.prefill_nodes, "--prefill-nodes", static and config.disaggregation == "always"),
                     _addresses(config.decode_nodes, "--decode-nodes", static), config.health_interval_s,
-                    index, fingerprint, config.heartbeat_grace_s, auth.metadata)
+                    index, fingerprint, config.heartbeat_grace_s, auth.metadata, tls)
     api_keys = ApiKeys(config.api_key, config.cache_isolation)
     server = Server(service_name("RouterService"), config.host, config.port, config.metrics_port,
-                    config.drain_timeout_s, auth, _authenticate(auth, api_keys))
+                    config.drain_timeout_s, auth, _authenticate(auth, api_keys), tls)
     servicer = RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint,
                               config.model, config.disaggregation, config.prefill_here_max_tokens,
                               config.stream_timeout_s, api_keys)

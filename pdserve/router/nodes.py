@@ -21,6 +21,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
 from pdserve.service.server import MAX_MESSAGE_BYTES
+from pdserve.service.tls import Tls
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,9 @@ class NodeClient:
         return self.healthy and (self.expires_at is None or time.monotonic() < self.expires_at)
 
     @classmethod
-    def connect(cls, role: str, address: str, metadata: tuple = ()) -> "NodeClient":
-        channel = grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    def connect(cls, role: str, address: str, metadata: tuple = (), tls: Tls = Tls()) -> "NodeClient":
+        channel = tls.channel(address, [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         return cls(role, address, channel, metadata=metadata)
 
     def update_stats(self, stats: pb.NodeStats, num_done_before: int) -> None:
@@ -77,14 +77,14 @@ class NodeClient:
 class NodePool:
     def __init__(self, prefill: list[str], decode: list[str], poll_interval_s: float = 0.5,
                  index=None, model_fingerprint: str | None = None, heartbeat_grace_s: float = 10.0,
-                 metadata: tuple = ()):
+                 metadata: tuple = (), tls: Tls = Tls()):
         """`index`: a PrefixIndex to discover nodes from; `model_fingerprint`: nodes serving
         other weights are never routed to; `heartbeat_grace_s`: how long registered nodes
         may be missing after Redis comes up before they are dropped; `metadata`: what every call
-        to a node carries (the cluster secret)."""
-        self.metadata = metadata
-        self.nodes = ([NodeClient.connect("prefill", a, metadata) for a in prefill] +
-                      [NodeClient.connect("decode", a, metadata) for a in decode])
+        to a node carries (the cluster secret); `tls`: how nodes are dialled."""
+        self.metadata, self.tls = metadata, tls
+        self.nodes = ([NodeClient.connect("prefill", a, metadata, tls) for a in prefill] +
+                      [NodeClient.connect("decode", a, metadata, tls) for a in decode])
         self.poll_interval_s = poll_interval_s
         self.index, self.model_fingerprint = index, model_fingerprint
         self.heartbeat_grace_s = heartbeat_grace_s
@@ -136,7 +136,7 @@ class NodePool:
                 continue
             node = by_address.get((record.role, record.address))
             if node is None:
-                node = NodeClient.connect(record.role, record.address, self.metadata)
+                node = NodeClient.connect(record.role, record.address, self.metadata, self.tls)
                 node.static = False
                 self.nodes.append(node)
                 log.info("discovered %s node %s at %s", record.role, record.node_id, record.address)

@@ -23,6 +23,7 @@ import grpc
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service.call_guard import answered
+from pdserve.service.tls import Tls
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,9 @@ def parse_routers(text: str) -> list[str]:
 
 
 class Routers:
-    def __init__(self, addresses: list[str]):
+    def __init__(self, addresses: list[str], tls: Tls = Tls()):
         self.addresses = addresses
-        self.channels = [grpc.aio.insecure_channel(a) for a in addresses]
+        self.channels = [tls.channel(a) for a in addresses]
         self.stubs = [pb_grpc.RouterServiceStub(c) for c in self.channels]
         self._turn = itertools.count()
 

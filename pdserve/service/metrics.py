@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import prometheus_client as prom
 
+from .tls import Tls
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 requests_total = prom.Counter("pdserve_requests_total", "Requests by outcome", ["role", "outcome"])
@@ -33,9 +35,10 @@ redis_up = prom.Gauge("pdserve_redis_up", "1 while Redis answers (router: prefix
 nodes_healthy = prom.Gauge("pdserve_nodes_healthy", "Router: nodes serving", ["role"])
 
 
-def start_metrics_server(host: str, port: int) -> int:
-    """Serves /metrics; returns the bound port (port 0: any free one)."""
-    server, _ = prom.start_http_server(port, addr=host)
+def start_metrics_server(host: str, port: int, tls: Tls = Tls()) -> int:
+    """Serves /metrics (over TLS when `tls` serves); returns the bound port (0: any free one)."""
+    server, _ = prom.start_http_server(port, addr=host, certfile=tls.cert_file or None,
+                                       keyfile=tls.key_file or None)
     return server.server_port
 
 

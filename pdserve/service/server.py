@@ -22,6 +22,7 @@ from pdserve.protos import pdserve_pb2
 from .call_guard import ANSWERED, Authenticate, CallGuard
 from .cluster_auth import ClusterAuth, check_exposure
 from .metrics import start_metrics_server
+from .tls import Tls
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,16 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 class Server:
     def __init__(self, service_name: str, host: str, port: int, metrics_port: int | None,
                  drain_timeout_s: float = 30.0, auth: ClusterAuth | None = None,
-                 authenticate: Authenticate | None = None):
+                 authenticate: Authenticate | None = None, tls: Tls | None = None):
         """`authenticate` (method, metadata) -> why a call is refused, or None; by default a call
-        must carry `auth`'s cluster secret."""
+        must carry `auth`'s cluster secret. `tls` (default: from the environment) for every port."""
         self.service_name = service_name  # e.g. "pdserve.v1.DecodeService"
         self.host, self.port, self.metrics_port = host, port, metrics_port
         self.drain_timeout_s = drain_timeout_s
         self.draining = False
         self.auth = auth if auth is not None else ClusterAuth.from_env()
         check_exposure(host, self.auth, service_name)
+        self.tls = tls if tls is not None else Tls.from_env()
         self.grpc = grpc.aio.server(interceptors=[CallGuard(authenticate or self._member_only)], options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                              ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                              ("grpc.so_reuseport", 0)])
@@ -56,17 +58,17 @@ class Server:
     async def start(self) -> None:
         """Binds (port 0: any free port), starts serving, health NOT_SERVING until `set_serving`."""
         await self.set_serving(False)
-        self.port = self.grpc.add_insecure_port(f"{self.host}:{self.port}")
+        self.port = self.tls.add_port(self.grpc, f"{self.host}:{self.port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port on {self.host}")
         await self.grpc.start()
         if self.metrics_port is not None:
-            self.metrics_port = start_metrics_server(self.host, self.metrics_port)
+            self.metrics_port = start_metrics_server(self.host, self.metrics_port, self.tls)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        log.info("%s listening on %s:%d (metrics on %s)", self.service_name, self.host, self.port,
-                 self.metrics_port)
+        log.info("%s listening on %s:%d (metrics on %s, %s)", self.service_name, self.host, self.port,
+                 self.metrics_port, "TLS" if self.tls.serves else "plain text")
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving and not self.draining else NOT_SERVING

@@ -85,6 +85,8 @@ def test_ports_probes_and_redis_agree(values):
         for probe in (c.get("readinessProbe"), c.get("startupProbe"), c.get("livenessProbe")):
             if probe and "grpc" in probe:
                 assert probe["grpc"]["port"] == ports["grpc"]
+            if probe and probe.get("exec", {}).get("command", [""])[0] == "pdserve":  # with TLS
+                assert probe["exec"]["command"] == ["pdserve", "health", f"127.0.0.1:{ports['grpc']}"]
             if probe and "httpGet" in probe:
                 assert probe["httpGet"]["path"] == "/health" and probe["httpGet"]["port"] == "http"
         if name.endswith(("router", "prefill", "decode")):  # they all find each other through Redis
@@ -122,6 +124,27 @@ def test_aggregated_serving_has_no_prefill_pods_and_tells_the_router():
     assert env(by_kind(render(), "Deployment")["rel-pdserve-router"])["PDSERVE_DISAGGREGATION"] == "auto"
 
 
+def test_tls_reaches_every_pdserve_pod_and_its_probes():
+    docs = render(str(CHART / "ci" / "tls-values.yaml"))
+    for name, deployment in by_kind(docs, "Deployment").items():
+        c, pod = container(deployment), deployment["spec"]["template"]["spec"]
+        if c["image"].startswith("redis"):
+            continue
+        variables = env(deployment)
+        assert variables["PDSERVE_TLS_CERT"] == "/etc/pdserve/tls/tls.crt", name
+        assert variables["PDSERVE_TLS_SERVER_NAME"] == "pdserve.internal" and variables["PDSERVE_TLS_KV"] == "off"
+        assert {"name": "tls", "mountPath": "/etc/pdserve/tls", "readOnly": True} in c["volumeMounts"], name
+        assert {"name": "tls", "secret": {"secretName": "pdserve-tls"}} in pod["volumes"], name
+        for probe in (c.get("readinessProbe"), c.get("startupProbe")):
+            assert probe is None or "grpc" not in probe, name  # Kubernetes' gRPC probe speaks no TLS
+    gateway = container(by_kind(docs, "Deployment")["rel-pdserve-gateway"])
+    assert gateway["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    for endpoint in next(iter(by_kind(docs, "ServiceMonitor").values()))["spec"]["endpoints"]:
+        assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"]["name"] == "pdserve-tls"
+    plain = by_kind(render(), "Deployment")
+    assert not any(e["name"].startswith("PDSERVE_TLS") for d in plain.values() for e in container(d).get("env", []))
+
+
 def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
     for name, d in by_kind(render(), "Deployment").items():
         spec = d["spec"]["template"]["spec"]
@@ -136,6 +159,7 @@ def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
     ("redis.enabled=false", "/redis/externalUrl"), ("routingPolicy=random", "/routingPolicy"),
     ("disaggregation=sometimes", "/disaggregation"),
     ("router.port=70000", "/router/port"), ("prefill.extraEnv.FOO=1", "'FOO' does not match"),
+    ("tls.existingSecret=mine", "/tls/serverName"),
 ])
 def test_bad_values_are_refused_by_the_schema(setting, message):
     result = run_helm("template", "rel", str(CHART), "--set", setting)

@@ -52,7 +52,7 @@ def generate_killing_its_decode_node(cluster, prompt, params: SamplingParams):
 
 def node_stats(process) -> pb.NodeStats:
     role = process.info["role"]
-    with grpc.insecure_channel(process.address) as channel:
+    with process.channel() as channel:
         stub = (pb_grpc.PrefillServiceStub if role == "prefill" else pb_grpc.DecodeServiceStub)(channel)
         return stub.GetStats(pb.StatsRequest(), timeout=5, metadata=process.metadata)
 

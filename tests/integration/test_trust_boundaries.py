@@ -4,6 +4,7 @@ a prefill node sends KV only where a member's signed ticket says; malformed prot
 INVALID_ARGUMENT on every method, never UNKNOWN; the router's gRPC API takes the API keys;
 `--cache-isolation per-key` keeps each key's prefix cache apart."""
 
+import os
 import random
 import select
 import socket
@@ -16,6 +17,7 @@ import pytest
 from pdserve.client import generate_request
 from pdserve.cluster import Cluster
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_transfer.frame import FrameHeader, FrameType
 from pdserve.protos import pdserve_pb2 as pb
 
 from .serving import all_blocks_free, health, node_stats, wait_for
@@ -54,9 +56,14 @@ def process_of(cluster, role):
     return {"router": cluster.router, "prefill": cluster.prefill[0], "decode": cluster.decode[0]}[role]
 
 
-def num_threads(process) -> int:
+def proc_status(process, field: str) -> int:
+    """A number of /proc/<pid>/status: `Threads`, or `VmRSS` (KiB)."""
     status = Path(f"/proc/{process.popen.pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(f"{field}:")))
+
+
+def num_threads(process) -> int:
+    return proc_status(process, "Threads")
 
 
 def test_node_services_take_calls_from_members_only(cluster):
@@ -156,3 +163,34 @@ def test_per_key_cache_isolation(cluster):
     assert cached_tokens(KEYS[1]) > 0
     with pytest.raises(openai.AuthenticationError):
         cached_tokens("not-a-key")
+
+
+def test_the_kv_port_survives_a_flood_of_strangers(cluster):
+    """The attack seen on 217846c: headers for unknown transfers made the decode node allocate
+    each frame's claimed size and hold it (20 idle connections: 700 MB more RSS). Now 100
+    connections send such headers (each claims two layers of cache) and 100 more stay silent;
+    the node's memory and threads come back to where they were, and it still serves."""
+    decode = cluster.decode[0]
+    rss_before, threads_before = proc_status(decode, "VmRSS"), num_threads(decode)
+    kv_address = ("127.0.0.1", decode.info["kv_port"])
+    num_blocks = node_stats(decode).num_kv_blocks // 4
+    shape = (2, num_blocks, 16, 3, 64)  # half a layer of SmolLM2's K and V: within the frame cap
+    claimed = 2 * num_blocks * 16 * 3 * 64 * 4
+    loud = [socket.create_connection(kv_address, timeout=30) for _ in range(100)]
+    silent = [socket.create_connection(kv_address, timeout=30) for _ in range(100)]
+    try:
+        for s in loud:
+            s.sendall(FrameHeader(FrameType.KV, os.urandom(16), 0, "float32", shape, claimed).pack())
+        for s in loud:  # each closed by the node as soon as its header failed
+            assert s.recv(1) == b""
+        assert proc_status(decode, "VmRSS") < rss_before + (64 << 10)  # KiB: no claimed frame allocated
+    finally:
+        for s in loud + silent:
+            s.close()
+    assert wait_for(lambda: num_threads(decode) <= threads_before)
+    rss_after = proc_status(decode, "VmRSS")
+    print(f"decode node: {claimed * 100 >> 20} MiB claimed, RSS {rss_before >> 10} -> {rss_after >> 10} MiB, "
+          f"threads {threads_before} -> {num_threads(decode)}")
+    assert rss_after < rss_before + (64 << 10)
+    client = openai.OpenAI(base_url=cluster.gateway_url, api_key=KEYS[0], max_retries=0, timeout=120)
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2

@@ -129,3 +129,23 @@ def test_an_exposed_bind_needs_a_cluster_secret():
             ClusterAuth.from_env()
         finally:
             del os.environ["PDSERVE_CLUSTER_SECRET"]
+
+
+def test_channels_to_receivers_gone_quiet_are_retired():
+    """A prefill node keeps a thread and a connection per decode node it sent to; those of
+    nodes it no longer sends to (gone, or just quiet) end after `channel_idle_s`, and a later
+    transfer to one of them opens a new channel."""
+    threads_before = threading.active_count()
+    receivers = [KVSocketReceiver(make_caches()) for _ in range(8)]
+    sender = TcpKVSender(channel_idle_s=0.2)
+    try:
+        for receiver in receivers:
+            assert_next_transfer_lands(receiver.kv_caches, receiver, sender, [1, 2])
+        receivers.pop().close()  # one goes away for good
+        assert wait_until(lambda: not sender._channels and receivers[0].num_connections == 0)
+        assert_next_transfer_lands(receivers[0].kv_caches, receivers[0], sender, [3])
+    finally:
+        sender.close()
+        for receiver in receivers:
+            receiver.close()
+    assert wait_until(lambda: threading.active_count() <= threads_before)

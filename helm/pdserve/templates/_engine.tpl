@@ -77,11 +77,11 @@ spec:
             {{- end }}
           # health is NOT_SERVING while the model loads and while the node drains
           startupProbe:
-            grpc: {port: {{ $pool.port }}}
+            {{- include "pdserve.grpcCheck" (dict "root" $root "port" $pool.port) | nindent 12 }}
             periodSeconds: 5
             failureThreshold: 120
           readinessProbe:
-            grpc: {port: {{ $pool.port }}}
+            {{- include "pdserve.grpcCheck" (dict "root" $root "port" $pool.port) | nindent 12 }}
             periodSeconds: 5
           livenessProbe:
             tcpSocket: {port: {{ $pool.port }}}

@@ -47,12 +47,51 @@ imagePullSecrets:
     secretKeyRef:
       name: {{ .Values.clusterSecret.existingSecret | default (printf "%s-cluster" (include "pdserve.fullname" .)) }}
       key: cluster-secret
+{{- with .Values.tls.existingSecret }}
+- name: PDSERVE_TLS_CERT
+  value: /etc/pdserve/tls/tls.crt
+- name: PDSERVE_TLS_KEY
+  value: /etc/pdserve/tls/tls.key
+- name: PDSERVE_TLS_CA
+  value: /etc/pdserve/tls/ca.crt
+- name: PDSERVE_TLS_SERVER_NAME
+  value: {{ $.Values.tls.serverName | quote }}
+- name: PDSERVE_TLS_KV
+  value: {{ ternary "on" "off" $.Values.tls.kv | quote }}
+{{- end }}
 - name: HOME
   value: /tmp
 - name: TRITON_CACHE_DIR
   value: /tmp/triton
 - name: PYTHONDONTWRITEBYTECODE
   value: "1"
+{{- end -}}
+
+{{/* The TLS Secret's volume and mount (nothing without tls.existingSecret). */}}
+{{- define "pdserve.tlsVolume" -}}
+{{- with .Values.tls.existingSecret }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve.tlsMount" -}}
+{{- if .Values.tls.existingSecret }}
+- {name: tls, mountPath: /etc/pdserve/tls, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{/* A gRPC readiness or startup check: Kubernetes' own gRPC probe speaks no TLS, so with TLS
+     the probe is `pdserve health` in the container (include with (dict "root" $ "port" 50051)). */}}
+{{- define "pdserve.grpcCheck" -}}
+{{- if .root.Values.tls.existingSecret }}
+exec:
+  command: ["pdserve", "health", "127.0.0.1:{{ .port }}"]
+timeoutSeconds: 5
+{{- else }}
+grpc: {port: {{ .port }}}
+{{- end }}
 {{- end -}}
 
 {{/* Volumes of an engine pod (prefill, decode): scratch, shared memory, the model. */}}
@@ -67,6 +106,7 @@ imagePullSecrets:
 - name: model
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- include "pdserve.tlsVolume" .root }}
 {{- end -}}
 
 {{- define "pdserve.engineMounts" -}}
@@ -79,6 +119,7 @@ imagePullSecrets:
   mountPath: {{ .Values.model.mountPath }}
   readOnly: true
 {{- end }}
+{{- include "pdserve.tlsMount" . }}
 {{- end -}}
 
 {{/* Resources of an engine container, with nvidia.com/gpu when the pool asks for GPUs. */}}
