@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=50051, help="the router's gRPC port (default 50051)")
     up.add_argument("--http-port", type=int, default=8000, help="the OpenAI HTTP gateway's port "
                     "(default 8000; -1: no gateway)")
+    up.add_argument("--base-port", type=int, default=None, help="fixed ports for the nodes from this one "
+                    "up: each node's gRPC, metrics (and a decode node's KV) port in turn, then the router's "
+                    "metrics port (default: any free ones; the banner lists every endpoint)")
     up.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"), help="require this key (or one "
                     "of several, comma-separated) on the gateway's /v1/* and the router's Generate (env "
                     "PDSERVE_API_KEY; they get it in their environment)")
@@ -197,7 +200,7 @@ def run_up(args) -> int:
                       decode_args=[[*a, "--kv-connector", args.kv_connector]
                                    for a in device_args[args.num_prefill:]],
                       gateway_port=None if args.http_port < 0 else args.http_port,
-                      api_key=args.api_key)
+                      api_key=args.api_key, base_port=args.base_port)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     # Ctrl-C stops the cluster even when this process was started with SIGINT ignored (an
     # ignored signal stays ignored across exec, and Python then installs no handler)
@@ -221,6 +224,7 @@ def run_up(args) -> int:
                   f"{key} -d '{{\"model\": \"{cluster.gateway.info['model']}\", \"messages\": "
                   f"[{{\"role\": \"user\", \"content\": \"Hi!\"}}], \"max_tokens\": 64}}'\n"
                   f"  (the OpenAI API at {cluster.gateway_url})", file=sys.stderr)
+        print("  endpoints:\n" + "\n".join(f"    {what:<40} {where}" for what, where in cluster.endpoints()), file=sys.stderr)
         print(f"  logs: {cluster.log_dir}    stop: Ctrl-C\n", file=sys.stderr)
         if not args.no_sample:
             stream_answer(address, SAMPLE_CHAT, raw=False, max_tokens=96, temperature=0.0)

@@ -73,11 +73,12 @@ class Cluster:
                  log_dir: str | None = None, log_level: str = "INFO", redis: str | None = None,
                  gateway_port: int | None = None, gateway_args=(), gateway_env: dict[str, str] | None = None,
                  cluster_secret: str | None = None, api_key: str | None = None, num_routers: int = 1,
-                 tls: Tls | None = None):
+                 tls: Tls | None = None, base_port: int | None = None):
         if num_prefill < 0 or num_decode < 1:
             raise ValueError("a cluster needs at least one decode node (and no prefill node: aggregated serving)")
         self.model, self.num_prefill, self.num_decode = model, num_prefill, num_decode
         self.router_port = router_port
+        self.base_port = base_port  # None: the nodes' ports are any free ones (see `node_ports`)
         self.node_args, self.router_args = list(node_args), list(router_args)
         self.prefill_args = _per_node(prefill_args, num_prefill)
         self.decode_args = _per_node(decode_args, num_decode)
@@ -122,18 +123,19 @@ class Cluster:
                 progress(f"redis-server ready at {self.redis_url}")
             registry = ["--redis-url", self.redis_url] if self.redis_url else []
             self.prefill = [self._spawn(f"prefill-{i}", "prefill", [
-                "--model", self.model, *registry, *self.node_args, *self.prefill_args[i]])
+                "--model", self.model, *self.node_ports(i), *registry, *self.node_args, *self.prefill_args[i]])
                 for i in range(self.num_prefill)]
             self.decode = [self._spawn(f"decode-{i}", "decode", [
-                "--model", self.model, "--kv-port", "0", *registry, *self.node_args,
-                *self.decode_args[i]]) for i in range(self.num_decode)]
+                "--model", self.model, *self.node_ports(self.num_prefill + i, kv=True), *registry,
+                *self.node_args, *self.decode_args[i]]) for i in range(self.num_decode)]
             progress(f"loading {self.model} on {self.num_prefill} prefill and {self.num_decode} decode "
                      f"node(s); logs in {self.log_dir}")
             self._wait_ready(self.prefill + self.decode, timeout, progress)
             nodes = registry or ["--prefill-nodes", ",".join(p.address for p in self.prefill),
                                  "--decode-nodes", ",".join(p.address for p in self.decode)]
             self.routers = [self._spawn("router" if i == 0 else f"router-{i}", "router", [
-                "--model", self.model, "--port", str(self.router_port if i == 0 else 0), *nodes, *self.router_args],
+                "--model", self.model, "--port", str(self.router_port if i == 0 else 0),
+                *self.router_metrics_port(i), *nodes, *self.router_args],
                 self.api_key_env) for i in range(self.num_routers)]
             self._wait_ready(self.routers, timeout, progress)
             if self.gateway_port is not None:
@@ -145,6 +147,31 @@ class Cluster:
             self.stop()
             raise
         return self
+
+    def node_ports(self, index: int, kv: bool = False) -> list[str]:
+        """Node `index` (prefill nodes first) gets gRPC `base_port + 3 * index`, metrics the
+        next port, and a decode node's KV receiver the one after; any free ones without a base."""
+        if self.base_port is None:
+            return ["--kv-port", "0"] if kv else []
+        port = self.base_port + 3 * index
+        return ["--port", str(port), "--metrics-port", str(port + 1), *(["--kv-port", str(port + 2)] if kv else [])]
+
+    def router_metrics_port(self, index: int) -> list[str]:
+        """Router `index`'s metrics port: the next after the nodes' (with a base port)."""
+        if self.base_port is None:
+            return []
+        return ["--metrics-port", str(self.base_port + 3 * (self.num_prefill + self.num_decode) + index)]
+
+    def endpoints(self) -> list[tuple[str, str]]:
+        """(what, where) of every port the cluster listens on, for a banner."""
+        rows = [(f"{p.name} gRPC", p.address) for p in self.routers + self.prefill + self.decode]
+        rows += [(f"{p.name} KV", f"127.0.0.1:{p.info['kv_port']}") for p in self.decode]
+        if self.gateway is not None:
+            rows.append(("gateway HTTP (OpenAI API, /metrics)", self.gateway_url.removesuffix("/v1")))
+        scheme = self.tls.scheme
+        rows += [(f"{p.name} metrics", f"{scheme}://127.0.0.1:{p.info['metrics_port']}/metrics")
+                 for p in self.routers + self.prefill + self.decode]
+        return rows
 
     def _spawn(self, name: str, role: str, args: list[str], env: dict[str, str] | None = None) -> Process:
         ready = self.log_dir / f"{name}.ready.json"

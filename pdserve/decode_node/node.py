@@ -30,11 +30,12 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
         raise ValueError(f"--kv-connector must be one of {', '.join(CONNECTORS)}, got {config.kv_connector!r}")
 
     server = Server(service_name("DecodeService"), config.host, config.port, config.metrics_port,
-                    config.drain_timeout_s)
+                    config.drain_timeout_s, metrics_registry=metrics.role_registry("decode", engine_config.model))
     check_exposure(config.kv_host, server.auth, "the KV receiver")
     servicer = DecodeServicer(config.reservation_timeout_s, config.kv_connector, config.max_queued_requests,
                               server.auth)
     servicer.server = server
+    metrics.admission_queue_length.set_function(lambda: servicer.admission.num_waiting)
     pb_grpc.add_DecodeServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(Engine, engine_config)
@@ -45,7 +46,7 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
 
     def after_step(stats: dict) -> None:
         servicer.admission.kick()  # a step may have freed blocks
-        metrics.update_engine_gauges(stats)
+        metrics.update_engine_stats(stats)
         if registration is not None:
             registration.update_load(stats)
 

@@ -130,6 +130,7 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
             if finished:
                 self.active.discard(request_id)
             else:  # cancelled, failed or expired: give the blocks back; the id is free once aborted
+                metrics.count_unfinished("decode")
                 if ticket is not None:
                     self.receiver.forget(ticket.transfer_id)
                 self.loop.call_soon(self.engine.abort_request, request_id,
@@ -139,6 +140,7 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
     async def _add_here(self, request: pb.DecodeRequest, request_id: str, context) -> None:
         """The prompt joins the engine's queue, to be prefilled in this node's batch."""
         if self.loop.stats["num_waiting"] + self.admission.num_waiting >= self.admission.max_waiting:
+            metrics.admission_refused.inc()
             await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"decode node is full: {self.admission.max_waiting} requests wait already")
         try:
@@ -167,6 +169,7 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
         except ValueError as e:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except QueueFull as e:
+            metrics.admission_refused.inc()
             await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode node is full: {e}")
         cfg, runner = self.engine.model_config, self.engine.runner
         num_cached = reservation.num_cached_blocks

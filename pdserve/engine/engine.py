@@ -273,6 +273,9 @@ class Engine:
             "num_reserved": len(self.scheduler.reserved),
             "num_prompt_tokens_computed": self.scheduler.num_prompt_tokens_computed,
             "num_cached_tokens": self.scheduler.num_cached_tokens,
+            "num_prefix_cache_queries": self.scheduler.num_prefix_cache_queries,
+            "num_generated_tokens": self.scheduler.num_generated_tokens,
+            "num_preemptions": self.scheduler.num_preempted,
             "num_cache_events": len(self.kv.pool.events.changes),  # prefix-cache changes not yet drained
             "num_queued_prefill_tokens": sum(  # prompt tokens still to compute: a node's prefill load
                 max(0, r.num_prompt_tokens - r.num_computed_tokens)

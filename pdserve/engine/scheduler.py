@@ -50,6 +50,8 @@ class Scheduler:
         self.reserved: dict[str, Request] = {}  # decode node: request_id -> request awaiting its KV
         self.num_prompt_tokens_computed = 0  # prompt tokens prefilled (not taken from cache)
         self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache
+        self.num_prefix_cache_queries = 0  # ... of the prompt tokens looked up there
+        self.num_generated_tokens = 0  # tokens sampled here (not a first token another node sampled)
         self.num_preempted = 0
 
     def add(self, request: Request) -> None:
@@ -96,6 +98,8 @@ class Scheduler:
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
                 self.num_cached_tokens += num_cached
+                if request.params.prompt_logprobs is None:  # it was looked up
+                    self.num_prefix_cache_queries += request.num_prompt_tokens
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -154,6 +158,7 @@ class Scheduler:
                 continue
             token_id = sampled[request.request_id]
             request.output_token_ids.append(token_id)
+            self.num_generated_tokens += 1
             reason = self._finish_reason(request, token_id)
             handed_over = reason is None and request.prefill_only
             if reason is not None or handed_over:
@@ -201,6 +206,7 @@ class Scheduler:
             return False
         request.num_cached_tokens = num_cached
         self.num_cached_tokens += num_cached
+        self.num_prefix_cache_queries += request.num_prompt_tokens
         self.reserved[request.request_id] = request
         return True
 

@@ -27,7 +27,7 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
 
     check_device_turns(config.device_turns)
     server = Server(service_name("PrefillService"), config.host, config.port, config.metrics_port,
-                    config.drain_timeout_s)
+                    config.drain_timeout_s, metrics_registry=metrics.role_registry("prefill", engine_config.model))
     servicer = PrefillServicer(config.kv_test_hold_prefill_s, server.auth)
     servicer.server = server
     pb_grpc.add_PrefillServiceServicer_to_server(servicer, server.grpc)
@@ -41,7 +41,7 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     registration = None
 
     def after_step(stats: dict) -> None:
-        metrics.update_engine_gauges(stats)
+        metrics.update_engine_stats(stats)
         if registration is not None:
             registration.update_load(stats)
 

@@ -112,7 +112,6 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
             self._follow_transfer(request_id, ticket)
             done = True
             metrics.requests_total.labels("prefill", "ok").inc()
-            metrics.prefix_cache_hits.inc(output.num_cached_tokens)
             return pb.PrefillResponse(first_token_id=output.new_token_ids[0],
                                       first_token_logprob=logprobs_to_proto(output.logprobs[0])
                                       if output.logprobs else None,
@@ -128,6 +127,7 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
             if done:
                 self.active.discard(request_id)
             else:  # failed or cancelled: free the blocks, stop the transfer; the id is free once aborted
+                metrics.count_unfinished("prefill")
                 self.loop.call_soon(self.engine.abort_request, request_id,
                                     then=lambda: self.active.discard(request_id))
                 self.sender.abort(ticket)
@@ -141,7 +141,7 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
         transfer = self.transfers.pop(request_id, None)
         if transfer is None:  # the DONE was not queued (the sender failed it at once)
             return
-        key = f"{request_id}/kv"
+        key, started = f"{request_id}/kv", time.monotonic()
         self.active.add(key)
 
         def sent(future: asyncio.Future) -> None:
@@ -149,6 +149,7 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
             error = future.exception()
             if error is None:
                 metrics.kv_transfer_bytes.labels("sent").inc(future.result())
+                metrics.kv_transfer_seconds.observe(time.monotonic() - started)
                 return
             metrics.kv_transfer_failures.inc()
             log.warning("%s: kv transfer to %s failed: %s", request_id, ticket.kv_endpoint, error)

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from pdserve.protos import pdserve_pb2 as pb
 
+from pdserve.service import metrics
 from pdserve.service.cluster_auth import ClusterAuth
 from pdserve.service.tls import Tls
 
@@ -40,13 +41,6 @@ MAX_BODY_BYTES = 16 << 20
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
                grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
                grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409}
-http_requests = prom.Counter("pdserve_http_requests_total", "Gateway: requests by path and status",
-                             ["path", "status"])
-# what the gateway itself adds: "request" from the HTTP request's arrival to the gRPC call, plus
-# from the first gRPC answer to its first chunk written; "chunk" from each later gRPC answer to
-# its SSE chunk written
-gateway_added = prom.Histogram("pdserve_gateway_added_seconds", "Gateway: latency it adds", ["stage"],
-                               buckets=(5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 0.1))
 
 
 class Gateway:
@@ -57,6 +51,7 @@ class Gateway:
         self.api_keys = ApiKeys(config.api_key)
         self.cluster_metadata = ClusterAuth.from_env().metadata  # the router knows a member by it
         self.model_name = config.served_model_name
+        self.registry = metrics.role_registry("gateway", lambda: self.model_name)
         self.started = int(time.time())
 
     def app(self) -> web.Application:
@@ -82,7 +77,7 @@ class Gateway:
         except Exception as e:  # a bug: say so, keep serving
             log.exception("unexpected error on %s", request.path)
             response = web.json_response(APIError(500, f"internal error: {e}").body(), status=500)
-        http_requests.labels(request.path if request.match_info.route.resource else "other",
+        metrics.http_requests.labels(request.path if request.match_info.route.resource else "other",
                              str(response.status)).inc()
         return response
 
@@ -122,7 +117,7 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=prom.generate_latest(), content_type="text/plain")
+        return web.Response(body=prom.generate_latest(self.registry), content_type="text/plain")
 
     async def _info(self) -> pb.RouterInfo:
         try:
@@ -217,7 +212,7 @@ class Gateway:
                                             index=index, prompt_text=response.prompt_text,
                                             prompt_logprobs=response.prompt_logprobs))
                 elapsed = time.perf_counter() - received
-                gateway_added.labels("chunk" if started else "request").observe(
+                metrics.gateway_added.labels("chunk" if started else "request").observe(
                     elapsed if started else elapsed + before_call)
                 started.add(index)
                 text_offsets[index] += len(response.prompt_text) + len(response.text)

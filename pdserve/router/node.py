@@ -9,6 +9,7 @@ import logging
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service.server import Server, service_name
 
+from pdserve.service import metrics
 from pdserve.service.cluster_auth import ClusterAuth
 from pdserve.service.tls import Tls
 
@@ -53,7 +54,8 @@ async def serve(config: RouterConfig) -> None:
                     index, fingerprint, config.heartbeat_grace_s, auth.metadata, tls)
     api_keys = ApiKeys(config.api_key, config.cache_isolation)
     server = Server(service_name("RouterService"), config.host, config.port, config.metrics_port,
-                    config.drain_timeout_s, auth, _authenticate(auth, api_keys), tls)
+                    config.drain_timeout_s, auth, _authenticate(auth, api_keys), tls,
+                    metrics.role_registry("router", config.model))
     servicer = RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint,
                               config.model, config.disaggregation, config.prefill_here_max_tokens,
                               config.stream_timeout_s, api_keys)

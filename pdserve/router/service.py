@@ -15,25 +15,26 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from pdserve.engine.block_hash import block_hashes
-from pdserve.engine.request import FinishReason
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
-from pdserve.service.convert import FINISH_FROM_PROTO, FINISH_TO_PROTO
+from pdserve.service.convert import FINISH_FROM_PROTO
 from pdserve.service.server import abort
 
 from .api_keys import ApiKeys, metadata_key
-from .detokenizer import IncrementalDetokenizer, named_logprobs
+from .detokenizer import IncrementalDetokenizer
 from .nodes import NodeClient, NodePool
 from .pending_prefixes import PendingPrefixes
 from .validation import checked_request
 from .policy import queued_prefill_tokens
 from .progress import Chunk, Progress
+from .responses import chunk_response
+from . import request_metrics
 from .silence_watch import SilenceWatch, Watched
 from .prefix_index import MAX_LOOKUP_BLOCKS
 
@@ -57,6 +58,14 @@ class Retry(Exception):
     def __init__(self, reason: str, nodes: set, full: bool = False):
         super().__init__(reason)
         self.nodes, self.full = nodes, full
+
+
+@dataclass
+class Failures:
+    """Why a completion's attempts failed; `full`: the last one found its decode node full."""
+
+    reasons: list[str] = field(default_factory=list)
+    full: bool = False
 
 
 @dataclass
@@ -89,6 +98,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         if request_id in self.active_ids:  # refused before anything of the other request is touched
             await abort(context, grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use")
         self.active_ids.add(request_id)
+        metrics.requests_in_flight.inc()
         try:
             progress = await self._parse(request, context)
             request.cache_salt = self.api_keys.cache_salt(request.cache_salt, metadata_key(context.invocation_metadata()))
@@ -99,6 +109,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             await abort(context, e.code, e.details)
         finally:
             self.active_ids.discard(request_id)
+            metrics.requests_in_flight.dec()
 
     async def _generate_n(self, request_id: str, request: pb.GenerateRequest, progress: Progress):
         """`n` completions of one prompt: the first alone until its first token (the prompt's KV
@@ -137,39 +148,55 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     async def _generate(self, request_id: str, request: pb.GenerateRequest, progress: Progress):
         """One completion's responses, across attempts; ClientError when it cannot be served."""
         detok = IncrementalDetokenizer(self.tokenizer, progress.prompt + progress.sent) if self.tokenizer else None
-        failures: list[str] = []
+        failures = Failures()
+        ended = False  # finished, or failed: anything else that ends the stream is the client leaving
+        try:
+            async for response in self._attempts(request_id, request, progress, detok, failures):
+                if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    ended = True  # counted before the yield: the caller may close the stream on it
+                    request_metrics.on_finished(progress, FINISH_FROM_PROTO[response.finish_reason], time.monotonic())
+                yield response
+                if ended:
+                    return  # closing the attempt cancels the decode call, freeing its blocks
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if failures.full else grpc.StatusCode.UNAVAILABLE
+            detail = "; ".join(failures.reasons) or f"no healthy {self.needed_nodes()}"
+            raise ClientError(code, f"{request_id}: not served after {progress.num_attempts} attempt(s): {detail}")
+        except ClientError:
+            ended = True
+            request_metrics.on_failed()
+            raise
+        finally:
+            if not ended:
+                request_metrics.on_cancelled(progress, time.monotonic())
+
+    async def _attempts(self, request_id: str, request: pb.GenerateRequest, progress: Progress, detok,
+                        failures: Failures):
+        """The responses of attempt after attempt, up to the last; ends early when no attempt is
+        left (`failures` says why each failed)."""
         excluded: set[NodeClient] = set()  # failed this request: avoided while others exist
         full_nodes: set[NodeClient] = set()  # decode nodes without room: never retried
-        full = False  # the last failure was a full decode node: try the others, uncounted
-        while progress.num_attempts < self.max_attempts or full:
+        while progress.num_attempts < self.max_attempts or failures.full:
             route = await self._route(progress.prompt + progress.sent, request.cache_salt, excluded,
                                       full_nodes)
             if route is None:
-                break
+                return
             progress.num_attempts += 1
             try:
                 async with contextlib.aclosing(
                         self._attempt(request_id, request.cache_salt, progress, route)) as chunks:
                     async for chunk in chunks:
-                        response = self._response(request_id, progress, detok, chunk)
-                        last = response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-                        if last:  # counted before the yield: the caller may close the stream on it
-                            metrics.requests_total.labels("router", "ok").inc()
+                        response = chunk_response(self.tokenizer, request_id, progress, detok, chunk)
                         yield response
-                        if last:
-                            return  # closing `chunks` cancels the decode call, freeing its blocks
+                        if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                            return
             except Retry as e:
-                failures.append(str(e))
+                failures.reasons.append(str(e))
                 excluded |= e.nodes
-                full = e.full
-                if full:
+                failures.full = e.full  # the last failure was a full decode node: try the others, uncounted
+                if e.full:
                     full_nodes |= e.nodes
-                metrics.retries_total.labels("full" if full else "failure").inc()
+                metrics.retries_total.labels("full" if e.full else "failure").inc()
                 log.warning("%s: attempt %d failed: %s", request_id, progress.num_attempts, e)
-        metrics.requests_total.labels("router", "failed").inc()
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE
-        detail = "; ".join(failures) or f"no healthy {self.needed_nodes()}"
-        raise ClientError(code, f"{request_id}: not served after {progress.num_attempts} attempt(s): {detail}")
 
     def can_serve(self) -> bool:
         """Whether the healthy nodes can serve a prompt (the router's health)."""
@@ -306,42 +333,6 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             node.num_inflight -= 1
             node.num_inflight_tokens -= num_tokens
             node.num_done_prompt_tokens += num_prompt_tokens
-
-    def _response(self, request_id, progress: Progress, detok, chunk: Chunk) -> pb.GenerateResponse:
-        token_ids, reason = chunk.token_ids, chunk.finish_reason
-        now = time.monotonic()
-        first = progress.first_at is None
-        if first:
-            progress.first_at = now
-            metrics.time_to_first_token.observe(now - progress.start)
-        elif token_ids:
-            for _ in token_ids:
-                metrics.inter_token_latency.observe((now - progress.last_at) / len(token_ids))
-        progress.last_at = now
-        progress.sent += token_ids
-        text = detok.push(token_ids, final=reason is not None) if detok else ""
-        if progress.stop is not None:
-            text, stopped = progress.stop.push(text, final=reason is not None)
-            reason = FinishReason.STOP if stopped else reason
-        if first and progress.pending_text:
-            text = progress.pending_text + text
-        response = pb.GenerateResponse(request_id=request_id, token_ids=token_ids, text=text, index=progress.index,
-                                       finish_reason=FINISH_TO_PROTO[reason], logprobs=named_logprobs(self.tokenizer, chunk.logprobs))
-        if first:
-            response.prompt_logprobs.extend(named_logprobs(self.tokenizer, chunk.prompt_logprobs))
-            if progress.echo and self.tokenizer is not None:
-                response.prompt_text = self.tokenizer.decode(progress.prompt, skip_special_tokens=False)
-        if reason is not None:
-            pre = progress.prefill
-            response.usage.CopyFrom(pb.Usage(prompt_tokens=len(progress.prompt),
-                                             completion_tokens=len(progress.sent),
-                                             cached_tokens=pre.num_cached_tokens if pre else progress.num_cached_tokens))
-            response.timings.CopyFrom(pb.Timings(
-                time_to_first_token_seconds=progress.first_at - progress.start,
-                total_seconds=now - progress.start, num_attempts=progress.num_attempts,
-                prefill_seconds=pre.prefill_seconds if pre else 0.0,
-                kv_transfer_seconds=pre.kv_transfer_seconds if pre else 0.0))
-        return response
 
     # ---- validation -------------------------------------------------------------------
 

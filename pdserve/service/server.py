@@ -16,6 +16,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.registry import CollectorRegistry
 
 from pdserve.protos import pdserve_pb2
 
@@ -33,9 +34,11 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 class Server:
     def __init__(self, service_name: str, host: str, port: int, metrics_port: int | None,
                  drain_timeout_s: float = 30.0, auth: ClusterAuth | None = None,
-                 authenticate: Authenticate | None = None, tls: Tls | None = None):
+                 authenticate: Authenticate | None = None, tls: Tls | None = None,
+                 metrics_registry: CollectorRegistry | None = None):
         """`authenticate` (method, metadata) -> why a call is refused, or None; by default a call
-        must carry `auth`'s cluster secret. `tls` (default: from the environment) for every port."""
+        must carry `auth`'s cluster secret. `tls` (default: from the environment) for every port;
+        `metrics_registry`: what /metrics serves (service/metrics.py `role_registry`)."""
         self.service_name = service_name  # e.g. "pdserve.v1.DecodeService"
         self.host, self.port, self.metrics_port = host, port, metrics_port
         self.drain_timeout_s = drain_timeout_s
@@ -43,6 +46,7 @@ class Server:
         self.auth = auth if auth is not None else ClusterAuth.from_env()
         check_exposure(host, self.auth, service_name)
         self.tls = tls if tls is not None else Tls.from_env()
+        self.metrics_registry = metrics_registry or CollectorRegistry()
         self.grpc = grpc.aio.server(interceptors=[CallGuard(authenticate or self._member_only)], options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                              ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                              ("grpc.so_reuseport", 0)])
@@ -63,7 +67,7 @@ class Server:
             raise OSError(f"cannot bind gRPC port on {self.host}")
         await self.grpc.start()
         if self.metrics_port is not None:
-            self.metrics_port = start_metrics_server(self.host, self.metrics_port, self.tls)
+            self.metrics_port = start_metrics_server(self.host, self.metrics_port, self.metrics_registry, self.tls)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)

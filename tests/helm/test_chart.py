@@ -2,6 +2,8 @@
 Kubernetes schemas (kubernetes-validate, strict), check that the parts agree, that bad values
 are refused, and that every PDSERVE_* variable it sets is one `pdserve <role>` reads."""
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -73,7 +75,7 @@ def test_ports_probes_and_redis_agree(values):
         ports = {p["name"]: p["containerPort"] for p in container(pods[0])["ports"]}
         for p in service["spec"]["ports"]:
             assert ports.get(p["targetPort"]) == p["port"], (name, p)
-    config = next(iter(by_kind(docs, "ConfigMap").values()))["data"]
+    config = by_kind(docs, "ConfigMap")["rel-pdserve"]["data"]
     redis_url = config["PDSERVE_REDIS_URL"]
     if "rel-pdserve-redis" in services:
         assert redis_url == f"redis://rel-pdserve-redis:{services['rel-pdserve-redis']['spec']['ports'][0]['port']}/0"
@@ -143,6 +145,28 @@ def test_tls_reaches_every_pdserve_pod_and_its_probes():
         assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"]["name"] == "pdserve-tls"
     plain = by_kind(render(), "Deployment")
     assert not any(e["name"].startswith("PDSERVE_TLS") for d in plain.values() for e in container(d).get("env", []))
+
+
+def test_the_dashboard_queries_only_metrics_that_some_role_exports():
+    """Every metric a panel's query names is one that a pdserve process exports (a histogram's
+    series by its family), and the ConfigMap carries the JSON as it is in dashboards/."""
+    from pdserve.service import metrics
+
+    exported = set().union(*(metrics.family_names(role) for role in metrics.ROLES))
+    dashboard = json.loads((CHART / "dashboards" / "pdserve.json").read_text())
+    queried = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            queried |= {re.sub(r"_(bucket|sum|count)$", "", name) for name in re.findall(r"pdserve_\w+", target["expr"])}
+    assert queried and queried <= exported, queried - exported
+    titles = " ".join(p["title"] for p in dashboard["panels"])
+    for topic in ("first token", "Inter-token", "End-to-end", "Tokens per second", "KV cache usage",
+                  "Prefix cache hit rate", "KV transfer", "Routing", "Queues"):
+        assert topic in titles, topic
+    [config_map] = [d for d in render(None, "dashboard.enabled=true") if d["metadata"]["name"] == "rel-pdserve-dashboard"]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["pdserve.json"]) == dashboard
 
 
 def test_pods_run_as_non_root_with_a_read_only_root_filesystem():

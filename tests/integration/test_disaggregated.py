@@ -20,7 +20,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service.convert import sampling_to_proto
 
-from .serving import GREEDY, all_blocks_free, generate, health, node_stats, random_prompts as prompts, wait_for
+from .serving import GREEDY, all_blocks_free, generate, health, metric, node_stats, random_prompts as prompts, wait_for
 
 NODE_ARGS = ["--num-kv-blocks", "160", "--max-num-batched-tokens", "256"]
 RESERVATION_TIMEOUT_S = 2.0  # far above a loopback transfer, short enough to test expiry
@@ -158,12 +158,7 @@ def test_health_reflection_and_metrics(cluster):
     text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.router.info['metrics_port']}/metrics").read().decode()
     count = next(line for line in text.splitlines() if line.startswith("pdserve_time_to_first_token_seconds_count"))
     assert float(count.split()[-1]) > 0
-    received = 0.0
-    for d in cluster.decode:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{d.info['metrics_port']}/metrics").read().decode()
-        received += sum(float(line.split()[-1]) for line in text.splitlines()
-                        if line.startswith('pdserve_kv_transfer_bytes_total{direction="received"}'))
-    assert received > 0
+    assert sum(kv_bytes_received(d) for d in cluster.decode) > 0
 
 
 @pytest.mark.parametrize("connector", ["nccl", "tcp"])
@@ -193,6 +188,4 @@ def test_each_connector_carries_a_request(cluster, reference, connector):
 
 def kv_bytes_received(decode_node) -> float:
     """The KV bytes the node's metrics count as received."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{decode_node.info['metrics_port']}/metrics").read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith('pdserve_kv_transfer_bytes_total{direction="received"}'))
+    return metric(decode_node, "pdserve_kv_transfer_bytes_total", direction="received")

@@ -174,7 +174,7 @@ def test_models_and_metrics(cluster, client):
     [model] = client.models.list().data
     assert model.id == MODEL and model.model_extra["max_model_len"] == DECODE_BLOCKS * 16
     metrics = httpx.get(cluster.gateway_url.removesuffix("/v1") + "/metrics").text
-    assert 'pdserve_http_requests_total{path="/v1/completions",status="200"}' in metrics
+    assert f'pdserve_http_requests_total{{model_name="{MODEL}",path="/v1/completions",status="200"}}' in metrics
 
 
 # every field either endpoint implements or knows, and one it does not

@@ -3,10 +3,13 @@ redis-server and the HTTP gateway. Answers through the router equal the in-proce
 `pdserve generate --router` and the printed curl line get sensible answers; the API key
 reaches the gateway without showing on any command line; Ctrl-C stops every process."""
 
+import contextlib
 import json
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -77,11 +80,45 @@ def stop_up(proc, log_dir: Path) -> None:
             pass
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive ports that are free now."""
+    rng = random.Random()
+    while True:
+        base = rng.randrange(20000, 40000)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    stack.enter_context(socket.create_server(("127.0.0.1", port)))
+            return base
+        except OSError:
+            continue
+
+
+BASE_PORT = free_port_run(13)  # 4 nodes x (gRPC, metrics) + 2 KV + the router's metrics
+
+
 @pytest.fixture(scope="module")
 def up():
-    address, proc, log_dir, output = start_up("--num-prefill", "2", "--num-decode", "2", "--api-key", KEY)
+    address, proc, log_dir, output = start_up("--num-prefill", "2", "--num-decode", "2", "--api-key", KEY,
+                                              "--base-port", str(BASE_PORT))
     yield address, proc, log_dir, output
     stop_up(proc, log_dir)
+
+
+def test_the_banner_lists_every_endpoint_on_the_base_ports(up):
+    """Every gRPC, KV and metrics port of every process, from --base-port up; each /metrics answers."""
+    output = up[3]
+    endpoints = dict(re.findall(r"^    (\S.*?\S)\s{2,}(\S+)$", output, re.MULTILINE))
+    nodes = ["prefill-0", "prefill-1", "decode-0", "decode-1"]
+    for i, name in enumerate(nodes):
+        assert endpoints[f"{name} gRPC"] == f"127.0.0.1:{BASE_PORT + 3 * i}"
+        assert endpoints[f"{name} metrics"] == f"http://127.0.0.1:{BASE_PORT + 3 * i + 1}/metrics"
+    assert endpoints["decode-0 KV"] == f"127.0.0.1:{BASE_PORT + 3 * 2 + 2}"
+    assert endpoints["router metrics"] == f"http://127.0.0.1:{BASE_PORT + 12}/metrics"
+    assert endpoints["router gRPC"] == up[0]
+    for what, url in endpoints.items():
+        if what.endswith("metrics"):
+            assert "model_name=" in urllib.request.urlopen(url, timeout=10).read().decode(), what
 
 
 def test_chats_through_the_cluster_equal_the_engine(up):

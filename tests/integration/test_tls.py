@@ -104,7 +104,7 @@ def test_metrics_are_served_over_https_and_the_kv_crossed_tls(cluster, ca, tls, 
     ca.configure_trust(context)
     url = f"https://127.0.0.1:{cluster.decode[0].info['metrics_port']}/metrics"
     body = urllib.request.urlopen(url, timeout=10, context=context).read().decode()
-    received = re.search(r'pdserve_kv_transfer_bytes_total\{direction="received"\} (\S+)', body)
+    received = re.search(r'pdserve_kv_transfer_bytes_total\{direction="received",model_name="dummy:tiny"\} (\S+)', body)
     assert received and float(received.group(1)) > 0  # the KV of that request, at least
 
 
