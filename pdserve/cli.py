@@ -51,6 +51,8 @@ HELP = {
     "max_num_batched_tokens": "token budget of one engine step (chunked prefill)",
     "port": "gRPC port (0: any free port)",
     "metrics_port": "Prometheus /metrics port (0: any free port)",
+    "otlp_endpoint": "send OpenTelemetry traces to this OTLP/gRPC collector (host:port, or https://host:port; "
+                     "default: no tracing)",
     "ready_file": "write the bound ports here as JSON once serving (for launchers)",
     "kv_host": "interface the KV receiver binds to",
     "kv_advertise_host": "host prefill nodes dial for KV (default: --kv-host)",
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     add_config_args(gen, EngineConfig, HELP, exclude=("keep_logits",))
+    sub.add_parser("bench", add_help=False, help="the serving benchmark: a rate sweep and a burst against a "
+                   "local cluster and the in-process engine, latency percentiles, goodput, JSON and plots "
+                   "(pdserve bench --help)")
     check = sub.add_parser("health", help="ask a router's or node's gRPC health (exit 0 when SERVING): "
                            "a probe that speaks TLS, which Kubernetes' own gRPC probe does not")
     check.add_argument("address", help="host:port of its gRPC port")
@@ -150,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in (up, router, gateway, gen, check, *(sub.choices[n] for n in roles)):
         p.add_argument("--log-level", default="WARNING" if p in (up, gen) else "INFO",
                        help="logging level")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # a program of its own, with its own flags
+        os.execv(sys.executable, [sys.executable, "-m", "pdserve.bench.serving", *argv[1:]])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -8,6 +8,7 @@ import logging
 from pdserve.engine.config import EngineConfig
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
+from pdserve.service.tracing import Tracing
 from pdserve.service.cluster_auth import check_exposure
 from pdserve.service.node_registration import register
 from pdserve.service.server import Server, service_name
@@ -35,6 +36,7 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
     servicer = DecodeServicer(config.reservation_timeout_s, config.kv_connector, config.max_queued_requests,
                               server.auth)
     servicer.server = server
+    servicer.tracing = Tracing("pdserve-decode", config.otlp_endpoint)
     metrics.admission_queue_length.set_function(lambda: servicer.admission.num_waiting)
     pb_grpc.add_DecodeServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads
@@ -63,6 +65,7 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
     log.info("decode node ready: grpc %s:%d, kv %s", config.host, server.port, receiver.endpoint)
 
     await server.wait_and_drain(servicer.num_active)
+    servicer.tracing.close()
     if registration is not None:
         await registration.close()
     receiver.close()

@@ -30,6 +30,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
 from pdserve.service.cluster_auth import ClusterAuth
+from pdserve.service.tracing import Tracing
 from pdserve.service.convert import (FINISH_TO_PROTO, logprobs_to_proto, sampling_from_proto, stats_to_proto,
                                      ticket_to_proto)
 from pdserve.service.server import Drainable, abort
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
     """Registered before the model loads (so health answers at once); `attach` makes it work."""
+
+    tracing = Tracing("pdserve-decode")  # off; the node sets its own (--otlp-endpoint)
 
     def __init__(self, reservation_timeout_s: float, kv_connector: str = "tcp", max_queued_requests: int = 256,
                  auth: ClusterAuth = ClusterAuth()):
@@ -77,6 +80,8 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
         queue = self.loop.open_stream(request_id)
         ticket, finished = None, False
         self.active.add(request_id)
+        span = self.tracing.start("decode Decode", context.invocation_metadata(), request_id=request_id,
+                                  prefill_here=request.prefill_here)
         try:
             if request.prefill_here:
                 await self._add_here(request, request_id, context)
@@ -101,6 +106,7 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                 if admitted.finished:  # the first token already ended it (EOS, max_tokens 1)
                     finished = True
                     metrics.requests_total.labels("decode", "ok").inc()
+                    metrics.observe_request_times(admitted.times)
                     yield _chunk([], admitted.finish_reason)
                     return
             self._start_beats()
@@ -122,10 +128,12 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                 finished = outputs[-1].finished
                 if finished:  # counted before the last yield: the caller may close the stream on it
                     metrics.requests_total.labels("decode", "ok").inc()
+                    metrics.observe_request_times(outputs[-1].times)
                 yield _chunk([t for o in outputs for t in o.new_token_ids], outputs[-1].finish_reason,
                              outputs[0].num_cached_tokens, [lp for o in outputs for lp in o.logprobs or ()],
                              outputs[0].prompt_logprobs or ())
         finally:
+            span.end()
             self.loop.close_stream(request_id)
             if finished:
                 self.active.discard(request_id)

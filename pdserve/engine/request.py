@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .sampling_params import SamplingParams
 
@@ -35,6 +36,8 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV is in this request's blocks
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     num_preemptions: int = 0
+    scheduled_at: float | None = None  # time.monotonic() when first scheduled (prefilled here)
+    first_token_at: float | None = None  # ... when its first token was sampled or admitted here
     block_hashes: list[bytes] = field(default_factory=list)  # of every full block of all tokens
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprobs of prompt tokens 1.. computed so far
 
@@ -74,6 +77,26 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...] = ()
 
 
+class RequestTimes(NamedTuple):
+    """A finished request's phases here, in seconds (vLLM's request-level times); None where
+    the phase was another node's: a prefill node decodes nothing, a decode node that was sent
+    the KV neither queued nor prefilled the prompt."""
+
+    queue: float | None  # arrival to first scheduled
+    prefill: float | None  # first scheduled to first token
+    decode: float | None  # first token to the end
+    inference: float  # first scheduled (or admitted) to the end
+
+    @classmethod
+    def of(cls, request: "Request", now: float) -> "RequestTimes":
+        first = request.first_token_at if request.first_token_at is not None else now
+        if request.scheduled_at is None:  # admitted with KV from elsewhere
+            return cls(None, None, now - first, now - first)
+        decode = None if request.prefill_only else now - first
+        return cls(request.scheduled_at - request.arrival_time, first - request.scheduled_at, decode,
+                   now - request.scheduled_at)
+
+
 @dataclass
 class RequestOutput:
     """What one engine step produced for one request. `finished` with no `finish_reason`: a
@@ -88,3 +111,4 @@ class RequestOutput:
     logits: object = None  # torch.Tensor [vocab_size], only with EngineConfig.keep_logits
     logprobs: list[TokenLogprobs] | None = None  # one per new token, where params.logprobs asks
     prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.. (first output, where asked)
+    times: RequestTimes | None = None  # with the last output of a request that finished

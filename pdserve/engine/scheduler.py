@@ -9,11 +9,12 @@ its blocks are freed and it goes back to the front of the waiting queue, to be r
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from .kv_cache_manager import KVCacheManager
-from .request import FinishReason, Request, RequestOutput, RequestStatus
+from .request import FinishReason, Request, RequestOutput, RequestStatus, RequestTimes
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             if request.num_preemptions == 0:
+                request.scheduled_at = time.monotonic()
                 request.num_cached_tokens = num_cached
                 self.num_cached_tokens += num_cached
                 if request.params.prompt_logprobs is None:  # it was looked up
@@ -159,16 +161,20 @@ class Scheduler:
             token_id = sampled[request.request_id]
             request.output_token_ids.append(token_id)
             self.num_generated_tokens += 1
+            if request.first_token_at is None:
+                request.first_token_at = time.monotonic()
             reason = self._finish_reason(request, token_id)
             handed_over = reason is None and request.prefill_only
+            times = None
             if reason is not None or handed_over:
                 self._finish(request, reason)
+                times = RequestTimes.of(request, time.monotonic())
             outputs.append(RequestOutput(
                 request.request_id, [token_id], reason is not None or handed_over, reason,
                 request.num_prompt_tokens, request.num_cached_tokens,
                 logits.get(request.request_id) if logits else None,
                 [logprobs[request.request_id]] if logprobs and request.request_id in logprobs else None,
-                self._take_prompt_logprobs(request)))
+                self._take_prompt_logprobs(request), times))
         return outputs
 
     @staticmethod
@@ -219,12 +225,14 @@ class Scheduler:
             return None
         request.num_computed_tokens = request.num_prompt_tokens
         request.output_token_ids.append(first_token_id)
+        request.first_token_at = time.monotonic()  # its decode here starts now
         request.status = RequestStatus.RUNNING
         self.running.append(request)
         reason = self._finish_reason(request, first_token_id)
         if reason is not None:
             self._finish(request, reason)
-        return RequestOutput(request_id, [], reason is not None, reason, request.num_prompt_tokens)
+        times = RequestTimes.of(request, time.monotonic()) if reason is not None else None
+        return RequestOutput(request_id, [], reason is not None, reason, request.num_prompt_tokens, times=times)
 
     def abort(self, request_id: str) -> Request | None:
         """Removes a request wherever it is (running, waiting or reserved) and frees its

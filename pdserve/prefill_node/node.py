@@ -8,6 +8,7 @@ import logging
 from pdserve.engine.config import EngineConfig
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
+from pdserve.service.tracing import Tracing
 from pdserve.service.node_registration import register
 from pdserve.service.server import Server, service_name
 
@@ -30,6 +31,7 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
                     config.drain_timeout_s, metrics_registry=metrics.role_registry("prefill", engine_config.model))
     servicer = PrefillServicer(config.kv_test_hold_prefill_s, server.auth)
     servicer.server = server
+    servicer.tracing = Tracing("pdserve-prefill", config.otlp_endpoint)
     pb_grpc.add_PrefillServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads
     engine = await asyncio.to_thread(Engine, engine_config)
@@ -58,6 +60,7 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     log.info("prefill node ready: grpc %s:%d", config.host, server.port)
 
     await server.wait_and_drain(servicer.num_active)
+    servicer.tracing.close()
     if registration is not None:
         await registration.close()
     sender.close()

@@ -29,6 +29,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
 from pdserve.service.cluster_auth import ClusterAuth
+from pdserve.service.tracing import Tracing
 from pdserve.service.convert import (FINISH_TO_PROTO, logprobs_to_proto, sampling_from_proto, stats_to_proto,
                                      ticket_from_proto)
 from pdserve.service.server import Drainable, abort
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
     """Registered before the model loads (so health answers at once); `attach` makes it work."""
+
+    tracing = Tracing("pdserve-prefill")  # off; the node sets its own (--otlp-endpoint)
 
     def __init__(self, test_hold_s: float = 0.0, auth: ClusterAuth = ClusterAuth()):
         super().__init__()
@@ -96,6 +99,8 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
         self.active.add(request_id)
         self.tickets[request_id] = ticket
         start, done = time.monotonic(), False
+        span = self.tracing.start("prefill Prefill", context.invocation_metadata(), request_id=request_id,
+                                  prompt_tokens=len(prompt))
         try:
             try:
                 params = sampling_from_proto(request.sampling)
@@ -109,9 +114,10 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
             if output is None:
                 await abort(context, grpc.StatusCode.INTERNAL, f"{request_id}: engine step failed")
             prefill_s = time.monotonic() - start
-            self._follow_transfer(request_id, ticket)
+            self._follow_transfer(request_id, ticket, span)
             done = True
             metrics.requests_total.labels("prefill", "ok").inc()
+            metrics.observe_request_times(output.times)
             return pb.PrefillResponse(first_token_id=output.new_token_ids[0],
                                       first_token_logprob=logprobs_to_proto(output.logprobs[0])
                                       if output.logprobs else None,
@@ -122,6 +128,7 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
                                       kv_transfer_seconds=time.monotonic() - start - prefill_s,
                                       kv_bytes=ticket.num_layers * ticket.layer_bytes)
         finally:
+            span.end()
             self.loop.close_stream(request_id)
             self.tickets.pop(request_id, None)
             if done:
@@ -133,20 +140,24 @@ class PrefillServicer(Drainable, pb_grpc.PrefillServiceServicer):
                 self.sender.abort(ticket)
                 self.transfers.pop(request_id, None)
 
-    def _follow_transfer(self, request_id: str, ticket: KVTicket) -> None:
+    def _follow_transfer(self, request_id: str, ticket: KVTicket, parent_span) -> None:
         """The first token goes back at once, while the KV may still be moving: the decode node
         admits the request only once it has landed, and fails its stream if it never does (the
-        router then resumes elsewhere). Here the transfer is only counted, logged if it fails,
-        and waited for by a drain."""
+        router then resumes elsewhere). Here the transfer is only counted, traced (its tail,
+        from the first token to the DONE sent), logged if it fails, and waited for by a drain."""
         transfer = self.transfers.pop(request_id, None)
         if transfer is None:  # the DONE was not queued (the sender failed it at once)
             return
         key, started = f"{request_id}/kv", time.monotonic()
         self.active.add(key)
+        span = self.tracing.start("kv transfer", parent=parent_span, endpoint=ticket.kv_endpoint,
+                                  connector=ticket.connector)
 
         def sent(future: asyncio.Future) -> None:
             self.active.discard(key)
             error = future.exception()
+            span.set_attribute("ok", error is None)
+            span.end()
             if error is None:
                 metrics.kv_transfer_bytes.labels("sent").inc(future.result())
                 metrics.kv_transfer_seconds.observe(time.monotonic() - started)

@@ -35,6 +35,7 @@ class RouterConfig:
     ready_file: str | None = None
     api_key: str | None = None  # one or several (comma-separated): Generate needs one of them when set
     cache_isolation: str = "shared"  # shared | per-key: each API key's prefix cache apart (api_keys.py)
+    otlp_endpoint: str | None = None  # OpenTelemetry traces to this OTLP/gRPC collector (service/tracing.py)
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,4 @@ class GatewayConfig:
     served_model_name: str | None = None  # default: the router's --model
     request_timeout_s: float = 600.0
     ready_file: str | None = None
+    otlp_endpoint: str | None = None  # OpenTelemetry traces to this OTLP/gRPC collector (service/tracing.py)

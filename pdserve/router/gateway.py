@@ -27,6 +27,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.service import metrics
 from pdserve.service.cluster_auth import ClusterAuth
 from pdserve.service.tls import Tls
+from pdserve.service.tracing import Tracing
 
 from .api_keys import ApiKeys, bearer_key
 from .config import GatewayConfig
@@ -52,6 +53,7 @@ class Gateway:
         self.cluster_metadata = ClusterAuth.from_env().metadata  # the router knows a member by it
         self.model_name = config.served_model_name
         self.registry = metrics.role_registry("gateway", lambda: self.model_name)
+        self.tracing = Tracing("pdserve-gateway", config.otlp_endpoint)
         self.started = int(time.time())
 
     def app(self) -> web.Application:
@@ -140,10 +142,12 @@ class Gateway:
                                 "such as \\ud800)") from None
         parsed = parse_request(body, chat, self.model_name)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        span = self.tracing.start(f"gateway POST {request.path}", request.headers, request_id=request_id)
+        metadata = self._metadata(request) + self.tracing.metadata(span)
         calls = []
         for i, generate in enumerate([parsed.generate, *parsed.more]):
             generate.request_id = request_id if i == 0 else f"{request_id}-p{i}"
-            calls.append(self.routers.generate(generate, self.config.request_timeout_s, self._metadata(request)))
+            calls.append(self.routers.generate(generate, self.config.request_timeout_s, metadata))
         call = calls[0] if len(calls) == 1 else MergedCall(calls, parsed.generate.n)
         before_call = time.perf_counter() - arrived
         try:
@@ -154,6 +158,7 @@ class Gateway:
             return await self._collect(parsed, call, request_id)
         finally:
             call.cancel()  # a no-op when it ended; frees the request's blocks when it did not
+            span.end()
 
     def _metadata(self, request: web.Request) -> tuple:
         """The cluster secret, and the client's key (the router salts per-key caches with it)."""
@@ -266,4 +271,5 @@ async def serve(config: GatewayConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await runner.cleanup()
+    gateway.tracing.close()
     await gateway.routers.close()

@@ -12,6 +12,7 @@ from pdserve.service.server import Server, service_name
 from pdserve.service import metrics
 from pdserve.service.cluster_auth import ClusterAuth
 from pdserve.service.tls import Tls
+from pdserve.service.tracing import Tracing
 
 from .api_keys import ApiKeys, metadata_key
 from .config import RouterConfig
@@ -59,11 +60,13 @@ async def serve(config: RouterConfig) -> None:
     servicer = RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint,
                               config.model, config.disaggregation, config.prefill_here_max_tokens,
                               config.stream_timeout_s, api_keys)
+    servicer.tracing = Tracing("pdserve-router", config.otlp_endpoint)
     pb_grpc.add_RouterServiceServicer_to_server(servicer, server.grpc)
     await server.start()
     pool.start()
     watcher = asyncio.get_running_loop().create_task(_follow_nodes(server, servicer, config.ready_file))
     await server.wait_and_drain()
+    servicer.tracing.close()
     watcher.cancel()
     await pool.close()
     if index is not None:

@@ -35,6 +35,7 @@ class Progress:
     index: int = 0  # which of the request's n completions
     echo: bool = False  # the first response carries the prompt's text
     pending_text: str = ""  # resumed from another router: text of `sent` the client has not seen (resume.py)
+    trace: tuple = ()  # gRPC metadata that makes the node calls' spans children of the request's
 
     def copy_for(self, index: int) -> "Progress":
         """A fresh Progress for the request's completion `index` (a seeded request's copy i
@@ -42,7 +43,7 @@ class Progress:
         seed = self.params.seed
         params = self.params if seed is None else dataclasses.replace(self.params, seed=(seed + index) % 2**64)
         return Progress(self.prompt, params, StopStringMatcher(self.stop.stop) if self.stop else None, index=index,
-                        echo=self.echo)
+                        echo=self.echo, trace=self.trace)
 
     def remaining_params(self) -> pb.SamplingParams:
         """The params of the next attempt, whose prompt ends with the tokens already sent: they

@@ -25,6 +25,7 @@ from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
 from pdserve.service.convert import FINISH_FROM_PROTO
 from pdserve.service.server import abort
+from pdserve.service.tracing import Tracing
 
 from .api_keys import ApiKeys, metadata_key
 from .detokenizer import IncrementalDetokenizer
@@ -32,6 +33,7 @@ from .nodes import NodeClient, NodePool
 from .pending_prefixes import PendingPrefixes
 from .validation import checked_request
 from .policy import queued_prefill_tokens
+from .copies import copies
 from .progress import Chunk, Progress
 from .responses import chunk_response
 from . import request_metrics
@@ -76,6 +78,8 @@ class Route:
 
 
 class RouterServicer(pb_grpc.RouterServiceServicer):
+    tracing = Tracing("pdserve-router")  # off; the node sets its own (--otlp-endpoint)
+
     def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3,
                  index=None, model_fingerprint: str = "", model_name: str = "", disaggregation: str = "auto",
                  prefill_here_max_tokens: int = 512, stream_timeout_s: float = 10.0,
@@ -99,51 +103,21 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             await abort(context, grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is in use")
         self.active_ids.add(request_id)
         metrics.requests_in_flight.inc()
+        span = self.tracing.start("router Generate", context.invocation_metadata(), request_id=request_id)
         try:
             progress = await self._parse(request, context)
+            progress.trace = self.tracing.metadata(span)
             request.cache_salt = self.api_keys.cache_salt(request.cache_salt, metadata_key(context.invocation_metadata()))
-            generate = self._generate if request.n <= 1 else self._generate_n
-            async for response in generate(request_id, request, progress):
+            responses = (self._generate(request_id, request, progress) if request.n <= 1 else
+                         copies(self._generate, request_id, request, progress))
+            async for response in responses:
                 yield response
         except ClientError as e:
             await abort(context, e.code, e.details)
         finally:
             self.active_ids.discard(request_id)
             metrics.requests_in_flight.dec()
-
-    async def _generate_n(self, request_id: str, request: pb.GenerateRequest, progress: Progress):
-        """`n` completions of one prompt: the first alone until its first token (the prompt's KV
-        is then in the prefix caches of the nodes it used, which the routing prefers), then the
-        others, which reuse those blocks instead of computing and moving their own. Messages
-        interleave, each with its completion's index; an error in one ends them all."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def run(copy: Progress) -> None:
-            try:
-                async for response in self._generate(f"{request_id}-{copy.index}" if copy.index else request_id,
-                                                     request, copy):
-                    await queue.put(response)
-                await queue.put(None)
-            except Exception as e:  # noqa: BLE001 - handed to the handler, which raises it
-                await queue.put(e)
-
-        tasks = [asyncio.create_task(run(progress))]
-        try:
-            num_done = 0
-            while num_done < request.n:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                if len(tasks) == 1:
-                    tasks += [asyncio.create_task(run(progress.copy_for(i))) for i in range(1, request.n)]
-                if item is None:
-                    num_done += 1
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()  # closing each copy's stream cancels its node calls
-            await asyncio.gather(*tasks, return_exceptions=True)
+            span.end()
 
     async def _generate(self, request_id: str, request: pb.GenerateRequest, progress: Progress):
         """One completion's responses, across attempts; ClientError when it cannot be served."""
@@ -283,14 +257,14 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         decode.num_inflight += 1
         decode_call = decode.stub.Decode(pb.DecodeRequest(
             request_id=attempt_id, prompt_token_ids=prompt, sampling=params, cache_salt=cache_salt),
-            metadata=decode.metadata)
+            metadata=decode.metadata + progress.trace)
         try:
             first = await _read(decode_call, decode)
             if not first.HasField("ticket"):
                 raise Retry(f"decode node {decode.address} sent no ticket", {decode})
             response = await self._prefill(prefill, pb.PrefillRequest(
                 request_id=attempt_id, prompt_token_ids=prompt, sampling=params,
-                cache_salt=cache_salt, ticket=first.ticket), route.num_cached_tokens)
+                cache_salt=cache_salt, ticket=first.ticket), route.num_cached_tokens, progress.trace)
             progress.prefill = progress.prefill or response
             metrics.routed_cached_tokens.inc(response.num_cached_tokens)
             reason = FINISH_FROM_PROTO[response.finish_reason]
@@ -311,7 +285,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         call = decode.stub.Decode(pb.DecodeRequest(
             request_id=attempt_id, prompt_token_ids=progress.prompt + progress.sent,
             sampling=progress.remaining_params(), cache_salt=cache_salt, prefill_here=True),
-            metadata=decode.metadata)
+            metadata=decode.metadata + progress.trace)
         try:
             async for chunk in _chunks(call, decode, self.silence, progress):
                 yield chunk
@@ -319,14 +293,14 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             call.cancel()  # a no-op once it finished; frees the blocks otherwise
             decode.num_inflight -= 1
 
-    async def _prefill(self, node: NodeClient, message: pb.PrefillRequest, num_cached_tokens: int):
+    async def _prefill(self, node: NodeClient, message: pb.PrefillRequest, num_cached_tokens: int, trace: tuple):
         num_prompt_tokens = len(message.prompt_token_ids)
         num_tokens = num_prompt_tokens - num_cached_tokens  # the work it adds to the node
         node.num_inflight += 1
         node.num_inflight_tokens += num_tokens
         node.num_sent_prompt_tokens += num_prompt_tokens
         try:
-            return await node.stub.Prefill(message, metadata=node.metadata)
+            return await node.stub.Prefill(message, metadata=node.metadata + trace)
         except grpc.aio.AioRpcError as e:
             raise _classify(e, node) from None
         finally:

@@ -64,6 +64,14 @@ index_lookup_seconds = _histogram("pdserve_index_lookup_seconds", "One prefix-in
 redis_up = _gauge("pdserve_redis_up", "1 while Redis answers (prefix routing on)")
 nodes_healthy = _gauge("pdserve_nodes_healthy", "Nodes serving", ["role"])
 
+# ---- engine nodes: each finished request's phases here (vLLM's request-level times) ------
+request_queue_time = _histogram("pdserve_request_queue_time_seconds", "Arrival to first scheduled")
+request_prefill_time = _histogram("pdserve_request_prefill_time_seconds", "First scheduled to first token")
+request_decode_time = _histogram("pdserve_request_decode_time_seconds", "First token (sampled or admitted) to the end")
+request_inference_time = _histogram("pdserve_request_inference_time_seconds",
+                                    "First scheduled (or admitted) to the end")
+REQUEST_TIMES = [request_queue_time, request_prefill_time, request_decode_time, request_inference_time]
+
 # ---- KV transfer ------------------------------------------------------------------------
 kv_transfer_bytes = _counter("pdserve_kv_transfer_bytes", "KV bytes moved", ["direction"])
 kv_transfer_failures = _counter("pdserve_kv_transfer_failures", "Failed KV transfers")
@@ -125,9 +133,10 @@ ROUTER = [requests_total, time_to_first_token, inter_token_latency, e2e_request_
           routed_cached_tokens, index_lookup_seconds, redis_up, nodes_healthy]
 ROLES: dict[str, list[Collector]] = {
     "router": ROUTER,
-    "prefill": [requests_total, engine_stats, kv_transfer_bytes, kv_transfer_failures, kv_transfer_seconds],
-    "decode": [requests_total, engine_stats, kv_transfer_bytes, kv_transfer_failures, admission_queue_length,
-               admission_refused],
+    "prefill": [requests_total, engine_stats, *REQUEST_TIMES, kv_transfer_bytes, kv_transfer_failures,
+                kv_transfer_seconds],
+    "decode": [requests_total, engine_stats, *REQUEST_TIMES, kv_transfer_bytes, kv_transfer_failures,
+               admission_queue_length, admission_refused],
     "gateway": [http_requests, gateway_added],
 }
 
@@ -174,6 +183,15 @@ def count_unfinished(role: str) -> None:
     error = sys.exc_info()[1]
     cancelled = error is None or isinstance(error, (asyncio.CancelledError, GeneratorExit))
     requests_total.labels(role, "cancelled" if cancelled else "failed").inc()
+
+
+def observe_request_times(times) -> None:
+    """A finished request's RequestTimes (engine/request.py): each phase that was this node's."""
+    if times is None:
+        return
+    for histogram, seconds in zip(REQUEST_TIMES, times):
+        if seconds is not None:
+            histogram.observe(seconds)
 
 
 def update_engine_stats(stats: dict) -> None:

@@ -191,7 +191,8 @@ def test_bad_values_are_refused_by_the_schema(setting, message):
 
 
 def test_every_variable_the_chart_sets_is_one_pdserve_reads():
-    docs = render(str(CHART / "ci" / "external-redis-values.yaml"), "prefill.extraEnv.PDSERVE_MAX_NUM_BATCHED_TOKENS=4096")
+    docs = render(str(CHART / "ci" / "external-redis-values.yaml"), "prefill.extraEnv.PDSERVE_MAX_NUM_BATCHED_TOKENS=4096",
+                  "tracing.otlpEndpoint=collector:4317", "tls.existingSecret=tls", "tls.serverName=pdserve.internal")
     for name, deployment in by_kind(docs, "Deployment").items():
         c = container(deployment)
         if c["image"].startswith("redis"):

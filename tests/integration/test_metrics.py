@@ -54,13 +54,15 @@ def value(samples: dict, name: str, **labels) -> float:
 
 
 def cancelled_after_first_tokens(address: str, prompt: list[int]) -> int:
-    """Streams a long request and leaves after the first message with tokens; the tokens seen."""
-    call = stream(address, generate_request(prompt, LONG), timeout=60)
+    """Streams a long request and leaves once the decode node has sent tokens (its KV has
+    landed and been counted: the first token alone is the prefill node's); the tokens seen."""
+    call, seen = stream(address, generate_request(prompt, LONG), timeout=60), 0
     for response in call:
-        if response.token_ids:
+        seen += len(response.token_ids)
+        if seen >= 2:
             call.close()
-            return len(response.token_ids)
-    raise AssertionError("no token came")
+            return seen
+    raise AssertionError("the stream ended")
 
 
 def test_every_counter_equals_the_true_count(cluster):
@@ -81,7 +83,7 @@ def test_every_counter_equals_the_true_count(cluster):
     for prompt, params, want in zip(stopped, stop_params, stopped_out):
         got = [t for r in stream(router, generate_request(prompt, params), timeout=60) for t in r.token_ids]
         assert got == want
-    # cancelled by the client after their first tokens
+    # cancelled by the client after their first tokens from the decode node
     cancelled = random_prompts(42, [12, 50])
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         seen = list(pool.map(lambda p: cancelled_after_first_tokens(router, p), cancelled))
@@ -96,7 +98,10 @@ def test_every_counter_equals_the_true_count(cluster):
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
     assert httpx.post(f"{gateway}/completions", timeout=60, json={"model": MODEL, "prompt": [5],
                                                                    "max_tokens": -1}).status_code == 400
-    assert wait_for(lambda: all_blocks_free(cluster), timeout=30)
+    router_metrics = f"http://127.0.0.1:{cluster.router.info['metrics_port']}/metrics"
+    # every call has ended everywhere: the router's (the gauge falls after a call's last count)
+    assert wait_for(lambda: all_blocks_free(cluster) and value(scrape(router_metrics)[1],
+                                                                "pdserve_router_requests_in_flight") == 0, timeout=30)
 
     finished = lengths + stopped + through_gateway
     finished_out = [8] * len(lengths) + [len(t) for t in stopped_out] + [4] * len(through_gateway)
@@ -104,7 +109,7 @@ def test_every_counter_equals_the_true_count(cluster):
     num_prompt_tokens = sum(len(p) for p in every_prompt)
 
     # the router: what clients saw
-    families, r = scrape(f"http://127.0.0.1:{cluster.router.info['metrics_port']}/metrics")
+    _, r = scrape(router_metrics)
     assert value(r, "pdserve_requests_total", outcome="ok") == len(finished)
     assert value(r, "pdserve_requests_total", outcome="cancelled") == len(cancelled)
     assert value(r, "pdserve_requests_total", outcome="invalid") == 1
@@ -117,7 +122,6 @@ def test_every_counter_equals_the_true_count(cluster):
     assert value(r, "pdserve_request_prompt_tokens_sum") == num_prompt_tokens
     generated = value(r, "pdserve_request_generation_tokens_sum") - sum(finished_out)
     assert sum(seen) <= generated <= len(cancelled) * LONG.max_tokens  # the cancelled: what they had
-    assert value(r, "pdserve_router_requests_in_flight") == 0
 
     # the prefill node: every prompt, prefilled once, its first token sampled there
     _, p = scrape(f"http://127.0.0.1:{cluster.prefill[0].info['metrics_port']}/metrics")
@@ -125,6 +129,9 @@ def test_every_counter_equals_the_true_count(cluster):
     assert value(p, "pdserve_prefix_cache_queries_total") == num_prompt_tokens
     assert value(p, "pdserve_prompt_tokens_total") + value(p, "pdserve_prefix_cache_hits_total") == num_prompt_tokens
     assert value(p, "pdserve_generation_tokens_total") == len(every_prompt)
+    for phase in ("queue", "prefill", "inference"):  # each prompt's phases here; it decodes nothing
+        assert value(p, f"pdserve_request_{phase}_time_seconds_count") == len(every_prompt), phase
+    assert value(p, "pdserve_request_decode_time_seconds_count") == 0
 
     # the decode node: every reservation looked up, the rest of each answer generated there
     _, d = scrape(f"http://127.0.0.1:{cluster.decode[0].info['metrics_port']}/metrics")
@@ -132,6 +139,8 @@ def test_every_counter_equals_the_true_count(cluster):
     assert value(d, "pdserve_requests_total", outcome="cancelled") == len(cancelled)
     assert value(d, "pdserve_prefix_cache_queries_total") == num_prompt_tokens
     assert value(d, "pdserve_prompt_tokens_total") == 0
+    for phase, count in (("queue", 0), ("prefill", 0), ("decode", len(finished)), ("inference", len(finished))):
+        assert value(d, f"pdserve_request_{phase}_time_seconds_count") == count, phase  # the KV came from elsewhere
     after_first = value(d, "pdserve_generation_tokens_total") - sum(n - 1 for n in finished_out)
     assert sum(n - 1 for n in seen) <= after_first <= len(cancelled) * (LONG.max_tokens - 1)
     sent = value(p, "pdserve_kv_transfer_bytes_total", direction="sent")

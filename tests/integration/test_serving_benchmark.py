@@ -1,6 +1,6 @@
-"""benchmarks/serving.py, run as a user runs it, on a tiny model for a few seconds (so that it
-cannot rot): every request of every phase completes on both sides, and it writes its JSON
-and plots."""
+"""The serving benchmark, run as a user runs it (`pdserve bench`), on a tiny model for a few
+seconds (so that it cannot rot): every request of every phase completes on both sides, and it
+writes its JSON and plots. `benchmarks/serving.py`, its front in a checkout, answers too."""
 
 import json
 import subprocess
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_serving_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "serving.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--model", "dummy:tiny", "--rates", "8",
+        [sys.executable, "-m", "pdserve.cli", "bench", "--model", "dummy:tiny", "--rates", "8",
          "--burst", "6", "--num-requests", "6", "--input-len", "16:64", "--output-len", "8",
          "--num-kv-blocks", "128", "--out", str(out), "--plots", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -31,8 +31,14 @@ def test_the_serving_benchmark_runs_end_to_end(tmp_path):
     assert "ratio" in result.stdout  # the table, cluster against engine
 
 
+def test_the_checkout_front_takes_the_same_flags():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: pdserve bench" in result.stdout and "--rates" in result.stdout
+
+
 def test_the_mix_workload_holds_a_third_of_each_kind_with_chat_turns_in_order():
-    from benchmarks.serving_load import make_workload
+    from pdserve.bench.serving_load import make_workload
     w = make_workload("mix", 1000, 30, (64, 128), 8, 0, seed=3, num_turns=5, turn_len=16)
     turns = [i for i, a in enumerate(w.after) if a is not None]
     assert all(w.after[i] < i for i in turns)  # a turn is sent after the one it follows

@@ -8,9 +8,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pdserve"
 # Lower layers never import higher ones; a component may import its own layer's others only
 # where listed. The modules at the package's top (the CLI, the local cluster, the client) sit
-# above every component.
+# above every component but `bench`, a program that runs clusters (`pdserve bench` runs it as
+# one: `python -m pdserve.bench.serving`, not an import).
 LAYER = {"kernels": 0, "engine": 1, "protos": 1, "kv_transfer": 2, "service": 3,
-         "router": 4, "prefill_node": 4, "decode_node": 4, "": 5}
+         "router": 4, "prefill_node": 4, "decode_node": 4, "": 5, "bench": 6}
 COMPONENTS = [name for name in LAYER if name]
 
 

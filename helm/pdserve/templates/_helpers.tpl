@@ -59,6 +59,10 @@ imagePullSecrets:
 - name: PDSERVE_TLS_KV
   value: {{ ternary "on" "off" $.Values.tls.kv | quote }}
 {{- end }}
+{{- with .Values.tracing.otlpEndpoint }}
+- name: PDSERVE_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
 - name: HOME
   value: /tmp
 - name: TRITON_CACHE_DIR
