@@ -193,18 +193,23 @@ def cluster_info(cluster) -> dict:
 
 
 def router_retries(cluster) -> float:
-    return metric_sum(cluster.router, "pdserve_retries_total{")
+    return metric_sum(cluster.router, "pdserve_retries_total")
 
 
 def kv_bytes_received(cluster) -> float:
     """KV bytes the decode nodes' receivers took so far."""
-    return sum(metric_sum(d, 'pdserve_kv_transfer_bytes_total{direction="received"}') for d in cluster.decode)
+    return sum(metric_sum(d, "pdserve_kv_transfer_bytes_total", direction="received") for d in cluster.decode)
 
 
-def metric_sum(process, prefix: str) -> float:
+def metric_sum(process, name: str, **labels) -> float:
+    """The sum of a process's samples named `name` that carry `labels` (docs/metrics.md)."""
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(f"http://127.0.0.1:{process.info['metrics_port']}/metrics", timeout=10).read()
-    return sum(float(line.split()[-1]) for line in text.decode().splitlines() if line.startswith(prefix))
+    return sum(sample.value for family in text_string_to_metric_families(text.decode()) for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
 
 
 def brief(row: dict) -> str:

@@ -125,13 +125,15 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         failures = Failures()
         ended = False  # finished, or failed: anything else that ends the stream is the client leaving
         try:
-            async for response in self._attempts(request_id, request, progress, detok, failures):
-                if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                    ended = True  # counted before the yield: the caller may close the stream on it
-                    request_metrics.on_finished(progress, FINISH_FROM_PROTO[response.finish_reason], time.monotonic())
-                yield response
-                if ended:
-                    return  # closing the attempt cancels the decode call, freeing its blocks
+            async with contextlib.aclosing(self._attempts(request_id, request, progress, detok, failures)) as responses:
+                async for response in responses:
+                    if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                        ended = True  # counted before the yield: the caller may close the stream on it
+                        request_metrics.on_finished(progress, FINISH_FROM_PROTO[response.finish_reason],
+                                                    time.monotonic())
+                    yield response
+                    if ended:
+                        return  # closing the attempts cancels the decode call (a stop string: still running)
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if failures.full else grpc.StatusCode.UNAVAILABLE
             detail = "; ".join(failures.reasons) or f"no healthy {self.needed_nodes()}"
             raise ClientError(code, f"{request_id}: not served after {progress.num_attempts} attempt(s): {detail}")

@@ -57,7 +57,8 @@ def test_lint_strict_and_every_manifest_validates(values):
     docs = render(values)
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com"):  # a CRD: no upstream schema
-            assert doc["kind"] == "ServiceMonitor" and doc["spec"]["endpoints"]
+            assert (doc["kind"] == "ServiceMonitor" and doc["spec"]["endpoints"] or
+                    doc["kind"] == "PodMonitor" and doc["spec"]["podMetricsEndpoints"])
             continue
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     names = [f"{d['kind']}/{d['metadata']['name']}" for d in docs]
@@ -141,7 +142,10 @@ def test_tls_reaches_every_pdserve_pod_and_its_probes():
             assert probe is None or "grpc" not in probe, name  # Kubernetes' gRPC probe speaks no TLS
     gateway = container(by_kind(docs, "Deployment")["rel-pdserve-gateway"])
     assert gateway["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
-    for endpoint in next(iter(by_kind(docs, "ServiceMonitor").values()))["spec"]["endpoints"]:
+    endpoints = (next(iter(by_kind(docs, "ServiceMonitor").values()))["spec"]["endpoints"] +
+                 next(iter(by_kind(docs, "PodMonitor").values()))["spec"]["podMetricsEndpoints"])
+    assert {e["port"] for e in endpoints} == {"metrics", "http"}
+    for endpoint in endpoints:
         assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"]["name"] == "pdserve-tls"
     plain = by_kind(render(), "Deployment")
     assert not any(e["name"].startswith("PDSERVE_TLS") for d in plain.values() for e in container(d).get("env", []))

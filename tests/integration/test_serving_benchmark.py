@@ -15,7 +15,8 @@ def test_the_serving_benchmark_runs_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pdserve.cli", "bench", "--model", "dummy:tiny", "--rates", "8",
          "--burst", "6", "--num-requests", "6", "--input-len", "16:64", "--output-len", "8",
-         "--num-kv-blocks", "128", "--out", str(out), "--plots", str(tmp_path)],
+         "--num-kv-blocks", "128", "--router-args=--disaggregation always", "--out", str(out),
+         "--plots", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -26,6 +27,7 @@ def test_the_serving_benchmark_runs_end_to_end(tmp_path):
             assert row["num_ok"] == row["num_requests"] == 6 and not row["errors"], (phase["phase"], side, row)
             assert row["ttft_ms"]["p50"] > 0 and row["output_tok_s"] > 0
         assert phase["cluster"]["num_prefilled_twice"] == 0
+        assert phase["cluster"]["kv_bytes_per_request"] > 0  # every prompt's KV moved, and was counted
     assert (tmp_path / "serving_latency.png").stat().st_size > 0
     assert (tmp_path / "serving_goodput.png").stat().st_size > 0
     assert "ratio" in result.stdout  # the table, cluster against engine
