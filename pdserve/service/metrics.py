@@ -1,5 +1,5 @@
 """Prometheus metrics. Each process exports only the families its role measures (`ROLES`),
-every sample labelled with the `model_name` it serves (`serve_role`). Where vLLM has a metric of
+every sample labelled with the `model_name` it serves (`role_registry`). Where vLLM has a metric of
 the same meaning its name is ours with `pdserve_` for `vllm:` (docs/metrics.md has the table);
 the rest (KV transfer, routing, admission, the gateway) are our own.
 
