@@ -77,8 +77,15 @@ def busy_decode(cluster):
 
 
 def busy_prefill(cluster):
-    return next((p for p in cluster.prefill if p.popen.poll() is None and
-                 (stats(p).num_running or stats(p).num_waiting)), None)
+    return next((p for p in cluster.prefill if p.popen.poll() is None and working(stats(p))), None)
+
+
+def working(s: pb.NodeStats) -> bool:
+    return bool(s.num_running or s.num_waiting)
+
+
+def all_free(s: pb.NodeStats) -> bool:
+    return s.num_free_blocks == s.num_kv_blocks
 
 
 def faults(cluster: Cluster, stream_timeout_s: float):
@@ -146,8 +153,8 @@ def main() -> None:
                 common = next((i for i, (a, b) in enumerate(zip(tokens, want)) if a != b), min(len(tokens), len(want)))
                 lost += 0 if inject is None else len(want) - common  # a leaver wants only what it took
                 dup += len(tokens) - common
-            free = wait_until(lambda: all(stats(p).num_free_blocks == stats(p).num_kv_blocks
-                                          for p in cluster.prefill + cluster.decode if p.popen.poll() is None), 60)
+            free = wait_until(lambda: all(all_free(stats(p)) for p in cluster.prefill + cluster.decode
+                                          if p.popen.poll() is None), 60)
             rows.append((name, len(results), lost, dup, max(r[1] for r in results), errors, bool(free)))
             print(f"{name}: done", file=sys.stderr)
     print(f"{args.streams} streams per fault, {args.max_tokens} tokens each, {MODEL}, 2 prefill + 2 decode nodes, "
