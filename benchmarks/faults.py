@@ -5,9 +5,10 @@ tokens against the in-process engine's greedy answer to the same prompt), the lo
 client saw between two messages of one stream, and errors.
 
 Faults, after a baseline round with none (on a small CPU the longest gap of an undisturbed
-stream is already seconds: prefills of other prompts share the cores): kill -9 of the decode node that runs streams; kill -9 of a prefill node while prompts
-are being prefilled; Redis killed and restarted; SIGTERM (drain) of a decode node; SIGSTOP of
-a decode node (hung; SIGCONT after the router's stream timeout); clients that leave mid-stream
+stream is already seconds: prefills of other prompts share the cores): kill -9 of the decode
+node that runs streams; kill -9 of a prefill node while prompts are being prefilled; Redis killed and restarted; SIGTERM (drain) of a decode node; SIGSTOP of
+a decode node (hung; SIGCONT after the router's stream timeout), under the same load and with
+one stream alone (the acceptance's "bound plus one step"); clients that leave mid-stream
 (the check there: every block of every node free afterwards). A killed node is restarted
 before the next fault.
 
@@ -21,8 +22,11 @@ import concurrent.futures
 import random
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
@@ -54,6 +58,9 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.02):
     return None
 
 
+STREAMING = threading.Event()  # set once some stream has a few tokens: faults "mid-stream" wait for it
+
+
 def run_stream(address: str, prompt: list[int], params: SamplingParams, leave_after: int | None = None):
     """(tokens, the longest gap between two messages in s (the first token's wait is TTFT, not
     a gap), error or None)."""
@@ -64,6 +71,8 @@ def run_stream(address: str, prompt: list[int], params: SamplingParams, leave_af
             now = time.monotonic()
             gap, last = max(gap, now - last) if last is not None else gap, now
             tokens += response.token_ids
+            if len(tokens) >= 4:
+                STREAMING.set()
             if leave_after is not None and len(tokens) >= leave_after:
                 call.close()
                 break
@@ -73,6 +82,7 @@ def run_stream(address: str, prompt: list[int], params: SamplingParams, leave_af
 
 
 def busy_decode(cluster):
+    STREAMING.wait(120)
     return next((d for d in cluster.decode if d.popen.poll() is None and stats(d).num_running), None)
 
 
@@ -88,8 +98,13 @@ def all_free(s: pb.NodeStats) -> bool:
     return s.num_free_blocks == s.num_kv_blocks
 
 
-def faults(cluster: Cluster, stream_timeout_s: float):
-    """name -> the action that injects it once streams run (it returns what to undo after)."""
+class Fault(NamedTuple):
+    name: str
+    inject: Callable[[], Callable[[], object]] | None  # once streams run; returns the undo (None: clients leave)
+    num_streams: int
+
+
+def faults(cluster: Cluster, stream_timeout_s: float, num_streams: int) -> list[Fault]:
     def kill(find):
         def act():
             victim = wait_until(lambda: find(cluster))
@@ -115,12 +130,15 @@ def faults(cluster: Cluster, stream_timeout_s: float):
         victim.popen.send_signal(signal.SIGCONT)
         return lambda: None
 
-    return {"none (the baseline: the same load undisturbed)": lambda: (lambda: None),
-            "decode node kill -9 mid-stream": kill(busy_decode),
-            "prefill node kill -9 while prefilling": kill(busy_prefill),
-            "Redis killed and restarted": redis,
-            "decode node SIGTERM (drain) mid-stream": drain,
-            f"decode node SIGSTOP {stream_timeout_s + 2:.0f} s (hung)": hang}
+    hung = f"decode node SIGSTOP {stream_timeout_s + 2:.0f} s (hung)"
+    return [Fault("none (the baseline: the same load undisturbed)", lambda: (lambda: None), num_streams),
+            Fault("decode node kill -9 mid-stream", kill(busy_decode), num_streams),
+            Fault("prefill node kill -9 while prefilling", kill(busy_prefill), num_streams),
+            Fault("Redis killed and restarted", redis, num_streams),
+            Fault("decode node SIGTERM (drain) mid-stream", drain, num_streams),
+            Fault(hung, hang, num_streams),
+            Fault(f"{hung}, one stream alone (the bound plus one step)", hang, 1),
+            Fault("clients leave mid-stream", None, num_streams)]
 
 
 def main() -> None:
@@ -128,18 +146,23 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--stream-timeout-s", type=float, default=5.0)
+    parser.add_argument("--only", default="", help="run only the faults whose name contains this")
+    parser.add_argument("--rounds", type=int, default=1, help="inject each fault this many times")
+    parser.add_argument("--log-dir", default=None, help="keep the nodes' logs here")
     args = parser.parse_args()
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     rng = random.Random(32)
     engine = Engine(model=MODEL, num_kv_blocks=1024)
     rows = []
-    with Cluster(MODEL, 2, 2, redis="local", router_args=["--stream-timeout-s", str(args.stream_timeout_s)]) as cluster:
-        injections = faults(cluster, args.stream_timeout_s)
-        for name, inject in [*injections.items(), ("clients leave mid-stream", None)]:
-            prompts = [[rng.randrange(3, 40000) for _ in range(rng.randrange(100, 400))] for _ in range(args.streams)]
+    with Cluster(MODEL, 2, 2, redis="local", log_dir=args.log_dir,
+                 router_args=["--stream-timeout-s", str(args.stream_timeout_s)]) as cluster:
+        chosen = [f for f in faults(cluster, args.stream_timeout_s, args.streams) if args.only in f.name]
+        for name, inject, num_streams in chosen * args.rounds:
+            prompts = [[rng.randrange(3, 40000) for _ in range(rng.randrange(100, 400))] for _ in range(num_streams)]
             expected = [c.token_ids for c in engine.generate(prompts, params)]
             leave = args.max_tokens // 3 if inject is None else None
-            with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
+            STREAMING.clear()
+            with concurrent.futures.ThreadPoolExecutor(num_streams) as pool:
                 futures = [pool.submit(run_stream, cluster.router_address, p, params, leave) for p in prompts]
                 undo = inject() if inject is not None else None
                 results = [f.result() for f in futures]
@@ -157,7 +180,7 @@ def main() -> None:
                                           if p.popen.poll() is None), 60)
             rows.append((name, len(results), lost, dup, max(r[1] for r in results), errors, bool(free)))
             print(f"{name}: done", file=sys.stderr)
-    print(f"{args.streams} streams per fault, {args.max_tokens} tokens each, {MODEL}, 2 prefill + 2 decode nodes, "
+    print(f"{args.streams} streams per fault unless said, {args.max_tokens} tokens each, {MODEL}, 2 prefill + 2 decode nodes, "
           f"local Redis, --stream-timeout-s {args.stream_timeout_s:g}; tokens against the in-process engine")
     print("| fault | streams | tokens lost | tokens duplicated | longest gap s | errors | all blocks free after |")
     print("|---|---|---|---|---|---|---|")

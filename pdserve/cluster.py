@@ -2,7 +2,8 @@
 
 `pdserve up` and the integration tests both use it. Every process binds port 0 (the router
 may be given a fixed one) and reports its ports in a ready file once it is serving, so
-nothing races for ports. Logs go to one file per process under `log_dir`. The processes share
+nothing races for ports. Logs go to one file per process under `log_dir` (a restarted process
+appends to its file: what led to the restart stays readable). The processes share
 a cluster secret (service/cluster_auth.py), made here and handed over in their environment.
 """
 
@@ -180,7 +181,7 @@ class Cluster:
         metrics = [] if role == "gateway" else ["--metrics-port", "0"]  # it serves /metrics itself
         cmd = [sys.executable, "-m", "pdserve.cli", role, "--host", "127.0.0.1", "--port", "0",
                *metrics, "--ready-file", str(ready), "--log-level", self.log_level, *args]
-        with open(log, "w") as out:
+        with open(log, "a") as out:
             popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env={**os.environ, CLUSTER_SECRET_ENV: self.auth.secret, **self.tls.env(),
                                           **(env or {})},

@@ -9,6 +9,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+CHECK_INTERVAL_S = 0.25  # a silence is caught within the bound plus this (a pass over the set is cheap)
+
 
 @dataclass(eq=False)
 class Watched:
@@ -35,7 +37,7 @@ class SilenceWatch:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.timeout_s / 4)  # a silence is caught within 1.25 x the bound
+            await asyncio.sleep(min(self.timeout_s / 4, CHECK_INTERVAL_S))
             now = time.monotonic()
             for entry in [e for e in self.watched if now - e.last > self.timeout_s]:
                 entry.silent = True

@@ -5,8 +5,8 @@ Three invariants keep the index true:
   resynchronisation never interleaves with an incremental batch. Drains and snapshots of
   the cache run on the engine thread and are numbered there; a batch drained before the
   latest snapshot is dropped (the snapshot holds it), one drained after is applied.
-- A resync (purge everything this node published, then add a snapshot of its cache, then
-  write its record) runs at start, after any Redis error, and when the node's record is gone
+- A resync (in one transaction: purge everything this node published, add a snapshot of its
+  cache, write its record; the node never leaves the registry meanwhile) runs at start, after any Redis error, and when the node's record is gone
   (Redis restarted empty, or this node stalled past its TTL).
 - Redis trouble never reaches a request: it is logged once, the node keeps serving, and the
   next heartbeat that gets through resyncs.
@@ -20,7 +20,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .redis_keys import REDIS_ERRORS, IndexKeys, NodeRecord, connect, purge_node
+from .redis_keys import REDIS_ERRORS, IndexKeys, NodeRecord, connect, purge_node, unindex_blocks
 from .registry_config import RegistryConfig
 
 log = logging.getLogger(__name__)
@@ -102,12 +102,16 @@ class NodeRegistration:
                 self._set_up(False, e)
 
     async def _resync(self) -> None:
-        num_old = await purge_node(self.client, self.keys, self.record.node_id)
+        """Replaces what the index holds of this node by a snapshot of its cache and writes its
+        record, in one transaction: the node stays registered throughout (a router that looked
+        while it was gone, waiting for the engine's snapshot, would drop a live node)."""
         hashes = []
         if self.cache is not None:
             self._snapshot_seq, hashes = await self.run_on_engine(self._numbered(self.cache.snapshot))
         node_id = self.record.node_id
-        async with self.client.pipeline(transaction=False) as pipe:
+        old = await self.client.smembers(self.keys.node_blocks(node_id))  # only this node adds to it
+        async with self.client.pipeline(transaction=True) as pipe:
+            unindex_blocks(pipe, self.keys, node_id, old)
             for h in hashes:
                 pipe.sadd(self.keys.block(h), node_id)
             if hashes:
@@ -116,8 +120,8 @@ class NodeRegistration:
             await pipe.execute()
         self.synced = True
         self._set_up(True)
-        log.info("redis: registered %s %s at %s (%d blocks published, %d stale ones purged)",
-                 self.record.role, node_id, self.record.address, len(hashes), num_old)
+        log.info("redis: registered %s %s at %s (%d blocks published, replacing %d)",
+                 self.record.role, node_id, self.record.address, len(hashes), len(old))
 
     def _numbered(self, read: Callable[[], Any]) -> Callable[[], tuple[int, Any]]:
         def numbered():  # on the engine thread

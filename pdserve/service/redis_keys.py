@@ -76,9 +76,16 @@ async def purge_node(client: aioredis.Redis, keys: IndexKeys, node_id: str) -> i
     number of blocks it held. Idempotent: a node and any router may run it."""
     hashes = await client.smembers(keys.node_blocks(node_id))
     async with client.pipeline(transaction=False) as pipe:
-        for h in hashes:
-            pipe.srem(f"{keys.ns}:blk:{h.decode() if isinstance(h, bytes) else h}", node_id)
-        pipe.delete(keys.node_blocks(node_id), keys.node(node_id))
+        unindex_blocks(pipe, keys, node_id, hashes)
+        pipe.delete(keys.node(node_id))
         pipe.srem(keys.nodes, node_id)
         await pipe.execute()
     return len(hashes)
+
+
+def unindex_blocks(pipe, keys: IndexKeys, node_id: str, hex_hashes) -> None:
+    """Queues the removal of `node_id` from the blocks it published (`hex_hashes`, the members
+    of its node_blocks set) and of that set."""
+    for h in hex_hashes:
+        pipe.srem(f"{keys.ns}:blk:{h.decode() if isinstance(h, bytes) else h}", node_id)
+    pipe.delete(keys.node_blocks(node_id))

@@ -11,13 +11,15 @@ import pytest
 import redis
 
 from pdserve.engine.block_hash import block_hashes
+from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.engine import Engine
 from pdserve.engine.model_source import resolve_model
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.cluster import Cluster
 from pdserve.redis_local import LocalRedis
 from pdserve.router.prefix_index import PrefixIndex
-from pdserve.service.redis_keys import IndexKeys
+from pdserve.service.node_registration import NodeRegistration
+from pdserve.service.redis_keys import IndexKeys, NodeRecord
 
 from .serving import GREEDY, generate, metric, wait_for
 
@@ -98,6 +100,56 @@ def test_index_follows_the_cache_through_eviction_salt_restart_and_expiry(redis_
         assert wait_for(lambda: not raw.sismember(KEYS.nodes, node), timeout=10)
         assert lookup(url, floods[0]) == {} and raw.scard(KEYS.node_blocks(node)) == 0
         assert not raw.exists(KEYS.node(node))
+
+
+def test_a_node_stays_registered_while_it_resyncs(redis_server):
+    """A resync (after any Redis error, such as a reply later than the client's timeout on a
+    loaded node) waits for the engine thread's cache snapshot. A router that looked in that
+    window once found the node gone, dropped it and failed a stream for want of decode nodes
+    (benchmarks/faults.py, a decode node killed beside it); the node must stay registered
+    throughout, and its index end up exactly its cache."""
+    url, raw = redis_server.url, redis.Redis.from_url(redis_server.url)
+    rng = random.Random(5)
+    hashes = block_hashes(tokens(rng, 32), BLOCK_SIZE, FINGERPRINT, None)
+
+    async def run():
+        pool = BlockPool(4)
+        blocks = pool.allocate(2)
+        for block, block_hash in zip(blocks, hashes):
+            pool.cache(block, block_hash, [0])
+        pool.free(blocks)
+        in_snapshot, engine_free = asyncio.Event(), asyncio.Event()
+
+        async def run_on_engine(read):  # an engine thread busy with a step until told
+            in_snapshot.set()
+            await engine_free.wait()
+            return read()
+
+        node = NodeRecord("decode-busy", "decode", "127.0.0.1:1")
+        registration = NodeRegistration(url, KEYS, node, 5.0, 1.0, pool, run_on_engine)
+        index = PrefixIndex(url, FINGERPRINT)
+        try:
+            engine_free.set()
+            await registration.beat()
+            assert await index.lookup(hashes) == {"decode-busy": 2}
+            pool.allocate(4)  # evicts both cached blocks; the node then loses Redis for a moment
+            registration._set_up(False, TimeoutError("a reply later than the timeout"))
+            engine_free.clear()
+            beat = asyncio.create_task(registration.beat())
+            await in_snapshot.wait()
+            live, expired = await index.discover()
+            assert [n.record.node_id for n in live] == ["decode-busy"] and not expired
+            engine_free.set()
+            await beat
+            live, _ = await index.discover()
+            assert [n.record.node_id for n in live] == ["decode-busy"]
+            assert await index.lookup(hashes[:1]) == {} and raw.scard(KEYS.node_blocks("decode-busy")) == 0
+        finally:
+            engine_free.set()  # else close() would wait on the beat's lock for ever
+            await registration.close()
+            await index.close()
+
+    asyncio.run(run())
 
 
 def shared_prefix_workload(seed: int, num_tenants: int = 8, per_tenant: int = 4, prefix_len: int = 512):
