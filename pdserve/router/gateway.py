@@ -33,8 +33,9 @@ from .api_keys import ApiKeys, bearer_key
 from .config import GatewayConfig
 from .merged_calls import MergedCall
 from .openai_api import (FINISH_REASONS, APIError, Choice, ParsedRequest, chunk_body, parse_request, response_body,
-                         total_usage, whole_answer_chunks)
+                         total_usage)
 from .router_calls import Routers, parse_routers
+from .tool_stream import ToolStream, tool_delta
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,6 @@ class Gateway:
         call = calls[0] if len(calls) == 1 else MergedCall(calls, parsed.generate.n)
         before_call = time.perf_counter() - arrived
         try:
-            if parsed.stream and parsed.tools is not None:
-                return await self._stream_whole(request, parsed, call, request_id)
             if parsed.stream:
                 return await self._stream(request, parsed, call, request_id, before_call)
             return await self._collect(parsed, call, request_id)
@@ -184,18 +183,6 @@ class Gateway:
             raise _api_error(e) from None
         return choices, total_usage(usages, parsed.generate.n)
 
-    async def _stream_whole(self, request: web.Request, parsed: ParsedRequest, call, request_id: str):
-        """A stream whose answers go out once complete (chat with tools: calls are parsed from
-        the whole text)."""
-        choices, usage = await self._gather(parsed, call)
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await out.prepare(request)
-        for body in whole_answer_chunks(parsed, request_id, int(time.time()), choices, usage):
-            await _send(out, body)
-        await out.write(b"data: [DONE]\n\n")
-        await out.write_eof()
-        return out
-
     async def _stream(self, request: web.Request, parsed: ParsedRequest, call, request_id: str,
                       before_call: float) -> web.StreamResponse:
         try:  # wait for the first answer: errors before it are plain HTTP errors
@@ -208,14 +195,18 @@ class Gateway:
         await out.prepare(request)
         created, response = int(time.time()), first
         started, usages, text_offsets = set(), {}, [0] * parsed.num_choices
+        tool_streams = [ToolStream(parsed.tools.mode == "auto") for _ in range(parsed.num_choices)] if parsed.tools else None
         try:
             while response is not grpc.aio.EOF:
                 index, finish = response.index, FINISH_REASONS.get(response.finish_reason)
+                delta = None
+                if tool_streams is not None:
+                    delta, finish = tool_delta(tool_streams[index], response.text, finish)
                 await _send(out, chunk_body(parsed, request_id, created, response.text, finish,
                                             first=index not in started, token_ids=response.token_ids,
                                             logprobs=response.logprobs, text_offset=text_offsets[index],
                                             index=index, prompt_text=response.prompt_text,
-                                            prompt_logprobs=response.prompt_logprobs))
+                                            prompt_logprobs=response.prompt_logprobs, delta=delta))
                 elapsed = time.perf_counter() - received
                 metrics.gateway_added.labels("chunk" if started else "request").observe(
                     elapsed if started else elapsed + before_call)

@@ -354,14 +354,16 @@ def chat_message(parsed: ParsedRequest, choice: Choice) -> tuple[dict, str | Non
 def chunk_body(parsed: ParsedRequest, request_id: str, created: int, text: str | None,
                finish_reason: str | None, usage: pb.Usage | None = None, first: bool = False,
                token_ids: list[int] = (), logprobs=(), text_offset: int = 0, index: int = 0,
-               prompt_text: str = "", prompt_logprobs=()) -> dict:
+               prompt_text: str = "", prompt_logprobs=(), delta: dict | None = None) -> dict:
     """One streamed chunk of completion `index`; `text` None with `usage`: the final
     usage-only chunk. `text_offset` (completions' logprobs): where this chunk's text starts in
-    its whole completion. With echo the first chunk carries the prompt's text (and logprobs)."""
+    its whole completion. With echo the first chunk carries the prompt's text (and logprobs).
+    `delta` (chat with tools): what the chunk's delta says instead of `text`."""
     lp = _logprobs_body(parsed, logprobs, text_offset, prompt_text, prompt_logprobs)
     text = prompt_text + text if text is not None else None
     if parsed.chat:
-        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        delta = {"content": text} if delta is None else delta
+        delta = {"role": "assistant", **delta} if first else delta
         choices = [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]
         kind = "chat.completion.chunk"
     else:
@@ -385,24 +387,3 @@ def _logprobs_body(parsed: ParsedRequest, logprobs, text_offset: int = 0, prompt
     if not prompt_text:
         return completion_logprobs(logprobs, text_offset)
     return completion_logprobs(logprobs, text_offset, prompt_text, prompt_logprobs)
-
-
-def whole_answer_chunks(parsed: ParsedRequest, request_id: str, created: int, choices: list[Choice],
-                        usage: pb.Usage) -> list[dict]:
-    """A stream's chunks for answers sent once complete (chat with tools in play): per choice
-    its role, then its content or its tool calls (each call whole, index by index), then its
-    finish; then usage if asked."""
-    bodies = []
-    for index, c in enumerate(choices):
-        message, finish_reason = chat_message(parsed, c)
-        delta = {"role": "assistant", "content": message["content"]}
-        if "tool_calls" in message:
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-        for delta, finish in ((delta, None), ({}, finish_reason)):
-            bodies.append({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                           "model": parsed.model, "choices": [{"index": index, "delta": delta, "finish_reason": finish,
-                                                               "logprobs": _logprobs_body(parsed, c.logprobs) if finish is None else None}]})
-    if parsed.include_usage:
-        bodies.append({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": parsed.model,
-                       "choices": [], "usage": usage_body(usage)})
-    return bodies

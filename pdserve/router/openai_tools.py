@@ -11,24 +11,23 @@ a tool's result as a "tool" message). `tool_choice`:
 - "required", or {"type": "function", "function": {"name": ...}}: the answer is held (a JSON
   schema) to one call of any of the tools, or of the named one, with arguments that match its
   parameters.
-With tools in play a streamed answer comes once it is complete (the calls are parsed from the
-whole text): a role chunk, the content or the calls, the finish.
+Streamed, the content and each call's name and arguments go out as they are written
+(tool_stream.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
 
 from pdserve.protos import pdserve_pb2 as pb
 
 from .api_errors import bad
+from .tool_stream import CALL_START, ToolStream, merged
 
 MAX_TOOLS = 128
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 SYSTEM = ("You are a function calling AI model. You are provided with function signatures within <tools></tools> "
           "XML tags. You may call one or more functions to assist with the user query. Don't make assumptions "
           "about what values to plug into functions.\n<tools>\n{tools}\n</tools>\nFor each function call return a "
@@ -120,25 +119,13 @@ def calls_as_text(tool_calls, param: str) -> str:
 
 
 def parse_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) of an answer: a constrained answer is one call; an auto answer's
-    well-formed <tool_call> blocks are calls and the rest is content. Text that does not parse
-    stays content."""
-    if plan.mode != "auto":
-        call = _call(text)
-        return (None, [call]) if call else (text, [])
-    calls = [c for c in (_call(m.group(1)) for m in CALL.finditer(text)) if c]
+    """(content, tool_calls) of a whole answer, read as a stream would read it (tool_stream.py),
+    so that a collected answer and a streamed one agree. An answer cut inside a call's
+    arguments keeps that call's text as content. Text that is no call stays content."""
+    stream = ToolStream(plan.mode == "auto")
+    delta = merged(stream.push(text), stream.finish())
+    calls = stream.calls[:-1] if stream.cut else stream.calls
     if not calls:
         return text, []
-    rest = CALL.sub("", text).strip()
-    return rest or None, calls
-
-
-def _call(text: str) -> dict | None:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": value["name"], "arguments": json.dumps(value.get("arguments", {}))}}
+    content = delta.get("content", "") + (CALL_START + stream.block if stream.cut else "")
+    return content or None, calls

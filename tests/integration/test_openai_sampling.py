@@ -185,17 +185,20 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def streamed_calls(stream) -> tuple[list[dict], str]:
-    """The tool calls a stream's deltas build, as a client accumulates them, and its finish."""
-    calls, finish = {}, None
+def streamed_calls(stream) -> tuple[list[dict], str, int, str]:
+    """The tool calls a stream's deltas build, as a client accumulates them, its finish, how
+    many chunks carried a piece of arguments, and the content."""
+    calls, finish, num_fragments, content = {}, None, 0, ""
     for chunk in stream:
         choice = chunk.choices[0]
         finish = choice.finish_reason or finish
+        content += choice.delta.content or ""
         for delta in choice.delta.tool_calls or []:
             call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
             call["name"] += delta.function.name or ""
             call["arguments"] += delta.function.arguments or ""
-    return [calls[i] for i in sorted(calls)], finish
+            num_fragments += bool(delta.function.arguments)
+    return [calls[i] for i in sorted(calls)], finish, num_fragments, content
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
@@ -209,8 +212,9 @@ def test_required_and_named_tool_calls_match_their_parameters(client, tool_choic
         assert call.function.name == "get_weather"
     tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
     jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
-    calls, finish = streamed_calls(client.chat.completions.create(**ask, stream=True))
+    calls, finish, num_fragments, _ = streamed_calls(client.chat.completions.create(**ask, stream=True))
     assert calls == [{"name": call.function.name, "arguments": call.function.arguments}] and finish == "tool_calls"
+    assert num_fragments > 2  # the arguments stream as they are written, not whole at the end
 
 
 def test_auto_and_none_tool_choice_and_a_conversation_with_calls(client, engine):
@@ -221,6 +225,11 @@ def test_auto_and_none_tool_choice_and_a_conversation_with_calls(client, engine)
     auto = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=16, temperature=0)
     assert auto.usage.prompt_tokens > none.usage.prompt_tokens + 50  # they are shown
     assert auto.choices[0].message.content or auto.choices[0].message.tool_calls
+    calls, finish, _, content = streamed_calls(client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=16, temperature=0, stream=True))
+    assert (content or None, finish) == (auto.choices[0].message.content, auto.choices[0].finish_reason)
+    assert calls == [{"name": c.function.name, "arguments": c.function.arguments}
+                     for c in auto.choices[0].message.tool_calls or []]
     history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}]

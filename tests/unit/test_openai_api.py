@@ -107,6 +107,61 @@ def test_unknown_model_is_404_and_good_requests_map_to_the_router_api():
     assert isinstance(chat.generate, pb.GenerateRequest)
 
 
+TOOL_ANSWERS = [
+    'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"x": [1, {"y": 2}], "s": "a}\\"b"}}\n</tool_call>\n'
+    '<tool_call>{"name": "g"}</tool_call>\nDone.',
+    'no calls <tool_call>not json</tool_call> end ',
+    '  a plain answer with < and <tool_ and trailing space  ',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>',
+    '<tool_call>{"arguments": {"zone": "UTC"}, "name": "get_time"}</tool_call>',
+]
+
+
+def accumulated(deltas: list[dict]) -> tuple[str | None, list[dict]]:
+    """What a client builds from a stream's deltas: content, and each call's name and arguments."""
+    content, calls = "", {}
+    for delta in deltas:
+        content += delta.get("content", "")
+        for part in delta.get("tool_calls", []):
+            call = calls.setdefault(part["index"], {"name": "", "arguments": ""})
+            call["name"] += part["function"].get("name", "")
+            call["arguments"] += part["function"].get("arguments", "")
+    return content or None, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("text", TOOL_ANSWERS)
+def test_tool_calls_streamed_in_any_pieces_equal_the_collected_answer(text):
+    from pdserve.router.openai_tools import ToolPlan, parse_calls
+    from pdserve.router.tool_stream import ToolStream
+    content, calls = parse_calls(ToolPlan("auto", []), text)
+    want = (content, [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls])
+    for seed in range(40):
+        rng, stream, deltas, i = random.Random(seed), ToolStream(wrapped=True), [], 0
+        while i < len(text):
+            n = rng.randint(1, 5)
+            deltas.append(stream.push(text[i:i + n]))
+            i += n
+        deltas.append(stream.finish())
+        assert accumulated(deltas) == want
+        starts = [p for d in deltas for p in d.get("tool_calls", []) if "id" in p]
+        assert [p["index"] for p in starts] == list(range(len(calls)))  # each call opens once, in order
+
+
+def test_a_call_streams_its_arguments_as_they_are_written():
+    from pdserve.router.tool_stream import ToolStream
+    stream = ToolStream(wrapped=False)  # required / named: the answer is the call's object
+    pieces = ['{"name": "get_', 'weather", "argu', 'ments": {"ci', 'ty": "Par', 'is", "unit": "C"', '}}']
+    deltas = [stream.push(p) for p in pieces] + [stream.finish()]
+    assert deltas[0] == {} and deltas[1] == {}  # the name is not known yet
+    (start,) = deltas[2]["tool_calls"]
+    assert start["id"].startswith("call_") and start["function"] == {"name": "get_weather", "arguments": '{"ci'}
+    fragments = [p["function"]["arguments"] for d in deltas[3:] for p in d.get("tool_calls", [])]
+    assert fragments == ['ty": "Par', 'is", "unit": "C"', "}"] and not any("content" in d for d in deltas)
+    cut = ToolStream(wrapped=False)
+    cut.push('{"name": "f", "arguments": {"x": "ab')
+    assert cut.cut and cut.finish() == {}  # max_tokens inside the arguments: nothing more to say
+
+
 def test_auto_tool_calls_are_parsed_out_of_the_answer_and_bad_ones_stay_content():
     from pdserve.router.openai_tools import ToolPlan, parse_calls
     plan = ToolPlan("auto", [{"name": "f", "description": "", "parameters": {}}])
