@@ -8,6 +8,13 @@ a step). Cases: greedy (CUDA graphs with async scheduling), greedy one step at a
 look-ahead: what logprobs and penalties turn off), logprobs with the top 5, the three
 penalties, logit_bias with min_tokens (no look-ahead needed), and sampling at temperature 0.8
 with top-p. Prints each step time and its ratio to greedy.
+
+A JSON-schema case needs a vocabulary for xgrammar, which `dummy:` weights lack: make one
+where a tokenizer is (`--write-grammar-vocab wide_vocab.json`: SmolLM2's 49,152 byte-level
+tokens, widened to Llama-3's 128,256 by joining pairs of them, a stand-in of the same size),
+carry it, and pass `--grammar-vocab wide_vocab.json`. The case then masks every row of the
+batch with a grammar that stays open (an object holding a list of strings); it prints how many
+rows were still held to their grammar at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import time
 import torch
 
 from pdserve.engine.engine import Engine
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams, StructuredOutput
+from pdserve.engine.structured_output import Grammars
 
 CASES = {
     "greedy": dict(),
@@ -37,25 +45,66 @@ CASES = {
 def step_seconds(engine: Engine, batch: int, context: int, steps: int, fields: dict, overlap: bool) -> float:
     rng = random.Random(batch)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(**{"temperature": 0, "max_tokens": 100_000, "ignore_eos": True, **fields})
+    grammar = fields.get("structured_output") is not None  # ends with its grammar: EOS is not ignored
+    params = SamplingParams(**{"temperature": 0, "max_tokens": 100_000, "ignore_eos": not grammar, **fields})
     ids = [engine.add_request([rng.randrange(100, vocab) for _ in range(context)], params) for _ in range(batch)]
     config = engine.config
     engine.config = config.replace(async_scheduling=overlap)
     try:
-        while any(len(engine.requests[i].output_token_ids) < 2 for i in ids):  # prefill, warm up
+        while any(i in engine.requests and len(engine.requests[i].output_token_ids) < 2 for i in ids):  # warm up
             engine.step()
         sync(engine)
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
         sync(engine)
-        return (time.perf_counter() - start) / steps
+        seconds = (time.perf_counter() - start) / steps
+        if grammar:
+            held = [engine.grammars.matchers.get(i) for i in ids]
+            print(f"  rows still held to their grammar after the timed steps: "
+                  f"{sum(m is not None and m.matcher is not None for m in held)} of {batch}", file=sys.stderr)
+        return seconds
     finally:
         engine.config = config
         for i in ids:
             engine.abort_request(i)
         while engine.has_unfinished():
             engine.step()
+
+
+GRAMMAR_CASE = "json schema grammar"
+SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}},
+          "required": ["notes"]}
+WIDE_VOCAB_SIZE = 128_256
+
+
+class ListVocab:
+    """A vocabulary for xgrammar from a JSON list of byte-level token strings (its first
+    `vocab_size`: a smaller model's)."""
+
+    def __init__(self, path: str, vocab_size: int):
+        with open(path) as f:
+            self.tokens = json.load(f)[:vocab_size]
+
+    def vocab(self) -> list[str]:
+        return self.tokens
+
+    def decoder_type(self) -> str:
+        return "ByteLevel"
+
+
+def write_wide_vocab(path: str) -> None:
+    from pdserve.engine.model_source import resolve_model
+    tokens = resolve_model("smollm2-135m").tokenizer().vocab()
+    rng, seen, words = random.Random(0), set(tokens), [t for t in tokens if not t.startswith("<")]
+    while len(tokens) < WIDE_VOCAB_SIZE:
+        token = rng.choice(words) + rng.choice(words)
+        if token not in seen:
+            seen.add(token)
+            tokens.append(token)
+    with open(path, "w") as f:
+        json.dump(tokens, f)
+    print(f"wrote {len(tokens)} tokens to {path}")
 
 
 def sync(engine: Engine) -> None:
@@ -71,10 +120,21 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--out", default=None, help="also write the table as JSON here")
+    ap.add_argument("--grammar-vocab", default=None, help="a JSON list of byte-level tokens: adds the grammar case")
+    ap.add_argument("--write-grammar-vocab", default=None, help="write such a list (needs smollm2-135m) and exit")
     args = ap.parse_args(argv)
+    if args.write_grammar_vocab:
+        write_wide_vocab(args.write_grammar_vocab)
+        return 0
     engine = Engine(model=args.model, device=args.device)
+    cases = dict(CASES)
+    if args.grammar_vocab:
+        config = engine.model_config
+        engine.grammars = Grammars(ListVocab(args.grammar_vocab, config.vocab_size), config.vocab_size, config.eos_token_ids)
+        engine.runner.sampler.processors.grammars = engine.grammars
+        cases[GRAMMAR_CASE] = dict(structured_output=StructuredOutput("json", json.dumps(SCHEMA)))
     rows = {}
-    for name, fields in CASES.items():
+    for name, fields in cases.items():
         overlap = name != "greedy, one step at a time"
         rows[name] = step_seconds(engine, args.batch, args.context, args.steps, fields, overlap)
         print(f"  {name}: {rows[name] * 1e3:.2f} ms", file=sys.stderr, flush=True)

@@ -189,16 +189,17 @@ class Engine:
         self.kv.release_held()
         if self._in_flight is not None:
             self.kv.hold_frees()
-        return self._update(done.scheduled, StepResult(sampled))
+        return self._update(done.scheduled, StepResult(sampled, logprobs=done.logprobs()))
 
     def _can_launch(self, scheduled: SchedulerOutput) -> bool:
         """Whether this step may run without the host waiting: a decode step (each request one
         new token, sampled), async scheduling on, no logits to keep, and no request whose
-        sampling reads its latest token (penalties, bad words) or asks for logprobs. The steps
+        sampling reads its latest tokens on the host (bad words, a grammar). Logprobs come back
+        with the tokens; penalties count the token a step is behind on the device. The steps
         launched after it keep its requests, so they qualify too."""
         return (self.config.async_scheduling and not self.config.keep_logits
-                and all(s.num_new_tokens == 1 and s.samples and not s.request.params.needs_history
-                        and s.request.params.logprobs is None for s in scheduled.scheduled))
+                and all(s.num_new_tokens == 1 and s.samples and not s.request.params.needs_latest_tokens
+                        for s in scheduled.scheduled))
 
     def _launch(self, scheduled: SchedulerOutput, after: LaunchedStep | None = None) -> None:
         self._in_flight = self.runner.launch(scheduled, self._block_tables(scheduled), after)

@@ -46,9 +46,13 @@ class LogitsProcessors:
             self.grammars.forget(request_id)
 
     def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
-                 num_sampled: list[int], histories: list[TokenHistory]) -> torch.Tensor:
+                 num_sampled: list[int], histories: list[TokenHistory],
+                 pending_token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """logits [rows, vocab] (float32, processed in place) of requests that process logits.
-        `num_sampled[i]`: tokens row i's request sampled on this node before this step."""
+        `num_sampled[i]`: tokens row i's request sampled on this node before this step (with
+        the pending one); `pending_token_ids` [rows] (on the device): each row's token that a
+        step still in flight sampled and its history lacks (penalties count it; bad words and
+        grammars never run behind a step)."""
         structured = [row for row, p in enumerate(params) if p.structured_output is not None]
         if structured:
             if self.grammars is None:
@@ -68,9 +72,9 @@ class LogitsProcessors:
             logits.index_put_((to_device(list(rows), torch.int64, self.device),
                                to_device(list(ids), torch.int64, self.device)),
                               to_device(list(values), torch.float32, self.device), accumulate=True)
-        penalized = [row for row, p in enumerate(params) if _penalizes(p)]
+        penalized = [row for row, p in enumerate(params) if p.penalizes]
         if penalized:
-            self._penalize(logits, penalized, request_ids, params, histories)
+            self._penalize(logits, penalized, request_ids, params, histories, pending_token_ids)
         return logits
 
     def _masked(self, p: SamplingParams, num_sampled: int, history: TokenHistory) -> list[int]:
@@ -90,11 +94,14 @@ class LogitsProcessors:
                 masked += self.eos_token_ids
         return masked
 
-    def _penalize(self, logits, rows: list[int], request_ids, params, histories) -> None:
+    def _penalize(self, logits, rows: list[int], request_ids, params, histories, pending_token_ids) -> None:
         counts = [self._counts(request_ids[r], params[r], histories[r], logits.shape[-1]) for r in rows]
         index = to_device(rows, torch.int64, self.device)
         sub = logits.index_select(0, index)
-        output_counts = torch.stack([c.output_counts for c in counts])
+        output_counts = torch.stack([c.output_counts for c in counts])  # a copy: the pending token is this step's
+        if pending_token_ids is not None:
+            pending = pending_token_ids.index_select(0, index)[:, None]
+            output_counts.scatter_add_(1, pending, torch.ones(pending.shape, device=self.device))
         in_output = output_counts > 0
         seen = torch.stack([c.prompt_seen for c in counts]) | in_output
         column = lambda name: to_device([getattr(params[r], name) for r in rows], torch.float32, self.device)[:, None]  # noqa: E731
@@ -129,7 +136,3 @@ def output_since(p: SamplingParams, history: TokenHistory, start: int) -> list[i
         return history.output_token_ids[start - k:]
     prompt = history.prompt_token_ids
     return prompt[len(prompt) - k + start:] + history.output_token_ids
-
-
-def _penalizes(p: SamplingParams) -> bool:
-    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1

@@ -23,7 +23,7 @@ from .kv_cache_sizing import kv_cache_bytes
 from .kv_pool import allocate_kv_caches
 from .model_source import ModelSource
 from .request import TokenLogprobs
-from .sampler import Sampler, prompt_token_logprobs, token_logprobs
+from .sampler import RowLogprobs, Sampler, prompt_token_logprobs, row_logprobs, token_logprobs
 from .scheduler import SchedulerOutput
 from .step_batch import StepBatch
 from .weights import load_model
@@ -119,16 +119,19 @@ class ModelRunner:
         batch = self._gather(out, block_tables, num_pending)
         input_ids = None if after is None else after.token_ids_of(out, self.device)
         hidden, rows = self._forward(batch, None, input_ids)
-        _, token_ids = self._sample(hidden[rows], [s.request for s in out.scheduled], num_pending)
-        return LaunchedStep(out, token_ids)
+        requests = [s.request for s in out.scheduled]
+        logits, token_ids = self._sample(hidden[rows], requests, num_pending, input_ids)
+        return LaunchedStep(out, token_ids, row_logprobs(logits, token_ids, [r.params for r in requests]))
 
-    def _sample(self, hidden: torch.Tensor, requests: list, num_pending: int = 0):
+    def _sample(self, hidden: torch.Tensor, requests: list, num_pending: int = 0,
+                pending_token_ids: torch.Tensor | None = None):
         """Logits [num_rows, vocab] in the model's dtype (greedy rows take their argmax as
-        they are; the sampler widens the others) and the sampled ids [num_rows], on the device."""
+        they are; the sampler widens the others) and the sampled ids [num_rows], on the device.
+        `pending_token_ids` (on the device): each request's token the host does not know yet."""
         logits = self.model.compute_logits(hidden)
         num_sampled = [len(r.output_token_ids) + num_pending for r in requests]
         return logits, self.sampler(logits, [r.request_id for r in requests], [r.params for r in requests],
-                                    num_sampled, requests)
+                                    num_sampled, requests, pending_token_ids)
 
     def _gather(self, out: SchedulerOutput, block_tables: list[list[int]], num_pending: int = 0) -> StepBatch:
         """The flat batch. `num_pending` (0 or 1): tokens each request has beyond what the host
@@ -192,21 +195,35 @@ class StepResult(NamedTuple):
 
 PROMPT_LOGPROBS_SLICE = 512  # prompt positions whose logits are computed at once
 ALL_ROWS = slice(None)  # every row of the step samples (a decode step): a view, no gather
+LOGPROB_TENSORS = ("chosen", "chosen_logprobs", "top_ids", "top_values")  # RowLogprobs' tensors
 
 
 class LaunchedStep:
     """A decode step launched and not waited for: its sampled token ids are on the device
-    (the next step's inputs) and on their way to pinned host memory."""
+    (the next step's inputs) and on their way to pinned host memory, with the logprobs of the
+    rows that ask for them."""
 
-    def __init__(self, scheduled: SchedulerOutput, token_ids: torch.Tensor):
+    def __init__(self, scheduled: SchedulerOutput, token_ids: torch.Tensor, logprobs: RowLogprobs | None = None):
         self.scheduled = scheduled
         self.token_ids = token_ids  # [num_seqs] int64 on the device
-        self._host, self._ready = to_host(token_ids)
+        self._logprobs = None if logprobs is None else logprobs._replace(
+            **{name: to_host(getattr(logprobs, name))[0] for name in LOGPROB_TENSORS})
+        self._host, self._ready = to_host(token_ids)  # copied last: ready means all are
 
     def sampled(self) -> dict[str, int]:
         """{request_id: sampled token id}; waits for this step only (not for later ones)."""
         self._ready()
-        return dict(zip((s.request.request_id for s in self.scheduled.scheduled), self._host.tolist()))
+        return dict(zip(self._request_ids(), self._host.tolist()))
+
+    def logprobs(self) -> dict[str, TokenLogprobs] | None:
+        """{request_id: its TokenLogprobs} of the rows that asked; call after `sampled`."""
+        if self._logprobs is None:
+            return None
+        listed = self._logprobs.listed(len(self.scheduled.scheduled))
+        return {i: lp for i, lp in zip(self._request_ids(), listed) if lp is not None}
+
+    def _request_ids(self):
+        return (s.request.request_id for s in self.scheduled.scheduled)
 
     def token_ids_of(self, out: SchedulerOutput, device: torch.device) -> torch.Tensor:
         """The token this step sampled for each request of `out` (a subset, in the same order)."""

@@ -10,6 +10,8 @@ request gives the same tokens disaggregated as in one engine.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .host_copy import to_device
@@ -31,12 +33,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
                  num_sampled: list[int] | None = None,
-                 histories: list[TokenHistory] | None = None) -> torch.Tensor:
+                 histories: list[TokenHistory] | None = None,
+                 pending_token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """logits [num_rows, vocab_size] -> sampled token ids [num_rows]. `num_sampled[i]`: how
         many tokens row i's request has sampled on this node before (0 if not given);
-        `histories[i]`: its prompt and output tokens, needed where its params process logits."""
+        `histories[i]`: its prompt and output tokens, needed where its params process logits;
+        `pending_token_ids` [num_rows] (a step launched behind another): each row's latest
+        token, which its history does not hold yet."""
         num_sampled = num_sampled or [0] * len(params)
-        logits = self._processed(logits, request_ids, params, num_sampled, histories)
+        logits = self._processed(logits, request_ids, params, num_sampled, histories, pending_token_ids)
         out = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
@@ -52,7 +57,7 @@ class Sampler:
         out.index_copy_(0, index, (probs / noise).argmax(dim=-1))
         return out
 
-    def _processed(self, logits, request_ids, params, num_sampled, histories) -> torch.Tensor:
+    def _processed(self, logits, request_ids, params, num_sampled, histories, pending_token_ids) -> torch.Tensor:
         """The logits after each request's processors (a float32 copy where any applies)."""
         rows = [i for i, p in enumerate(params) if p.processes_logits]
         if not rows:
@@ -61,8 +66,9 @@ class Sampler:
             raise ValueError("the sampler needs the token histories of requests that process logits")
         pick = lambda values: [values[i] for i in rows]  # noqa: E731
         index = to_device(rows, torch.int64, self.device)
+        pending = None if pending_token_ids is None else pending_token_ids.index_select(0, index)
         sub = self.processors(logits.index_select(0, index).float(), pick(request_ids), pick(params),
-                              pick(num_sampled), pick(histories))
+                              pick(num_sampled), pick(histories), pending)
         return logits.to(torch.float32, copy=True).index_copy_(0, index, sub)  # raw logits stay (logprobs)
 
     def _generator(self, request_id: str, params: SamplingParams, skip: int, vocab: int) -> torch.Generator:
@@ -105,26 +111,46 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     return probs
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> list[TokenLogprobs | None]:
-    """Each row's sampled token's log probability and its `params.logprobs` likeliest tokens,
-    from the raw logits (before temperature, filters and processors, as vLLM reports them);
-    None for rows that ask for none. One host copy for the whole batch."""
+class RowLogprobs(NamedTuple):
+    """The logprobs of the rows that ask for them (`rows`, each its `ks` likeliest), as tensors:
+    on the device while a step runs, on the host once copied."""
+
+    rows: list[int]
+    ks: list[int]
+    chosen: torch.Tensor  # [num_asking] the sampled token ids
+    chosen_logprobs: torch.Tensor  # [num_asking]
+    top_ids: torch.Tensor  # [num_asking, max k]
+    top_values: torch.Tensor  # [num_asking, max k]
+
+    def listed(self, num_rows: int) -> list[TokenLogprobs | None]:
+        """Per row, its TokenLogprobs or None (one host read of each tensor)."""
+        chosen, chosen_logprobs = self.chosen.tolist(), self.chosen_logprobs.tolist()
+        top_ids, top_values = self.top_ids.tolist(), self.top_values.tolist()
+        out: list[TokenLogprobs | None] = [None] * num_rows
+        for j, (i, n) in enumerate(zip(self.rows, self.ks)):
+            out[i] = TokenLogprobs(chosen[j], chosen_logprobs[j], tuple(zip(top_ids[j][:n], top_values[j][:n])))
+        return out
+
+
+def row_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> RowLogprobs | None:
+    """Each asking row's sampled token's log probability and its `params.logprobs` likeliest
+    tokens, from the raw logits (before temperature, filters and processors, as vLLM reports
+    them), left on the device (nothing waits); None when no row asks."""
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
-        return [None] * len(params)
+        return None
     index = to_device(rows, torch.int64, logits.device)
     logprobs = logits.index_select(0, index).float().log_softmax(dim=-1)
     chosen = token_ids.index_select(0, index)
-    chosen_logprobs = logprobs.gather(1, chosen[:, None])[:, 0]
-    k = max(params[i].logprobs for i in rows)
-    top_values, top_ids = logprobs.topk(max(k, 1), dim=-1)  # each row keeps its own k of them
-    chosen, chosen_logprobs = chosen.tolist(), chosen_logprobs.tolist()
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    out: list[TokenLogprobs | None] = [None] * len(params)
-    for j, i in enumerate(rows):
-        n = params[i].logprobs
-        out[i] = TokenLogprobs(chosen[j], chosen_logprobs[j], tuple(zip(top_ids[j][:n], top_values[j][:n])))
-    return out
+    ks = [params[i].logprobs for i in rows]
+    top_values, top_ids = logprobs.topk(max(max(ks), 1), dim=-1)  # each row keeps its own k of them
+    return RowLogprobs(rows, ks, chosen, logprobs.gather(1, chosen[:, None])[:, 0], top_ids, top_values)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> list[TokenLogprobs | None]:
+    """`row_logprobs` read on the host: per row its TokenLogprobs, None for rows that ask for none."""
+    found = row_logprobs(logits, token_ids, params)
+    return [None] * len(params) if found is None else found.listed(len(params))
 
 
 def prompt_token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:

@@ -57,14 +57,19 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # each prompt token's logprob (after the first) and its k likeliest
 
     @property
-    def needs_history(self) -> bool:
-        """Whether sampling reads the tokens generated so far (so no step may run ahead)."""
-        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-                or bool(self.bad_words_token_ids) or self.structured_output is not None)
+    def penalizes(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def needs_latest_tokens(self) -> bool:
+        """Whether sampling reads the latest tokens on the host (a bad word's tail, a grammar's
+        matcher), so that no step may be launched before the previous one's tokens are read.
+        Penalties may run ahead: a launched step adds the token it is behind on the device."""
+        return bool(self.bad_words_token_ids) or self.structured_output is not None
 
     @property
     def processes_logits(self) -> bool:
-        return self.needs_history or bool(self.logit_bias) or self.min_tokens > 0
+        return self.penalizes or self.needs_latest_tokens or bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def greedy(self) -> bool:

@@ -9,7 +9,8 @@ from pdserve.engine.engine import Engine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kernels.compile_count import num_compiled_kernels
 from tests.kernels.paged_inputs import rel_err
-from tests.unit.test_async_scheduling import check_async_matches_sync, count_launches
+from tests.unit.test_async_scheduling import (check_async_matches_sync, check_logprobs_and_penalties_keep_the_look_ahead,
+                                              count_launches)
 
 
 def _prompts(num, vocab, seed=0):
@@ -111,3 +112,10 @@ def test_async_scheduling_gives_the_tokens_of_one_step_at_a_time_on_gpu():
     """Stops, lengths, seeded sampling and preemption with graphs: launched ahead or not, the
     same tokens (tests/unit/test_async_scheduling.py on the GPU)."""
     check_async_matches_sync(device="cuda")
+
+
+@pytest.mark.gpu
+def test_logprobs_and_penalties_keep_the_look_ahead_on_gpu():
+    """Logprobs copied back with the tokens and penalties counting the pending token on the
+    device, with graphs: the tokens and logprobs of one step at a time."""
+    check_logprobs_and_penalties_keep_the_look_ahead(tolerance=1e-3, device="cuda")

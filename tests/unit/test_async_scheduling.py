@@ -132,3 +132,35 @@ def test_a_failed_step_leaves_no_block_held():
     for request_id in ids[1:]:
         assert engine.abort_request(request_id)
     assert engine.kv.num_free_blocks == 32 and not engine.has_unfinished()
+
+
+PENALTIES = dict(presence_penalty=0.8, frequency_penalty=0.6, repetition_penalty=1.4)
+
+
+def test_logprobs_and_penalties_keep_the_look_ahead():
+    check_logprobs_and_penalties_keep_the_look_ahead()
+
+
+def check_logprobs_and_penalties_keep_the_look_ahead(tolerance: float = 1e-5, **device_kw) -> None:
+    """Logprobs and penalties keep the look-ahead on (logprobs are copied back with the tokens;
+    penalties count the token a step is behind on the device): tokens and logprobs equal those
+    of one step at a time, rows with and without either mixed."""
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.choice([5, 17, 40]))] for _ in range(12)]
+    params = [SamplingParams(temperature=0 if i % 2 else 0.9, seed=i, max_tokens=rng.randrange(8, 24),
+                             ignore_eos=True, logprobs=None if i % 3 == 0 else i % 4,
+                             **(PENALTIES if i % 4 < 2 else {})) for i in range(12)]
+    kw = dict(model="dummy:tiny", num_kv_blocks=64, **device_kw)
+    expected = Engine(async_scheduling=False, **kw).generate(prompts, params)
+    engine = Engine(**kw)
+    followed = count_launches(engine)
+    results = engine.generate(prompts, params)
+    assert sum(followed) >= 10, "steps with logprobs and penalties must be launched behind steps in flight"
+    for got, want in zip(results, expected):
+        assert got.token_ids == want.token_ids
+        assert len(got.logprobs) == len(want.logprobs)
+        for a, b in zip(got.logprobs, want.logprobs):
+            assert (a.token_id, [t for t, _ in a.top]) == (b.token_id, [t for t, _ in b.top])
+            assert a.logprob == pytest.approx(b.logprob, abs=tolerance)
+            assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=tolerance)
+    assert any(r.logprobs for r in results) and not results[0].logprobs

@@ -202,3 +202,29 @@ def test_prompt_logprobs_equal_transformers_across_chunks_and_skip_the_cache(hf,
             assert abs(lp.logprob - ref[i, prompt[i + 1]].item()) < 1e-4
             assert [t for t, _ in lp.top] == ref[i].topk(2).indices.tolist()
         assert result.num_cached_tokens == 0
+
+
+def test_a_pending_token_counts_as_if_the_history_held_it():
+    """A step launched behind another knows its latest token on the device only
+    (`pending_token_ids`): the penalties come out as if the history held it."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class History:
+        prompt_token_ids: list[int]
+        output_token_ids: list[int] = field(default_factory=list)
+
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.7, repetition_penalty=1.3),
+              SamplingParams(repetition_penalty=1.8, num_resumed_tokens=2)]
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    outputs, pending = [[7, 9, 7], [11]], [7, 40]
+    behind, known = LogitsProcessors(torch.device("cpu")), LogitsProcessors(torch.device("cpu"))
+    got = behind(logits.clone(), ["a", "b"], params, [4, 2],
+                 [History([1, 2, 3], list(o)) for o in outputs], torch.tensor(pending))
+    want = known(logits.clone(), ["a", "b"], params, [4, 2],
+                 [History([1, 2, 3], o + [t]) for o, t in zip(outputs, pending)])
+    assert torch.equal(got, want) and not torch.equal(got, logits)
+    # the pending token was this step's only: the next step, with it in the history, counts it once
+    again = [History([1, 2, 3], o + [t]) for o, t in zip(outputs, pending)]
+    assert torch.equal(behind(logits.clone(), ["a", "b"], params, [4, 2], again),
+                       known(logits.clone(), ["a", "b"], params, [4, 2], again))
