@@ -3,45 +3,29 @@
 Applied only to the rows whose SamplingParams ask for any (`processes_logits`), greedy rows
 too (they change the argmax), in vLLM's order: bad words, then min_tokens and logit_bias, then
 the repetition, frequency and presence penalties; temperature and the filters come after, in
-the sampler. Each request's token counts live on the device and grow by its new tokens at each
-step (never rebuilt from its whole history); `forget` drops them when the request ends.
+the sampler. The penalties' token counts live on the device, a row per request in one tensor
+(penalty_counts.py), and grow by each request's new tokens at each step (never rebuilt from
+its whole history); `forget` gives the row back when the request ends.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
 from .host_copy import to_device
+from .penalty_counts import PenaltyCounts, TokenHistory, output_since
 from .sampling_params import SamplingParams
-
-
-class TokenHistory(Protocol):
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-
-
-@dataclass
-class _Counts:
-    """One request's token counts on the device. The output counted is the resumed tail of the
-    prompt (`num_resumed_tokens`) and then its output tokens, `num_counted` of them so far."""
-
-    prompt_seen: torch.Tensor  # [vocab] bool: in the prompt (repetition penalty)
-    output_counts: torch.Tensor  # [vocab] float32: times in the output (frequency, presence)
-    num_counted: int = 0
 
 
 class LogitsProcessors:
     def __init__(self, device: torch.device, eos_token_ids: tuple[int, ...] = ()):
         self.device = device
         self.eos_token_ids = tuple(eos_token_ids)
-        self.counts: dict[str, _Counts] = {}  # request_id -> its counts (penalized requests only)
+        self.penalty_counts = PenaltyCounts(device)
         self.grammars = None  # structured_output.Grammars, set by an engine with a tokenizer
 
     def forget(self, request_id: str) -> None:
-        self.counts.pop(request_id, None)
+        self.penalty_counts.forget(request_id)
         if self.grammars is not None:
             self.grammars.forget(request_id)
 
@@ -95,44 +79,22 @@ class LogitsProcessors:
         return masked
 
     def _penalize(self, logits, rows: list[int], request_ids, params, histories, pending_token_ids) -> None:
-        counts = [self._counts(request_ids[r], params[r], histories[r], logits.shape[-1]) for r in rows]
+        pick = lambda values: [values[r] for r in rows]  # noqa: E731
+        seen, output_counts = self.penalty_counts.gather(pick(request_ids), pick(params), pick(histories),
+                                                         logits.shape[-1])
         index = to_device(rows, torch.int64, self.device)
         sub = logits.index_select(0, index)
-        output_counts = torch.stack([c.output_counts for c in counts])  # a copy: the pending token is this step's
-        if pending_token_ids is not None:
+        if pending_token_ids is not None:  # this step's only: the history brings it into the slot later
             pending = pending_token_ids.index_select(0, index)[:, None]
             output_counts.scatter_add_(1, pending, torch.ones(pending.shape, device=self.device))
         in_output = output_counts > 0
-        seen = torch.stack([c.prompt_seen for c in counts]) | in_output
+        seen |= in_output
         column = lambda name: to_device([getattr(params[r], name) for r in rows], torch.float32, self.device)[:, None]  # noqa: E731
         repetition = column("repetition_penalty")
         sub = torch.where(seen, torch.where(sub > 0, sub / repetition, sub * repetition), sub)
         sub -= column("frequency_penalty") * output_counts + column("presence_penalty") * in_output
         logits.index_copy_(0, index, sub)
 
-    def _counts(self, request_id: str, p: SamplingParams, history: TokenHistory, vocab: int) -> _Counts:
-        counts = self.counts.get(request_id)
-        if counts is None:
-            seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-            seen[to_device(history.prompt_token_ids, torch.int64, self.device)] = True
-            counts = self.counts[request_id] = _Counts(seen, torch.zeros(vocab, device=self.device))
-        new = output_since(p, history, counts.num_counted)
-        if new:
-            counts.output_counts.index_add_(0, to_device(new, torch.int64, self.device),
-                                            torch.ones(len(new), device=self.device))
-            counts.num_counted += len(new)
-        return counts
-
 
 def _num_output(p: SamplingParams, history: TokenHistory) -> int:
     return p.num_resumed_tokens + len(history.output_token_ids)
-
-
-def output_since(p: SamplingParams, history: TokenHistory, start: int) -> list[int]:
-    """The request's output from token `start` on; its output is the prompt's resumed tail,
-    then this node's output tokens (built from `start` only: no copy of the whole history)."""
-    k = p.num_resumed_tokens
-    if start >= k:
-        return history.output_token_ids[start - k:]
-    prompt = history.prompt_token_ids
-    return prompt[len(prompt) - k + start:] + history.output_token_ids

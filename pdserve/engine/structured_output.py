@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .logits_processors import TokenHistory, output_since
+from .penalty_counts import TokenHistory, output_since
 from .sampling_params import SamplingParams, StructuredOutput
 
 log = logging.getLogger(__name__)

@@ -106,7 +106,7 @@ def test_greedy_tokens_and_logprobs_equal_transformers(engine, hf, prompts, case
             assert top_ids == ref.topk(3).indices.tolist()
             assert max(abs(v - ref[t].item()) for t, v in lp.top) < 1e-4
     assert engine.stats()["num_free_blocks"] == 256
-    assert not engine.runner.sampler.processors.counts  # every request's counts are dropped
+    assert not engine.runner.sampler.processors.penalty_counts.slots  # every request's slot is given back
 
 
 def test_min_tokens_holds_back_stop_tokens_and_logprobs_can_be_zero(engine, prompts):
@@ -228,3 +228,20 @@ def test_a_pending_token_counts_as_if_the_history_held_it():
     again = [History([1, 2, 3], o + [t]) for o, t in zip(outputs, pending)]
     assert torch.equal(behind(logits.clone(), ["a", "b"], params, [4, 2], again),
                        known(logits.clone(), ["a", "b"], params, [4, 2], again))
+
+
+def test_penalty_rows_are_reused_and_grow_without_mixing_requests():
+    """40 penalized requests in batches larger than the first 16 rows, finishing at different
+    lengths so that later requests take rows given back: each one's tokens equal its run alone."""
+    import random
+
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(4, 30))] for _ in range(40)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randrange(2, 20), ignore_eos=True, presence_penalty=1.5,
+                             frequency_penalty=1.0, repetition_penalty=1.5) for _ in range(40)]
+    engine = Engine(model="dummy:tiny", num_kv_blocks=256, max_num_seqs=24)
+    together = engine.generate(prompts, params)
+    counts = engine.runner.sampler.processors.penalty_counts
+    assert len(counts.output_counts) == 32 and not counts.slots  # grew once; every row given back
+    alone = Engine(model="dummy:tiny", num_kv_blocks=256)
+    assert [r.token_ids for r in together] == [alone.generate([p], s)[0].token_ids for p, s in zip(prompts, params)]
