@@ -39,6 +39,7 @@ class Grammars:
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
         self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, list(eos_token_ids)
         self._compiler = None
+        self._batch = None  # xgrammar.BatchGrammarMatcher, made at the first mask
         self.matchers: dict[str, _Matcher] = {}
 
     def check(self, spec: StructuredOutput) -> None:
@@ -54,10 +55,13 @@ class Grammars:
         import xgrammar as xgr
 
         bitmask = xgr.allocate_token_bitmask(len(logits), self.vocab_size)  # every token allowed
-        for row in rows:
-            state = self._matcher(request_ids[row], params[row], histories[row])
-            if state is not None:
-                state.matcher.fill_next_token_bitmask(bitmask, row)
+        live = [(row, state) for row in rows
+                if (state := self._matcher(request_ids[row], params[row], histories[row])) is not None]
+        if live:  # the rows filled on xgrammar's threads: host time the step waits for
+            if self._batch is None:
+                self._batch = xgr.BatchGrammarMatcher()
+            self._batch.batch_fill_next_token_bitmask([s.matcher for _, s in live], bitmask,
+                                                      indices=[row for row, _ in live])
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                         vocab_size=self.vocab_size, indices=rows)
 
