@@ -36,7 +36,6 @@ def output_since(p: SamplingParams, history: TokenHistory, start: int) -> list[i
     return prompt[len(prompt) - k + start:] + history.output_token_ids
 
 
-
 class PenaltyCounts:
     def __init__(self, device: torch.device):
         self.device = device

@@ -51,7 +51,6 @@ class JsonValueEnd:
     depth: int = 0
     in_string: bool = False
     escaped: bool = False
-    started: bool = False
 
     def take(self, text: str) -> tuple[int, bool]:
         """(how many characters of `text` belong to the value, whether it ended there)."""
@@ -68,9 +67,6 @@ class JsonValueEnd:
                 self.depth -= 1
                 if self.depth == 0:
                     return i + 1, True
-            elif ch.isspace() and not self.started:
-                continue
-            self.started = True
         return len(text), False
 
 
