@@ -25,11 +25,13 @@ import time
 from pdserve.config_args import add_config_args, config_from_args
 from pdserve.decode_node.config import DecodeNodeConfig
 from pdserve.engine.config import EngineConfig
+from pdserve.kv_transfer.senders import CONNECTORS
 from pdserve.prefill_node.config import PrefillNodeConfig
 from pdserve.router.config import GatewayConfig, RouterConfig
 
 SAMPLE_CHAT = "Give me three short tips for writing clear code."
 DEFAULT_ROUTER = "127.0.0.1:50051"
+NOT_FLAGS = ("keep_logits", "kv_cache_shared")  # EngineConfig fields no command line sets (the decode node sets the last)
 
 HELP = {
     "model": "a Hugging Face directory, a .gguf file, smollm2-135m, or dummy:<preset|config.json>",
@@ -119,13 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-redis", action="store_true", help="no Redis: the router gets the nodes "
                     "as flags and routes by load")
     up.add_argument("--no-sample", action="store_true", help="do not answer a sample chat once up")
-    up.add_argument("--kv-connector", default="tcp", choices=("tcp", "nccl"), help="how KV moves "
-                    "from prefill to decode nodes (default tcp; nccl: NVLink between GPUs, gloo on CPU)")
-    add_config_args(up, EngineConfig, HELP, exclude=("keep_logits",))
+    up.add_argument("--kv-connector", default="tcp", choices=CONNECTORS, help="how KV moves "
+                    "from prefill to decode nodes (default tcp; nccl: NVLink between GPUs, gloo on CPU; "
+                    "ipc: written in place into the decode node's blocks, on one host)")
+    add_config_args(up, EngineConfig, HELP, exclude=NOT_FLAGS)
     roles = {"prefill": (PrefillNodeConfig, "a prefill node"), "decode": (DecodeNodeConfig, "a decode node")}
     for name, (cls, text) in roles.items():
         p = sub.add_parser(name, help=f"run {text}")
-        add_config_args(p, EngineConfig, HELP, exclude=("keep_logits",))
+        add_config_args(p, EngineConfig, HELP, exclude=NOT_FLAGS)
         add_config_args(p, cls, HELP)
     router = sub.add_parser("router", help="run the router")
     add_config_args(router, RouterConfig, HELP)
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
-    add_config_args(gen, EngineConfig, HELP, exclude=("keep_logits",))
+    add_config_args(gen, EngineConfig, HELP, exclude=NOT_FLAGS)
     sub.add_parser("bench", add_help=False, help="the serving benchmark: a rate sweep and a burst against a "
                    "local cluster and the in-process engine, latency percentiles, goodput, JSON and plots "
                    "(pdserve bench --help)")
@@ -189,7 +192,7 @@ def engine_flags(config: EngineConfig) -> list[str]:
     """The EngineConfig as flags for a node process."""
     flags = []
     for f in dataclasses.fields(config):
-        if f.name != "keep_logits":
+        if f.name not in NOT_FLAGS:
             value = getattr(config, f.name)
             flags += [f"--{f.name.replace('_', '-')}", "none" if value is None else str(value).lower()
                       if isinstance(value, bool) else str(value)]

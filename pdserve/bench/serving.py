@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu or cuda:N (the cluster's nodes share it)")
     ap.add_argument("--num-prefill", type=int, default=1)
     ap.add_argument("--num-decode", type=int, default=1)
-    ap.add_argument("--kv-connector", default="tcp", choices=("tcp", "nccl"))
+    ap.add_argument("--kv-connector", default="tcp", choices=("tcp", "nccl", "ipc"))
     ap.add_argument("--rates", default="1,2,4", help="offered request rates, requests/s, comma-separated")
     ap.add_argument("--burst", type=int, default=16, help="then this many requests at once (0: none)")
     ap.add_argument("--num-requests", type=int, default=24, help="requests per rate")
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--redis", action="store_true", help="a local redis-server for the prefix index "
                     "(the router then knows what each node's cache holds)")
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process baseline")
-    ap.add_argument("--profile-phase", default=None, help="sample the decode node with py-spy during this "
+    ap.add_argument("--profile-phase", default=None, help="sample the decode and prefill nodes with py-spy during this "
                     "phase (e.g. 16/s) and print where its host time goes")
     ap.add_argument("--profile-seconds", type=float, default=15.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -104,12 +104,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def start_profile(args, cluster, name: str):
-    """py-spy on the decode node while phase `name` runs, if asked for it."""
+def start_profiles(args, cluster, name: str) -> dict:
+    """py-spy on the first decode node and the first prefill node (if any) while phase `name`
+    runs, if asked for it: {role: its py-spy process}."""
     if args.profile_phase != name:
-        return None
-    path = Path(args.out).with_name(f"decode_profile_{name.replace('/', '_per_s').replace(' ', '_')}.txt")
-    return serving_profile.start(cluster.decode[0].popen.pid, args.profile_seconds, path)
+        return {}
+    nodes = {"decode": cluster.decode[0], **({"prefill": cluster.prefill[0]} if cluster.prefill else {})}
+    stem = name.replace("/", "_per_s").replace(" ", "_")
+    return {role: serving_profile.start(node.popen.pid, args.profile_seconds,
+                                        Path(args.out).with_name(f"{role}_profile_{stem}.txt"))
+            for role, node in nodes.items()}
 
 
 def engine_flags(args) -> list[str]:
@@ -138,18 +142,20 @@ def run_cluster(args, phases) -> tuple[dict, dict]:
                                     arrival_times(args, None, len(warm_up.prompts)), args.max_seconds))
         for name, rate in phases:
             workload = phase_workload(args, info["vocab_size"], name)
-            retries, kv_bytes = router_retries(cluster), kv_bytes_received(cluster)
-            profile = start_profile(args, cluster, name)
+            retries, kv_bytes, kv_tail = router_retries(cluster), kv_bytes_received(cluster), kv_tails(cluster)
+            profiles = start_profiles(args, cluster, name)
             results, wall = asyncio.run(stream_requests(cluster.gateway_url, info["model"], workload,
                                                         arrival_times(args, rate, len(workload.prompts)),
                                                         args.max_seconds))
             rows[name] = summarize(results, wall, args.slo_ttft, args.slo_tpot)
             rows[name]["num_prefilled_twice"] = int(router_retries(cluster) - retries)
             rows[name]["kv_bytes_per_request"] = (kv_bytes_received(cluster) - kv_bytes) / len(workload.prompts)
+            seconds, count = (after - before for after, before in zip(kv_tails(cluster), kv_tail))
+            rows[name]["kv_tail_s_mean"] = seconds / count if count else 0.0
             print(f"cluster {name}: {brief(rows[name])}", file=sys.stderr)
-            if profile is not None:
+            for role, profile in profiles.items():
                 profile.wait()
-                print(f"decode node under {name}:\n{serving_profile.summarize(Path(profile.args[-1]))}")
+                print(f"{role} node under {name}:\n{serving_profile.summarize(Path(profile.args[-1]))}")
     return rows, info
 
 
@@ -201,6 +207,13 @@ def kv_bytes_received(cluster) -> float:
     return sum(metric_sum(d, "pdserve_kv_transfer_bytes_total", direction="received") for d in cluster.decode)
 
 
+def kv_tails(cluster) -> tuple[float, float]:
+    """The prefill nodes' transfer tails so far (from a prefill's answer to its DONE sent: the
+    KV still moving after the first token), as (seconds in all, transfers)."""
+    return (sum(metric_sum(p, "pdserve_kv_transfer_seconds_sum") for p in cluster.prefill),
+            sum(metric_sum(p, "pdserve_kv_transfer_seconds_count") for p in cluster.prefill))
+
+
 def metric_sum(process, name: str, **labels) -> float:
     """The sum of a process's samples named `name` that carry `labels` (docs/metrics.md)."""
     import urllib.request
@@ -215,7 +228,8 @@ def metric_sum(process, name: str, **labels) -> float:
 def brief(row: dict) -> str:
     return (f"{row['num_ok']}/{row['num_requests']} ok, TTFT p50 {row['ttft_ms']['p50']:.0f} ms, "
             f"TPOT p50 {row['tpot_ms']['p50']:.1f} ms, {row['output_tok_s']:.0f} tok/s, "
-            f"goodput {row['goodput_req_s']:.2f} req/s")
+            f"goodput {row['goodput_req_s']:.2f} req/s"
+            + (f", KV tail {1e3 * row['kv_tail_s_mean']:.0f} ms" if row.get("kv_tail_s_mean") else ""))
 
 
 def print_table(result: dict) -> None:

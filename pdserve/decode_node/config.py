@@ -20,7 +20,8 @@ class DecodeNodeConfig(RegistryConfig):
     reservation_timeout_s: float = 600.0
     kv_transfer_timeout_s: float = 30.0  # from a transfer's first bytes until it has landed
     max_queued_requests: int = 256  # the admission queue's bound: past it, RESOURCE_EXHAUSTED
-    kv_connector: str = "tcp"  # what tickets ask prefill nodes to send with: tcp | nccl
+    # what tickets ask prefill nodes to send with: tcp | nccl | ipc (on this host, in place; else tcp)
+    kv_connector: str = "tcp"
     device_turns: str = "prefill-first"  # with a prefill and a decode node on one device: prefill-first | off
     drain_timeout_s: float = 30.0
     ready_file: str | None = None

@@ -40,10 +40,11 @@ async def serve(engine_config: EngineConfig, config: DecodeNodeConfig) -> None:
     metrics.admission_queue_length.set_function(lambda: servicer.admission.num_waiting)
     pb_grpc.add_DecodeServiceServicer_to_server(servicer, server.grpc)
     await server.start()  # health answers NOT_SERVING while the model loads
-    engine = await asyncio.to_thread(Engine, engine_config)
+    ipc = config.kv_connector == "ipc"  # a CPU pool then lives in a memfd, which senders here may open
+    engine = await asyncio.to_thread(Engine, engine_config.replace(kv_cache_shared=ipc))
     receiver = KVSocketReceiver(engine.runner.kv_caches, config.kv_host, config.kv_port, config.kv_advertise_host,
                                 pair_timeout=config.kv_transfer_timeout_s,
-                                transfer_timeout=config.kv_transfer_timeout_s, tls=server.tls.kv_server())
+                                transfer_timeout=config.kv_transfer_timeout_s, tls=server.tls.kv_server(), ipc=ipc)
     registration = None
 
     def after_step(stats: dict) -> None:

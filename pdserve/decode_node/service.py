@@ -10,7 +10,9 @@ batch only after its KV is in the blocks (the receiver settles it once its copie
 
 Who frees a reservation's blocks: this handler, always, in its `finally` (engine abort is a
 no-op once the request finished): when the transfer fails, when a deadline passes, when the
-router cancels the call, or when the node drains. Every exit kicks the admission queue.
+router cancels the call, or when the node drains; for a transfer that a sender on this host
+writes in place (the ipc connector), only once that sender is done with the blocks (the
+receiver's `forget(..., then)`, kv_transfer/claims.py). Every exit kicks the admission queue.
 A request prefilled here waits in the engine's own queue for blocks; both queues together
 are bounded by `max_queued_requests`.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 
@@ -139,11 +142,16 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
                 self.active.discard(request_id)
             else:  # cancelled, failed or expired: give the blocks back; the id is free once aborted
                 metrics.count_unfinished("decode")
-                if ticket is not None:
-                    self.receiver.forget(ticket.transfer_id)
-                self.loop.call_soon(self.engine.abort_request, request_id,
-                                    then=lambda: self.active.discard(request_id))
-            self.admission.kick()  # after the abort above: the engine thread runs calls in order
+                def free() -> None:
+                    self.loop.call_soon(self.engine.abort_request, request_id,
+                                        then=lambda: self.active.discard(request_id))
+                    self.admission.kick()  # after the abort: the engine thread runs calls in order
+
+                if ticket is None:
+                    free()
+                else:  # once no sender may write its blocks any more (the ipc connector's may)
+                    self.receiver.forget(ticket.transfer_id, then=_on_loop(free))
+            self.admission.kick()
 
     async def _add_here(self, request: pb.DecodeRequest, request_id: str, context) -> None:
         """The prompt joins the engine's queue, to be prefilled in this node's batch."""
@@ -185,7 +193,7 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
             uuid.uuid4().hex, self.receiver.endpoint, tuple(reservation.block_ids[num_cached:]),
             self.engine.config.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
             str(runner.dtype).removeprefix("torch."), time.time() + self.reservation_timeout_s,
-            self.engine.fingerprint, self.kv_connector, num_cached))
+            self.engine.fingerprint, self.kv_connector, num_cached, ipc=self.receiver.ipc_descriptor))
 
     async def _await_transfer(self, transfer: asyncio.Future, ticket: KVTicket, request_id: str,
                               context) -> int:
@@ -195,6 +203,8 @@ class DecodeServicer(Drainable, pb_grpc.DecodeServiceServicer):
             code = grpc.StatusCode.DEADLINE_EXCEEDED if result.timed_out else grpc.StatusCode.DATA_LOSS
             await abort(context, code, f"{request_id}: kv transfer failed: {result.error}")
         metrics.kv_transfer_bytes.labels("received").inc(result.num_bytes)
+        if result.in_place:
+            metrics.kv_transfers_in_place.inc()
         return result.first_token_id
 
     def _count_failure(self) -> None:
@@ -224,6 +234,19 @@ def _chunk(token_ids, finish_reason, num_cached_tokens: int = 0, logprobs=(), pr
                                                  num_cached_tokens=num_cached_tokens,
                                                  logprobs=[logprobs_to_proto(lp) for lp in logprobs],
                                                  prompt_logprobs=[logprobs_to_proto(lp) for lp in prompt_logprobs]))
+
+
+def _on_loop(fn):
+    """`fn` as a callback from any thread: run at once when called on this event loop's
+    thread (so in order with what the caller does next), else handed to the loop."""
+    loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+
+    def run() -> None:
+        if threading.get_ident() == loop_thread:
+            fn()
+        else:
+            loop.call_soon_threadsafe(fn)
+    return run
 
 
 def _settle_from_thread(future: asyncio.Future):

@@ -141,6 +141,7 @@ class EngineConfig:
     seed: int = 0  # dummy weights and requests without a seed
     num_threads: int | None = None  # CPU: torch's intra-op threads (None: torch's default, every core)
     keep_logits: bool = False  # debug/tests: return each sampled row's logits
+    kv_cache_shared: bool = False  # CPU: the KV pool in a memfd, for the ipc connector's senders on this host
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

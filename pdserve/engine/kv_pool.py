@@ -9,17 +9,45 @@ layer; a sender gathers a layer's blocks with one `index_select` into `LayerSlab
 from __future__ import annotations
 
 import math
+import os
+import uuid
 
 import torch
 
 SLAB_BYTES = 1 << 30  # LayerSlabs: gathered layers in one tensor (one layer at least)
+_MEMFDS: dict[int, tuple[int, str]] = {}  # a shared pool's storage address -> its memfd and name
 
 
 def allocate_kv_caches(num_layers: int, block_shape: tuple[int, ...], num_blocks: int, dtype: torch.dtype,
-                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(k_cache, v_cache) per layer, each `[num_blocks, *block_shape]`, zeroed, views of one pool."""
-    pool = torch.zeros((num_layers, 2, num_blocks, *block_shape), dtype=dtype, device=device)
+                       device: torch.device, shared: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(k_cache, v_cache) per layer, each `[num_blocks, *block_shape]`, zeroed, views of one pool.
+    `shared` (CPU): the pool lives in a memfd, which processes on this host may map
+    (kv_transfer/shared_pool.py); it lives as long as this process."""
+    shape = (num_layers, 2, num_blocks, *block_shape)
+    if shared and device.type == "cpu":
+        pool = _memfd_tensor(math.prod(shape), dtype).view(shape)
+    else:
+        pool = torch.zeros(shape, dtype=dtype, device=device)
     return [(pool[layer, 0], pool[layer, 1]) for layer in range(num_layers)]
+
+
+def _memfd_tensor(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed tensor mapped from a new memfd (named with a random token, so that a peer that
+    opens it by /proc path can tell it is this one)."""
+    name = f"pdserve-kv-{uuid.uuid4().hex}"
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(fd, max(1, numel * dtype.itemsize))
+    flat = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=numel, dtype=dtype)
+    _MEMFDS[flat.untyped_storage().data_ptr()] = (fd, name)
+    return flat
+
+
+def shared_memfd(tensor: torch.Tensor) -> tuple[int, str, int] | None:
+    """(fd, name, byte offset of `tensor` in it) when `tensor` lies in a memfd pool made here."""
+    found = _MEMFDS.get(tensor.untyped_storage().data_ptr())
+    if found is None:
+        return None
+    return *found, tensor.data_ptr() - tensor.untyped_storage().data_ptr()
 
 
 def kv_slots(block_ids: list[int], num_blocks: int) -> list[int]:

@@ -49,7 +49,7 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or max(1, kv_cache_bytes(self, config) // self.block_bytes())
         self.kv_caches = allocate_kv_caches(  # views of one pool (engine/kv_pool.py)
             model_config.num_layers, (self.block_size, model_config.num_kv_heads, model_config.head_dim),
-            self.num_blocks, self.dtype, self.device)
+            self.num_blocks, self.dtype, self.device, shared=config.kv_cache_shared)
         self.graphs = self._capture_graphs(config)
 
     def _capture_graphs(self, config: EngineConfig) -> DecodeGraphs | None:

@@ -46,6 +46,9 @@ class Outgoing:
     error: BaseException | None = None
     staged: list = field(default_factory=list)  # nccl: tensors the process group still reads
     first_layer_at: float | None = None  # nccl: when its first layer was handed to the group
+    pool: object = None  # ipc: the decode node's pool rows, opened here (None: the transfer goes over TCP)
+    claimed: bool = False  # ipc: the receiver GRANTed this sender the transfer's blocks
+    slots: object = None  # ipc: the pool rows of its blocks within a layer, on the pool's device
 
 
 class LayerEntry(NamedTuple):

@@ -52,6 +52,9 @@ class KVTicket:
     # the issuing decode node's signature under the cluster secret (service/cluster_auth.py):
     # a prefill node sends KV only to endpoints that a member of its cluster named
     signature: bytes = field(default=b"", repr=False)
+    # the `ipc` connector: the decode node's KV pool, for a prefill node on its host to open
+    # and write in place (shared_pool.py); b"" otherwise
+    ipc: bytes = field(default=b"", repr=False)
 
     def signed_part(self) -> bytes:
         """Every field but the signature, in a fixed encoding: what the signature covers."""
@@ -64,12 +67,12 @@ class KVTicket:
         benchmarks); the nodes send tickets as protobuf."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**fields, "block_ids": list(self.block_ids), "secret": self.secret.hex(),
-                "signature": self.signature.hex()}
+                "signature": self.signature.hex(), "ipc": self.ipc.hex()}
 
     @classmethod
     def from_json_dict(cls, fields: dict) -> "KVTicket":
         return cls(**{**fields, "block_ids": tuple(fields["block_ids"]), "secret": bytes.fromhex(fields["secret"]),
-                      "signature": bytes.fromhex(fields["signature"])})
+                      "signature": bytes.fromhex(fields["signature"]), "ipc": bytes.fromhex(fields.get("ipc", ""))})
 
     @cached_property  # read for every layer sent and received
     def transfer_key(self) -> bytes:
@@ -96,6 +99,7 @@ class TransferResult:
     error: str | None = None
     num_bytes: int = 0
     timed_out: bool = False  # failed at a deadline (not by a bad frame or a broken connection)
+    in_place: bool = False  # the ipc connector's sender wrote the blocks itself
 
 
 class KVSender(abc.ABC):
@@ -137,8 +141,10 @@ class KVReceiver(abc.ABC):
         """Registers a ticket; `on_done` is called exactly once, from a receiver thread."""
 
     @abc.abstractmethod
-    def forget(self, transfer_id: str) -> None:
-        """Drops a ticket without calling back; later frames for it are read and discarded."""
+    def forget(self, transfer_id: str, then: Callable[[], None] | None = None) -> None:
+        """Drops a ticket without calling back; later frames for it are read and discarded.
+        `then()` runs (on any thread) once no sender may write its blocks any more: the
+        caller frees them only then."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

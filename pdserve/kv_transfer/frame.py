@@ -20,6 +20,11 @@ holds N): its payload is N entries of `16 bytes transfer id | u32 layer | u64 nu
 message, concatenated in entry order. Dtype and shape are the ticket's (the sender checked
 them), so an entry is 44 bytes, not an 88-byte header. BEGIN (no payload, zero transfer id) says a run of layers starts on a PAIR connection: its receiver
 watches the connection closely from then on (kv_transfer/receiver.py `WATCH_S`).
+The `ipc` connector writes the blocks in place (ipc_sender.py) and sends only frames without
+payload bytes for the layers: CLAIM (no payload) asks to write a transfer's blocks, and the
+receiver answers on the same connection with GRANT or DENY (no payload, tagged under the same
+ticket's secret); LANDED ends a transfer whose writes have all run (its payload is DONE's, with a
+summary over zero checksums).
 Nothing here is ever unpickled: the receiver checks the header against its ticket, then reads
 plain numbers.
 """
@@ -58,6 +63,10 @@ class FrameType(enum.IntEnum):
     PAIR = 4  # the nccl connector: payloads of this connection go over a process group
     GROUP = 5  # the nccl connector: `layer` layers whose payloads move as one group
     BEGIN = 6  # the nccl connector: a run of layers starts (no payload)
+    CLAIM = 7  # the ipc connector: may this sender write the transfer's blocks in place?
+    GRANT = 8  # the receiver's answer: yes (until its LANDED or ABORT)
+    DENY = 9  # the receiver's answer: no (nobody expects the transfer any more)
+    LANDED = 10  # the ipc connector: the writes of every layer have run (DONE's payload)
 
 
 class FrameError(ValueError):
@@ -139,10 +148,10 @@ def kv_frame(transfer_id: bytes, layer: int, dtype: str, shape: tuple[int, ...],
 
 
 def done_frame(transfer_id: bytes, first_token_id: int, num_layers: int, summary: int,
-               secret: bytes = b"") -> bytes:
-    """A whole DONE frame (header and its 12-byte payload)."""
+               secret: bytes = b"", kind: FrameType = FrameType.DONE) -> bytes:
+    """A whole DONE (or LANDED) frame: header and its 12-byte payload."""
     payload = DONE.pack(first_token_id, num_layers, summary)
-    header = FrameHeader(FrameType.DONE, transfer_id, num_bytes=len(payload),
+    header = FrameHeader(kind, transfer_id, num_bytes=len(payload),
                          payload_checksum=checksum(payload)).pack(secret)
     return header + payload
 
@@ -177,8 +186,13 @@ def group_entries(header: FrameHeader, payload) -> list[GroupEntry]:
 BEGIN_FRAME = FrameHeader(FrameType.BEGIN, bytes(16)).pack()
 
 
+def bare_frame(kind: FrameType, transfer_id: bytes, secret: bytes = b"") -> bytes:
+    """A frame of a transfer without payload: ABORT, CLAIM, GRANT, DENY."""
+    return FrameHeader(kind, transfer_id).pack(secret)
+
+
 def abort_frame(transfer_id: bytes, secret: bytes = b"") -> bytes:
-    return FrameHeader(FrameType.ABORT, transfer_id).pack(secret)
+    return bare_frame(FrameType.ABORT, transfer_id, secret)
 
 
 def summary_checksum(layer_checksums: list[int]) -> int:

@@ -1,5 +1,5 @@
 """What the KV receiver (receiver.py) keeps per ticket (`Incoming`) and per sender's
-connection (`Connection`)."""
+connection (`Connection`), and the checks of a frame against its ticket."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pdserve.engine.host_copy import stream_event, to_device
 from pdserve.engine.kv_pool import kv_slots
 
 from .connector import KVTicket, TransferResult
+from .frame import DONE, FrameError, FrameHeader, FrameType
 
 
 @dataclass(eq=False)
@@ -69,7 +70,7 @@ class Connection:
     transfers: set[bytes] = field(default_factory=set)  # transfer keys that had frames here
     watch_until: float = 0.0  # time.monotonic(): a pair connection's reader polls until then
     opened_at: float = field(default_factory=time.monotonic)
-    proven: bool = False  # a frame here proved a live ticket's secret (receiver.py `_proven`)
+    proven: bool = False  # a frame here proved a live ticket's secret (receiver.py `proven`)
 
     @property
     def pair(self):
@@ -107,3 +108,29 @@ def _runs(block_ids) -> list[tuple[int, int]]:
         else:
             runs.append((b, b + 1))
     return runs
+
+
+def check_frame(incoming: Incoming, header: FrameHeader) -> None:
+    """Raises FrameError for a KV, DONE, LANDED or ABORT frame that does not fit its ticket."""
+    ticket = incoming.ticket
+    if header.type is FrameType.KV:
+        if header.dtype != ticket.dtype or header.shape != ticket.layer_shape:
+            raise FrameError(f"frame {header.dtype} {header.shape} does not match the ticket's "
+                             f"{ticket.dtype} {ticket.layer_shape}")
+        error = layer_error(incoming, header.layer, header.num_bytes)
+        if error is not None:
+            raise FrameError(error)
+    elif header.type in (FrameType.DONE, FrameType.LANDED) and header.num_bytes != DONE.size:
+        raise FrameError(f"{header.type.name} frame of {header.num_bytes} bytes")
+    elif header.type is FrameType.ABORT and header.num_bytes:
+        raise FrameError("ABORT frame with a payload")
+
+
+def layer_error(incoming: Incoming, layer: int, num_bytes: int) -> str | None:
+    """Why a KV frame or GROUP entry for `layer` does not fit its ticket, or None."""
+    ticket = incoming.ticket
+    if not 0 <= layer < ticket.num_layers or layer in incoming.layer_checksums:
+        return f"unexpected layer {layer}"
+    if num_bytes != ticket.layer_bytes:
+        return f"frame of {num_bytes} bytes, the ticket expects {ticket.layer_bytes}"
+    return None

@@ -7,7 +7,10 @@ How a connection's payloads reach the blocks is its `Payloads` (the connector's 
 PAIR frame switches to `PairPayloads` (nccl_receiver.py), whose layers come over the pair's
 process group, announced by GROUP frames. Both land on a stream of the receiver's own and
 settle a transfer only once its copies have run, so the decode node admits a request only
-when its KV is in the blocks and its decode steps never wait for a landing.
+when its KV is in the blocks and its decode steps never wait for a landing. The `ipc`
+connector's sender on this host writes the blocks itself (`ipc_descriptor`, shared_pool.py):
+it CLAIMs a transfer, which is GRANTed while the ticket is live, and its LANDED settles it; who
+may free such blocks is claims.py's business (`forget` takes a `then`).
 
 Who may write (kv_transfer/proof.py): a frame that names a transfer must carry the tag of
 that ticket's secret; the receiver checks it before it reads the payload or allocates a byte
@@ -35,13 +38,16 @@ import torch
 
 from pdserve.engine.kv_pool import pool_rows
 
+from .claims import Claims
+from .ipc_receiver import IpcFrames
 from .completions import Completions
 from .connector import KVReceiver, KVTicket, TransferResult
 from .frame import (DONE, GROUP_ENTRY, HEADER_SIZE, FrameError, FrameHeader, FrameType, GroupEntry, checksum,
                     summary_checksum)
-from .incoming import Connection, Incoming
+from .incoming import Connection, Incoming, check_frame, layer_error
 from .nccl_receiver import PairPayloads
 from .pair import MAX_OFFER_BYTES, PairOffer
+from .shared_pool import describe
 from .sockets import await_readable, recv_exact, tune_socket
 from .tcp import TcpPayloads
 
@@ -65,12 +71,13 @@ class KVSocketReceiver(KVReceiver):
     `transfer_timeout`: seconds a transfer may take from its first bytes to its last landing;
     `pair_timeout`: joining a pair's process group (nccl); `proof_timeout`: how long a connection
     may stay open without a proven frame; `max_connections`: open connections at most; `tls`:
-    every connection speaks TLS (its handshake within `proof_timeout`)."""
+    every connection speaks TLS (its handshake within `proof_timeout`); `ipc`: offer senders on
+    this host the pool to write in place (`ipc_descriptor`; a CPU pool must lie in a memfd)."""
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], host: str = "127.0.0.1",
                  port: int = 0, advertise_host: str | None = None, in_place: bool | None = None,
                  pair_timeout: float = 30.0, transfer_timeout: float = 30.0, proof_timeout: float = 10.0,
-                 max_connections: int = 256, tls: ssl.SSLContext | None = None):
+                 max_connections: int = 256, tls: ssl.SSLContext | None = None, ipc: bool = False):
         self.kv_caches = kv_caches
         self.pair_timeout = pair_timeout
         self.transfer_timeout = transfer_timeout
@@ -84,6 +91,10 @@ class KVSocketReceiver(KVReceiver):
         self.max_frame_bytes = 2 * kv_caches[0][0].nbytes
         self._discard = memoryview(bytearray(DISCARD_BYTES))  # what it is read into: bytes nobody reads
         self.pool_rows = pool_rows(kv_caches)  # one row per block of K or V; the nccl connector needs it
+        # what `ipc` tickets carry: the pool, for a sender on this host to open (b"": none can)
+        self.ipc_descriptor = describe(self.pool_rows) if ipc and self.pool_rows is not None else b""
+        self.claims = Claims(transfer_timeout)  # transfers written in place, and what waits for them
+        self.ipc_frames = IpcFrames(self)
         cuda = self.device.type == "cuda"
         # landings run here, never on the stream the decode steps run on
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
@@ -118,9 +129,11 @@ class KVSocketReceiver(KVReceiver):
         with self._lock:
             self._tickets[ticket.transfer_key] = incoming
 
-    def forget(self, transfer_id: str) -> None:
+    def forget(self, transfer_id: str, then: Callable[[], None] | None = None) -> None:
         """Over a process group, a transfer forgotten midway may leave a receive that never
-        completes on its pair; the pair's connection is closed (the sender makes a new one)."""
+        completes on its pair; the pair's connection is closed (the sender makes a new one).
+        `then()` (the blocks' free) runs once no sender may write them any more: at once, or
+        for a transfer written in place, when its claim ends (claims.py), on a receiver thread."""
         key = bytes.fromhex(transfer_id)
         with self._lock:
             midway = self._tickets.pop(key, None) is not None
@@ -128,6 +141,7 @@ class KVSocketReceiver(KVReceiver):
         for conn in stuck:
             log.warning("kv transfer %s forgotten midway: closing its pair with %s", transfer_id, conn.addr)
             conn.shutdown()
+        self.claims.after(key, then)
 
     @property
     def num_connections(self) -> int:
@@ -163,11 +177,11 @@ class KVSocketReceiver(KVReceiver):
         FrameError on a frame that is not proven or does not match its ticket: the stream cannot
         be trusted, so the connection closes (a frame not proven fails no transfer: whoever sent
         it holds none)."""
-        incoming = self._proven(conn, header)
+        incoming = self.proven(conn, header)
         if incoming is None:
             return None
         try:
-            _check(incoming, header)
+            check_frame(incoming, header)
         except FrameError as e:
             self.fail(incoming, str(e))
             raise
@@ -175,7 +189,7 @@ class KVSocketReceiver(KVReceiver):
             self._track(conn, [incoming])
         return incoming
 
-    def _proven(self, conn: Connection, header: FrameHeader) -> Incoming | None:
+    def proven(self, conn: Connection, header: FrameHeader) -> Incoming | None:
         """The live transfer `header` names, once its tag proves the ticket's secret; None for
         a transfer nobody expects on a connection proven before. Raises FrameError otherwise."""
         with self._lock:
@@ -208,7 +222,7 @@ class KVSocketReceiver(KVReceiver):
         for (_, layer, num_bytes, _), incoming in zip(entries, found):
             if incoming is None:  # its bytes are in the group's receive already (sized by the caller)
                 continue
-            error = _layer_error(incoming, layer, num_bytes)
+            error = layer_error(incoming, layer, num_bytes)
             if error is not None:
                 self.fail(incoming, error)
                 raise FrameError(error)
@@ -290,6 +304,7 @@ class KVSocketReceiver(KVReceiver):
                 broken = [self._tickets[k] for k in conn.transfers if k in self._tickets]
             for incoming in broken:
                 self.fail(incoming, f"the sender's connection {conn.addr} closed mid-transfer")
+            self.claims.closed(conn)
             conn.close()
             with self._lock:  # only once closed: a sender that saw it gone reconnects, never reuses it
                 self._connections.discard(conn)
@@ -304,6 +319,10 @@ class KVSocketReceiver(KVReceiver):
             if conn.pair is None or header.num_bytes:
                 raise FrameError("unexpected BEGIN frame")
             return
+        if kind is FrameType.CLAIM:
+            return self.ipc_frames.on_claim(conn, header)
+        if kind in (FrameType.LANDED, FrameType.ABORT):
+            self.ipc_frames.end_claim(conn, header)
         incoming = self.admit(conn, header)
         if incoming is None:  # cancelled or expired: read past it
             return self._read_past(conn, header.num_bytes)
@@ -315,6 +334,8 @@ class KVSocketReceiver(KVReceiver):
             self.fail(incoming, f"checksum mismatch in {kind.name} frame")
         elif kind is FrameType.DONE:
             self._finish(incoming, payload, conn)
+        elif kind is FrameType.LANDED:
+            self.ipc_frames.on_landed(incoming, payload, conn)
         else:
             self.fail(incoming, "the sender aborted the transfer")
 
@@ -327,7 +348,7 @@ class KVSocketReceiver(KVReceiver):
         come over a process group from now on."""
         if conn.pair is not None or not 0 < header.num_bytes <= MAX_OFFER_BYTES:
             raise FrameError("unexpected PAIR frame")
-        if self._proven(conn, header) is None:
+        if self.proven(conn, header) is None:
             raise FrameError("PAIR frame for a transfer nobody expects")
         payload = recv_exact(conn.sock, memoryview(bytearray(header.num_bytes)), eof_ok=False)
         if checksum(payload) != header.payload_checksum:
@@ -345,6 +366,11 @@ class KVSocketReceiver(KVReceiver):
             return self.fail(incoming, "checksum summary mismatch")
         result = TransferResult(ticket.transfer_id, True, first_token_id, num_bytes=incoming.num_bytes)
         conn.payloads.settle_when_landed(incoming, result)  # the layers may still be on their way
+
+    def track(self, conn: Connection, incomings: list[Incoming]) -> None:
+        """`_track`, taking the lock."""
+        with self._lock:
+            self._track(conn, incomings)
 
     def _track(self, conn: Connection, incomings: list[Incoming]) -> None:
         """Notes that these transfers have frames on `conn` (they fail if it breaks) and when
@@ -373,6 +399,7 @@ class KVSocketReceiver(KVReceiver):
                 log.warning("kv receiver: closing %s: no proven frame %.0fs after it opened", conn.addr,
                             self.proof_timeout)
                 conn.shutdown()
+            self.claims.expire()
             for incoming in late:
                 if incoming.started_at is None:
                     self.fail(incoming, "no KV arrived before the reservation's deadline", timed_out=True)
@@ -381,27 +408,3 @@ class KVSocketReceiver(KVReceiver):
                 if incoming.conn is not None and incoming.conn.pair is not None:
                     incoming.conn.shutdown()
 
-
-def _check(incoming: Incoming, header: FrameHeader) -> None:
-    ticket = incoming.ticket
-    if header.type is FrameType.KV:
-        if header.dtype != ticket.dtype or header.shape != ticket.layer_shape:
-            raise FrameError(f"frame {header.dtype} {header.shape} does not match the ticket's "
-                             f"{ticket.dtype} {ticket.layer_shape}")
-        error = _layer_error(incoming, header.layer, header.num_bytes)
-        if error is not None:
-            raise FrameError(error)
-    elif header.type is FrameType.DONE and header.num_bytes != DONE.size:
-        raise FrameError(f"DONE frame of {header.num_bytes} bytes")
-    elif header.type is FrameType.ABORT and header.num_bytes:
-        raise FrameError("ABORT frame with a payload")
-
-
-def _layer_error(incoming: Incoming, layer: int, num_bytes: int) -> str | None:
-    """Why a KV frame or GROUP entry for `layer` does not fit its ticket, or None."""
-    ticket = incoming.ticket
-    if not 0 <= layer < ticket.num_layers or layer in incoming.layer_checksums:
-        return f"unexpected layer {layer}"
-    if num_bytes != ticket.layer_bytes:
-        return f"frame of {num_bytes} bytes, the ticket expects {ticket.layer_bytes}"
-    return None

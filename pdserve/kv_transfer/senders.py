@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from .connector import KVSender, KVTicket
 
-CONNECTORS = ("tcp", "nccl")
+CONNECTORS = ("tcp", "nccl", "ipc")
 
 
 class SenderByConnector(KVSender):

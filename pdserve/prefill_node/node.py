@@ -22,6 +22,7 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
     from pdserve.engine.engine import Engine
     from pdserve.engine.engine_loop import EngineLoop
     from pdserve.engine.device_turns import check_device_turns
+    from pdserve.kv_transfer.ipc_sender import IpcKVSender
     from pdserve.kv_transfer.nccl import NcclKVSender
     from pdserve.kv_transfer.senders import SenderByConnector
     from pdserve.kv_transfer.tcp_sender import TcpKVSender
@@ -39,7 +40,9 @@ async def serve(engine_config: EngineConfig, config: PrefillNodeConfig) -> None:
         "tcp": lambda: TcpKVSender(config.kv_connect_timeout_s, config.kv_test_corrupt_transfers,
                                    tls=server.tls.kv_client()),
         "nccl": lambda: NcclKVSender(engine.runner.device, config.kv_connect_timeout_s,
-                                     config.kv_transfer_timeout_s, tls=server.tls.kv_client())})
+                                     config.kv_transfer_timeout_s, tls=server.tls.kv_client()),
+        "ipc": lambda: IpcKVSender(engine.runner.device, config.kv_connect_timeout_s,
+                                   tls=server.tls.kv_client())})
     registration = None
 
     def after_step(stats: dict) -> None:

@@ -136,7 +136,7 @@ class Timings(_message.Message):
     def __init__(self, time_to_first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., kv_transfer_seconds: _Optional[float] = ..., num_attempts: _Optional[int] = ...) -> None: ...
 
 class KVTicket(_message.Message):
-    __slots__ = ("transfer_id", "kv_endpoint", "block_ids", "block_size", "num_layers", "num_kv_heads", "head_dim", "dtype", "deadline", "model_fingerprint", "connector", "num_cached_blocks", "secret", "signature")
+    __slots__ = ("transfer_id", "kv_endpoint", "block_ids", "block_size", "num_layers", "num_kv_heads", "head_dim", "dtype", "deadline", "model_fingerprint", "connector", "num_cached_blocks", "secret", "signature", "ipc")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class KVTicket(_message.Message):
     NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    IPC_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     kv_endpoint: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -165,7 +166,8 @@ class KVTicket(_message.Message):
     num_cached_blocks: int
     secret: bytes
     signature: bytes
-    def __init__(self, transfer_id: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., deadline: _Optional[float] = ..., model_fingerprint: _Optional[str] = ..., connector: _Optional[str] = ..., num_cached_blocks: _Optional[int] = ..., secret: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    ipc: bytes
+    def __init__(self, transfer_id: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., deadline: _Optional[float] = ..., model_fingerprint: _Optional[str] = ..., connector: _Optional[str] = ..., num_cached_blocks: _Optional[int] = ..., secret: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., ipc: _Optional[bytes] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

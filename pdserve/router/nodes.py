@@ -74,6 +74,26 @@ class NodeClient:
         self.healthy = False
 
 
+class PrefillWork:
+    """A prompt this router sent a node to prefill, counted in the node's queue of prefill work
+    (`NodeClient.num_inflight_tokens`, and the totals that reconcile it with the node's stats)
+    from now until `done()` (its first token, or the call's end; once)."""
+
+    def __init__(self, node: NodeClient, num_prompt_tokens: int, num_cached_tokens: int):
+        self.node, self.num_prompt_tokens = node, num_prompt_tokens
+        self.num_tokens = num_prompt_tokens - num_cached_tokens  # the work it adds to the node
+        node.num_inflight_tokens += self.num_tokens
+        node.num_sent_prompt_tokens += num_prompt_tokens
+        self.open = True
+
+    def done(self) -> None:
+        if self.open:
+            self.open = False
+            self.node.num_inflight_tokens -= self.num_tokens
+            self.node.num_done_prompt_tokens += self.num_prompt_tokens
+
+
+
 class NodePool:
     def __init__(self, prefill: list[str], decode: list[str], poll_interval_s: float = 0.5,
                  index=None, model_fingerprint: str | None = None, heartbeat_grace_s: float = 10.0,

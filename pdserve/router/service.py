@@ -29,7 +29,7 @@ from pdserve.service.tracing import Tracing
 
 from .api_keys import ApiKeys, metadata_key
 from .detokenizer import IncrementalDetokenizer
-from .nodes import NodeClient, NodePool
+from .nodes import NodeClient, NodePool, PrefillWork
 from .pending_prefixes import PendingPrefixes
 from .validation import checked_request
 from .policy import queued_prefill_tokens
@@ -74,7 +74,7 @@ class Failures:
 class Route:
     prefill: NodeClient | None  # None: the decode node prefills the prompt itself
     decode: NodeClient
-    num_cached_tokens: int  # what the index says the prefill node holds of the prompt
+    num_cached_tokens: int  # what the index says the node that prefills holds of the prompt
 
 
 class RouterServicer(pb_grpc.RouterServiceServicer):
@@ -208,7 +208,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             prefill_nodes, len(prompt), None if cached is None else {n: c for n, c in cached.items() if n in prefill_nodes})
         if self._prefill_here(len(prompt), decode, prefill, cached or {}):
             metrics.route_decisions.labels(self.policy.name, "prefill_on_decode").inc()
-            return Route(None, decode, 0)
+            return Route(None, decode, (cached or {}).get(decode, 0))
         metrics.route_decisions.labels(self.policy.name, reason).inc()
         if hashes:
             self.pending.add(hashes, prefill)
@@ -216,13 +216,15 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
 
     def _prefill_here(self, num_tokens: int, decode: NodeClient, prefill: NodeClient, cached: dict) -> bool:
         """`auto`: whether the decode node should prefill the prompt itself: it would compute
-        at most `prefill_here_max_tokens` tokens (those its prefix cache lacks), and fewer than
-        the prefill node would (its queue, then the tokens its own cache lacks)."""
+        at most `prefill_here_max_tokens` tokens (those its prefix cache lacks), and its first
+        token would come sooner there: fewer tokens to compute before it, counting each node's
+        queue of prefill work (the prompts a burst already sent to the decode node too, or a
+        burst of short prompts would all queue there while the prefill node idles)."""
         if self.disaggregation != "auto":
             return False
         here = num_tokens - cached.get(decode, 0)
         there = queued_prefill_tokens(prefill) + num_tokens - cached.get(prefill, 0)
-        return here <= self.prefill_here_max_tokens and here < there
+        return here <= self.prefill_here_max_tokens and queued_prefill_tokens(decode) + here < there
 
     def _block_hashes(self, prompt: list[int], cache_salt: str, node: NodeClient) -> list[bytes]:
         """The hashes of the prompt's blocks a prefill node could reuse (not the one holding the
@@ -249,7 +251,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     async def _attempt(self, request_id: str, cache_salt: str, progress: Progress, route: Route):
         """Yields Chunks; raises Retry on node trouble."""
         if route.prefill is None:
-            async for chunk in self._attempt_on_decode(request_id, cache_salt, progress, route.decode):
+            async for chunk in self._attempt_on_decode(request_id, cache_salt, progress, route):
                 yield chunk
             return
         prefill, decode = route.prefill, route.decode
@@ -280,35 +282,36 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             decode_call.cancel()  # a no-op once it finished; frees the blocks otherwise
             decode.num_inflight -= 1
 
-    async def _attempt_on_decode(self, request_id: str, cache_salt: str, progress: Progress, decode: NodeClient):
-        """An attempt on a decode node that prefills the prompt itself: its stream is the tokens."""
+    async def _attempt_on_decode(self, request_id: str, cache_salt: str, progress: Progress, route: Route):
+        """An attempt on a decode node that prefills the prompt itself: its stream is the tokens.
+        Until its first token the prompt counts as that node's prefill work (`PrefillWork`)."""
+        decode, prompt = route.decode, progress.prompt + progress.sent
         attempt_id = f"{request_id}.{progress.num_attempts}"
         decode.num_inflight += 1
+        work = PrefillWork(decode, len(prompt), route.num_cached_tokens)
         call = decode.stub.Decode(pb.DecodeRequest(
-            request_id=attempt_id, prompt_token_ids=progress.prompt + progress.sent,
+            request_id=attempt_id, prompt_token_ids=prompt,
             sampling=progress.remaining_params(), cache_salt=cache_salt, prefill_here=True),
             metadata=decode.metadata + progress.trace)
         try:
             async for chunk in _chunks(call, decode, self.silence, progress):
+                work.done()
                 yield chunk
         finally:
+            work.done()
             call.cancel()  # a no-op once it finished; frees the blocks otherwise
             decode.num_inflight -= 1
 
     async def _prefill(self, node: NodeClient, message: pb.PrefillRequest, num_cached_tokens: int, trace: tuple):
-        num_prompt_tokens = len(message.prompt_token_ids)
-        num_tokens = num_prompt_tokens - num_cached_tokens  # the work it adds to the node
         node.num_inflight += 1
-        node.num_inflight_tokens += num_tokens
-        node.num_sent_prompt_tokens += num_prompt_tokens
+        work = PrefillWork(node, len(message.prompt_token_ids), num_cached_tokens)
         try:
             return await node.stub.Prefill(message, metadata=node.metadata + trace)
         except grpc.aio.AioRpcError as e:
             raise _classify(e, node) from None
         finally:
             node.num_inflight -= 1
-            node.num_inflight_tokens -= num_tokens
-            node.num_done_prompt_tokens += num_prompt_tokens
+            work.done()
 
     # ---- validation -------------------------------------------------------------------
 

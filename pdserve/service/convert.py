@@ -75,13 +75,14 @@ def ticket_to_proto(t: KVTicket) -> pb.KVTicket:
                        block_size=t.block_size, num_layers=t.num_layers, num_kv_heads=t.num_kv_heads,
                        head_dim=t.head_dim, dtype=t.dtype, deadline=t.deadline,
                        model_fingerprint=t.model_fingerprint, connector=t.connector,
-                       num_cached_blocks=t.num_cached_blocks, secret=t.secret, signature=t.signature)
+                       num_cached_blocks=t.num_cached_blocks, secret=t.secret, signature=t.signature,
+                       ipc=t.ipc)
 
 
 def ticket_from_proto(m: pb.KVTicket) -> KVTicket:
     return KVTicket(m.transfer_id, m.kv_endpoint, tuple(m.block_ids), m.block_size, m.num_layers,
                     m.num_kv_heads, m.head_dim, m.dtype, m.deadline, m.model_fingerprint, m.connector,
-                    m.num_cached_blocks, m.secret, m.signature)
+                    m.num_cached_blocks, m.secret, m.signature, m.ipc)
 
 
 def stats_to_proto(role: str, fingerprint: str, stats: dict, **extra) -> pb.NodeStats:

@@ -75,6 +75,8 @@ REQUEST_TIMES = [request_queue_time, request_prefill_time, request_decode_time, 
 # ---- KV transfer ------------------------------------------------------------------------
 kv_transfer_bytes = _counter("pdserve_kv_transfer_bytes", "KV bytes moved", ["direction"])
 kv_transfer_failures = _counter("pdserve_kv_transfer_failures", "Failed KV transfers")
+kv_transfers_in_place = _counter("pdserve_kv_transfers_in_place",
+                                 "KV transfers a sender on this host wrote into the blocks itself (ipc connector)")
 kv_transfer_seconds = _histogram("pdserve_kv_transfer_seconds",
                                  "A transfer's tail: from the prefill's answer (the first token) to its DONE sent")
 
@@ -136,7 +138,7 @@ ROLES: dict[str, list[Collector]] = {
     "prefill": [requests_total, engine_stats, *REQUEST_TIMES, kv_transfer_bytes, kv_transfer_failures,
                 kv_transfer_seconds],
     "decode": [requests_total, engine_stats, *REQUEST_TIMES, kv_transfer_bytes, kv_transfer_failures,
-               admission_queue_length, admission_refused],
+               kv_transfers_in_place, admission_queue_length, admission_refused],
     "gateway": [http_requests, gateway_added],
 }
 

@@ -1,7 +1,8 @@
 """The disaggregated path with real processes on loopback: a router, two prefill and two
 decode nodes serving `dummy:tiny` (and `smollm2-135m`, for one test), one decode node asking
-for the `nccl` connector (gloo between these CPU processes), the other for `tcp`, so every
-test runs over both (the load policy alternates idle decode nodes). The oracle is the
+for the `nccl` connector (gloo between these CPU processes), the other for `ipc` (its prefill
+nodes, on this host, write its blocks in place), so every test runs over both (the load policy
+alternates idle decode nodes); the smollm2 cluster pairs `ipc` with `tcp`. The oracle is the
 in-process Engine on the same prompts."""
 
 import concurrent.futures
@@ -30,7 +31,7 @@ RESERVATION_TIMEOUT_S = 2.0  # far above a loopback transfer, short enough to te
 def cluster():
     timeout = ["--reservation-timeout-s", str(RESERVATION_TIMEOUT_S)]
     with Cluster("dummy:tiny", num_prefill=2, num_decode=2, node_args=NODE_ARGS,
-                 decode_args=[[*timeout, "--kv-connector", c] for c in ("nccl", "tcp")],
+                 decode_args=[[*timeout, "--kv-connector", c] for c in ("nccl", "ipc")],
                  router_args=["--policy", "load"]) as c:
         yield c
 
@@ -56,9 +57,9 @@ def test_streamed_tokens_equal_the_engine(cluster, reference):
 @pytest.fixture(scope="module")
 def smollm2():
     """The bundled SmolLM2-135M-Instruct on the same layout: 2 prefill nodes, 2 decode nodes
-    (one nccl, one tcp), with its in-process Engine as the oracle."""
+    (one ipc, one tcp), with its in-process Engine as the oracle."""
     with Cluster("smollm2-135m", num_prefill=2, num_decode=2, node_args=NODE_ARGS,
-                 decode_args=[["--kv-connector", c] for c in ("nccl", "tcp")],
+                 decode_args=[["--kv-connector", c] for c in ("ipc", "tcp")],
                  router_args=["--policy", "load"]) as c:
         yield c, Engine(model="smollm2-135m")
 
@@ -161,12 +162,14 @@ def test_health_reflection_and_metrics(cluster):
     assert sum(kv_bytes_received(d) for d in cluster.decode) > 0
 
 
-@pytest.mark.parametrize("connector", ["nccl", "tcp"])
+@pytest.mark.parametrize("connector", ["nccl", "ipc"])
 def test_each_connector_carries_a_request(cluster, reference, connector):
     """The test routes one request by hand to the decode node that asks for `connector` (over a
-    gloo pair, or plain frames): reserve there, prefill on a prefill node with its ticket, then
-    read the decode stream. Its tokens equal the engine's, and that node counts the KV."""
-    decode = cluster.decode[("nccl", "tcp").index(connector)]
+    gloo pair, or written in place by the prefill node): reserve there, prefill on a prefill node
+    with its ticket, then read the decode stream. Its tokens equal the engine's, and that node
+    counts the KV (and, for ipc, a transfer written in place)."""
+    decode = cluster.decode[("nccl", "ipc").index(connector)]
+    in_place = metric(decode, "pdserve_kv_transfers_in_place_total")
     prompt, params = prompts(11, [70])[0], GREEDY
     [want] = reference.generate([prompt], params)
     before = kv_bytes_received(decode)
@@ -183,6 +186,7 @@ def test_each_connector_carries_a_request(cluster, reference, connector):
         tokens = [first.first_token_id] + [t for m in decode_call for t in m.chunk.token_ids]
     assert tokens == want.token_ids
     assert kv_bytes_received(decode) > before
+    assert metric(decode, "pdserve_kv_transfers_in_place_total") == in_place + (connector == "ipc")
     assert wait_for(lambda: all_blocks_free(cluster))
 
 

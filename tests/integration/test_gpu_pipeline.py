@@ -1,6 +1,6 @@
 """The disaggregated path on GPUs, `dummy:llama3-8b`: on a host of two GPUs prefill on cuda:0,
 decode on cuda:1, the KV over the nccl connector (NVLink); on one GPU both nodes share it and
-the KV goes over tcp. The oracle: the in-process engine on one GPU. Requests go one at a time,
+the KV goes over tcp, or is written in place by the prefill node (ipc: CUDA IPC). The oracle: the in-process engine on one GPU. Requests go one at a time,
 so both sides run the same batch shapes and bf16 gives bit-equal logits; then 16 at once,
 which must all complete and free every block.
 
@@ -18,7 +18,7 @@ from pdserve.engine.engine import Engine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.cluster import Cluster
 
-from .serving import all_blocks_free, generate, wait_for
+from .serving import all_blocks_free, generate, metric, wait_for
 
 pytestmark = pytest.mark.gpu
 MODEL = "dummy:llama3-8b"
@@ -43,6 +43,8 @@ def check_pipeline(prefill_args: list[str], decode_args: list[str]) -> None:
             tokens, last, _ = generate(cluster.router_address, prompt, PARAMS)
             assert tokens == want
             assert last.timings.num_attempts == 1  # no retry: the transfer itself worked
+        in_place = metric(cluster.decode[0], "pdserve_kv_transfers_in_place_total")
+        assert in_place == (len(prompts) if "ipc" in decode_args else 0)  # ipc: every one written in place
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda p: generate(cluster.router_address, p, PARAMS), prompts))
         assert all(len(tokens) == PARAMS.max_tokens for tokens, _, _ in results)
@@ -56,11 +58,13 @@ def test_two_gpu_pipeline_over_nccl_equals_the_engine_on_one_gpu():
     check_pipeline(["--device", "cuda:0"], ["--device", "cuda:1", "--kv-connector", "nccl"])
 
 
-def test_one_gpu_pipeline_over_tcp_equals_the_engine():
-    check_pipeline(["--device", "cuda:0"], ["--device", "cuda:0", "--kv-connector", "tcp"])
+@pytest.mark.parametrize("connector", ["tcp", "ipc"])
+def test_one_gpu_pipeline_equals_the_engine(connector):
+    check_pipeline(["--device", "cuda:0"], ["--device", "cuda:0", "--kv-connector", connector])
 
 
-def test_greedy_tokens_under_load_equal_the_engine():
+@pytest.mark.parametrize("connector", ["tcp", "ipc"])
+def test_greedy_tokens_under_load_equal_the_engine(connector):
     """48 requests of 16-1500 prompt tokens and 8-40 output tokens, 16 at a time
     through a one-GPU cluster (float32, `dummy:llama3.2-1b`), each equal to the engine's tokens
     for its prompt alone; every request served on its first attempt, every block freed."""
@@ -73,7 +77,7 @@ def test_greedy_tokens_under_load_equal_the_engine():
     del reference
     torch.cuda.empty_cache()
     with Cluster(model, 1, 1, node_args=flags(args), prefill_args=["--device", "cuda:0"],
-                 decode_args=["--device", "cuda:0"]).start(timeout=600) as cluster:
+                 decode_args=["--device", "cuda:0", "--kv-connector", connector]).start(timeout=600) as cluster:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda w: generate(cluster.router_address, *w), work))
         mismatched = [i for i, ((tokens, _, _), want) in enumerate(zip(results, expected)) if tokens != want]

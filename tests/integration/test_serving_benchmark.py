@@ -28,6 +28,7 @@ def test_the_serving_benchmark_runs_end_to_end(tmp_path):
             assert row["ttft_ms"]["p50"] > 0 and row["output_tok_s"] > 0
         assert phase["cluster"]["num_prefilled_twice"] == 0
         assert phase["cluster"]["kv_bytes_per_request"] > 0  # every prompt's KV moved, and was counted
+        assert phase["cluster"]["kv_tail_s_mean"] > 0  # and the prefill nodes timed its tail
     assert (tmp_path / "serving_latency.png").stat().st_size > 0
     assert (tmp_path / "serving_goodput.png").stat().st_size > 0
     assert "ratio" in result.stdout  # the table, cluster against engine

@@ -30,12 +30,15 @@ def layer_data(ticket: KVTicket, layer: int) -> torch.Tensor:
 
 
 def make_sender(connector: str):
-    """`connector`: tcp, nccl (its channel thread posts every group, as on CPU nodes), or
-    nccl-from-caller (`send_layers` posts what it can itself, as on CUDA nodes)."""
+    """`connector`: tcp, nccl (its channel thread posts every group, as on CPU nodes),
+    nccl-from-caller (`send_layers` posts what it can itself, as on CUDA nodes), or ipc."""
+    from pdserve.kv_transfer.ipc_sender import IpcKVSender
     from pdserve.kv_transfer.nccl import NcclKVSender
     from pdserve.kv_transfer.tcp_sender import TcpKVSender
     if connector == "tcp":
         return TcpKVSender(connect_timeout=5)
+    if connector == "ipc":
+        return IpcKVSender("cpu", connect_timeout=5)
     return NcclKVSender("cpu", 5, 10, post_from_caller=connector == "nccl-from-caller")
 
 

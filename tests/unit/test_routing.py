@@ -8,7 +8,7 @@ import redis
 
 from pdserve.redis_local import LocalRedis
 from pdserve.protos import pdserve_pb2 as pb
-from pdserve.router.nodes import NodeClient
+from pdserve.router.nodes import NodeClient, PrefillWork
 from pdserve.router.pending_prefixes import PendingPrefixes
 from pdserve.router.policy import LeastLoaded, PrefixAware, RoundRobin
 from pdserve.router.prefix_index import PrefixIndex
@@ -75,6 +75,29 @@ def test_stale_stats_never_count_this_routers_own_work_twice():
     a.update_stats(pb.NodeStats(num_queued_prefill_tokens=528), num_done_before=0)
     assert a.num_other_queued_tokens == 0
     assert PrefixAware().pick_prefill([node("b"), a], 600, {a: 512}) == (a, "prefix_hit")
+
+
+def test_a_burst_of_short_prompts_is_shared_between_the_decode_node_and_the_prefill_node():
+    """The conditional rule (`--prefill-here-max-tokens`) counts the prompts it already gave
+    the decode node to prefill as that node's queue (`PrefillWork`), as it counts the prefill
+    node's: a burst of 30-token prompts alternates between them, where it used to pile up on the
+    decode node while the prefill node idled."""
+    from types import SimpleNamespace
+
+    from pdserve.router.service import RouterServicer
+
+    rule = SimpleNamespace(disaggregation="auto", prefill_here_max_tokens=512)
+    prefill, decode = node("p"), node("d")
+    here = []
+    for _ in range(8):
+        here.append(RouterServicer._prefill_here(rule, 30, decode, prefill, {}))
+        PrefillWork(decode if here[-1] else prefill, 30, 0)  # in flight until the burst ends
+    assert here == [False, True] * 4
+    assert decode.num_inflight_tokens == prefill.num_inflight_tokens == 120
+    work = PrefillWork(decode, 40, 8)
+    work.done()
+    work.done()  # once only
+    assert decode.num_inflight_tokens == 120 and decode.num_done_prompt_tokens == 40
 
 
 def test_ties_go_round_robin_so_new_prefixes_spread():
