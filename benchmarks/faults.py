@@ -12,7 +12,7 @@ one stream alone (the acceptance's "bound plus one step"); clients that leave mi
 (the check there: every block of every node free afterwards). A killed node is restarted
 before the next fault.
 
-Usage: python benchmarks/faults.py [--streams 8] [--max-tokens 48]
+Usage: python benchmarks/faults.py [--streams 8] [--max-tokens 48] [--kv-connector tcp|nccl|ipc]
 """
 
 from __future__ import annotations
@@ -149,12 +149,14 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the faults whose name contains this")
     parser.add_argument("--rounds", type=int, default=1, help="inject each fault this many times")
     parser.add_argument("--log-dir", default=None, help="keep the nodes' logs here")
+    parser.add_argument("--kv-connector", default="tcp", choices=("tcp", "nccl", "ipc"),
+                        help="what the decode nodes ask prefill nodes to send with")
     args = parser.parse_args()
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     rng = random.Random(32)
     engine = Engine(model=MODEL, num_kv_blocks=1024)
     rows = []
-    with Cluster(MODEL, 2, 2, redis="local", log_dir=args.log_dir,
+    with Cluster(MODEL, 2, 2, redis="local", log_dir=args.log_dir, decode_args=["--kv-connector", args.kv_connector],
                  router_args=["--stream-timeout-s", str(args.stream_timeout_s)]) as cluster:
         chosen = [f for f in faults(cluster, args.stream_timeout_s, args.streams) if args.only in f.name]
         for name, inject, num_streams in chosen * args.rounds:

@@ -44,15 +44,7 @@ def test_transfers_land_in_reserved_blocks(connector, dtype):
         # scattered ids (staged and scattered), one block, one run of 20 (straight into the cache)
         tickets = [ticket(receiver, ids, connector, name) for ids in ([3, 9, 4], [0], list(range(10, 30)))]
         layers = [random_layers(t, dtype) for t in tickets]
-        waiters = [Waiter() for _ in tickets]
-        for t, w in zip(tickets, waiters):
-            receiver.expect(t, w)
-        futures = [push(sender, t, ls, first_token=i) for i, (t, ls) in enumerate(zip(tickets, layers))]
-        for i, (t, ls, w, f) in enumerate(zip(tickets, layers, waiters, futures)):
-            result = w.wait()
-            assert result.ok and result.first_token_id == i, result
-            assert f.result(10) == result.num_bytes
-            assert_landed(caches, t, ls)
+        assert_all_landed(receiver, tickets, layers, *expect_and_push(receiver, sender, tickets, layers))
         untouched = torch.ones(len(caches[0][0]), dtype=torch.bool)
         untouched[[b for t in tickets for b in t.block_ids]] = False
         assert all(not k[untouched].any() and not v[untouched].any() for k, v in caches)
@@ -248,6 +240,15 @@ def warm_up(receiver, sender, connector: str) -> None:
     warm = ticket(receiver, [20], connector)
     receiver.expect(warm, Waiter())
     push(sender, warm, random_layers(warm)).result(10)
+
+
+def expect_and_push(receiver, sender, tickets, layers) -> tuple[list, list]:
+    """Each ticket expected, then its layers pushed with its index as the first token: the
+    waiters and the senders' futures."""
+    waiters = [Waiter() for _ in tickets]
+    for t, w in zip(tickets, waiters):
+        receiver.expect(t, w)
+    return waiters, [push(sender, t, ls, first_token=i) for i, (t, ls) in enumerate(zip(tickets, layers))]
 
 
 def assert_all_landed(receiver, tickets, layers, waiters, futures) -> None:

@@ -19,7 +19,7 @@ from pdserve.kv_transfer.connector import TransferError
 from pdserve.kv_transfer.receiver import KVSocketReceiver
 
 from .kv_peer import layer_data, make_sender, ticket_to_json
-from .test_kv_connectors import wait_until
+from .test_kv_connectors import assert_all_landed, expect_and_push, wait_until
 from .test_kv_transfer import (BLOCK_SIZE, HEAD_DIM, KV_HEADS, NUM_BLOCKS, NUM_LAYERS, Waiter, assert_landed,
                                make_ticket, push, random_layers)
 
@@ -49,15 +49,10 @@ def test_transfers_written_in_place_land_in_reserved_blocks(dtype):
         name = str(dtype).removeprefix("torch.")
         tickets = [ipc_ticket(receiver, ids, name) for ids in ([3, 9, 4], [0], list(range(10, 30)))]
         layers = [random_layers(t, dtype) for t in tickets]
-        waiters = [Waiter() for _ in tickets]
-        for t, w in zip(tickets, waiters):
-            receiver.expect(t, w)
-        futures = [push(sender, t, ls, first_token=i) for i, (t, ls) in enumerate(zip(tickets, layers))]
-        for i, (t, ls, w, f) in enumerate(zip(tickets, layers, waiters, futures)):
-            result = w.wait()
-            assert result.ok and result.in_place and result.first_token_id == i, result
-            assert f.result(10) == result.num_bytes >= NUM_LAYERS * t.layer_bytes  # what moved is counted
-            assert_landed(receiver.kv_caches, t, ls)
+        waiters, futures = expect_and_push(receiver, sender, tickets, layers)
+        assert_all_landed(receiver, tickets, layers, waiters, futures)
+        for t, w in zip(tickets, waiters):  # written in place, and what moved is counted
+            assert w.result.in_place and w.result.num_bytes >= NUM_LAYERS * t.layer_bytes
         untouched = torch.ones(NUM_BLOCKS, dtype=torch.bool)
         untouched[[b for t in tickets for b in t.block_ids]] = False
         assert all(not k[untouched].any() and not v[untouched].any() for k, v in receiver.kv_caches)
