@@ -39,12 +39,12 @@ import torch
 from pdserve.engine.kv_pool import pool_rows
 
 from .claims import Claims
-from .ipc_receiver import IpcFrames
 from .completions import Completions
 from .connector import KVReceiver, KVTicket, TransferResult
 from .frame import (DONE, GROUP_ENTRY, HEADER_SIZE, FrameError, FrameHeader, FrameType, GroupEntry, checksum,
                     summary_checksum)
 from .incoming import Connection, Incoming, check_frame, layer_error
+from .ipc_receiver import IpcFrames
 from .nccl_receiver import PairPayloads
 from .pair import MAX_OFFER_BYTES, PairOffer
 from .shared_pool import describe
