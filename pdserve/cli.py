@@ -72,8 +72,10 @@ HELP = {
     "heartbeat_grace_s": "after Redis comes up, how long nodes may take to re-register",
     "kv_test_corrupt_transfers": "test hook: corrupt the first N KV transfers",
     "kv_test_hold_prefill_s": "test hook: each prompt waits this long before its prefill (as if queued)",
-    "kv_connector": "how prefill nodes send this node KV: tcp, or nccl (a process group per "
-                    "node pair: NCCL between GPUs, gloo between CPU processes)",
+    "kv_connector": "how prefill nodes send this node KV: tcp, nccl (a process group per "
+                    "node pair: NCCL between GPUs, gloo between CPU processes), or ipc (a prefill node on "
+                    "this host writes the blocks itself: CUDA IPC on a shared GPU, shared memory on CPU; "
+                    "tcp from elsewhere)",
     "kv_connect_timeout_s": "seconds to connect (and pair) with a decode node's KV receiver",
     "kv_transfer_timeout_s": "seconds a KV transfer may take (prefill: to leave once its last layer "
                              "is queued; decode: to land once its first bytes came)",
@@ -121,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-redis", action="store_true", help="no Redis: the router gets the nodes "
                     "as flags and routes by load")
     up.add_argument("--no-sample", action="store_true", help="do not answer a sample chat once up")
-    up.add_argument("--kv-connector", default="tcp", choices=CONNECTORS, help="how KV moves "
-                    "from prefill to decode nodes (default tcp; nccl: NVLink between GPUs, gloo on CPU; "
-                    "ipc: written in place into the decode node's blocks, on one host)")
+    up.add_argument("--kv-connector", default="ipc", choices=CONNECTORS, help="how KV moves "
+                    "from prefill to decode nodes (default ipc: the prefill node writes it into the decode "
+                    "node's blocks in place, every node being on this host; tcp; nccl: NVLink between GPUs, "
+                    "gloo on CPU)")
     add_config_args(up, EngineConfig, HELP, exclude=NOT_FLAGS)
     roles = {"prefill": (PrefillNodeConfig, "a prefill node"), "decode": (DecodeNodeConfig, "a decode node")}
     for name, (cls, text) in roles.items():

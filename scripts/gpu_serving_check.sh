@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call on one GPU (issue 29): the receiver's landing tests and the one-GPU cluster
 # test, then benchmarks/serving.py on dummy:llama3-8b (cluster of one prefill and one decode
-# node sharing the card, tcp connector, against the in-process engine with a decode node's KV
-# blocks), with the decode node profiled by py-spy at the highest rate. Its table is printed
+# node sharing the card, the benchmark's default connector: ipc; EXTRA="--kv-connector tcp"
+# for tcp), against the in-process engine with a decode node's KV blocks, with the nodes
+# profiled by py-spy at the highest rate. Its table is printed
 # last; JSON, plots and the profile go to $OUT.
 # Carry .whl: the test tools in .whl/*.whl, and in .whl/extra the packages the image lacks
 # (for Python 3.12: grpcio, protobuf, crc32c, redis, aiohttp, openai and theirs, matplotlib and

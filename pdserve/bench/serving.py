@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu or cuda:N (the cluster's nodes share it)")
     ap.add_argument("--num-prefill", type=int, default=1)
     ap.add_argument("--num-decode", type=int, default=1)
-    ap.add_argument("--kv-connector", default="tcp", choices=("tcp", "nccl", "ipc"))
+    ap.add_argument("--kv-connector", default="ipc", choices=("tcp", "nccl", "ipc"),
+                    help="the decode nodes' connector (default ipc, as `pdserve up`: the cluster is on this host)")
     ap.add_argument("--rates", default="1,2,4", help="offered request rates, requests/s, comma-separated")
     ap.add_argument("--burst", type=int, default=16, help="then this many requests at once (0: none)")
     ap.add_argument("--num-requests", type=int, default=24, help="requests per rate")
