@@ -210,19 +210,29 @@ def kv_bytes_received(cluster) -> float:
 
 def kv_tails(cluster) -> tuple[float, float]:
     """The prefill nodes' transfer tails so far (from a prefill's answer to its DONE sent: the
-    KV still moving after the first token), as (seconds in all, transfers)."""
-    return (sum(metric_sum(p, "pdserve_kv_transfer_seconds_sum") for p in cluster.prefill),
-            sum(metric_sum(p, "pdserve_kv_transfer_seconds_count") for p in cluster.prefill))
+    KV still moving after the first token), as (seconds in all, transfers): one scrape a node."""
+    seconds = count = 0.0
+    for p in cluster.prefill:
+        samples = metric_samples(p)
+        seconds += metric_sum(p, "pdserve_kv_transfer_seconds_sum", samples=samples)
+        count += metric_sum(p, "pdserve_kv_transfer_seconds_count", samples=samples)
+    return seconds, count
 
 
-def metric_sum(process, name: str, **labels) -> float:
-    """The sum of a process's samples named `name` that carry `labels` (docs/metrics.md)."""
+def metric_samples(process) -> list:
+    """Every sample on a process's /metrics (docs/metrics.md)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{process.info['metrics_port']}/metrics", timeout=10).read()
-    return sum(sample.value for family in text_string_to_metric_families(text.decode()) for sample in family.samples
+    return [sample for family in text_string_to_metric_families(text.decode()) for sample in family.samples]
+
+
+def metric_sum(process, name: str, samples: list | None = None, **labels) -> float:
+    """The sum of a process's samples named `name` that carry `labels` (`samples`: those of a
+    scrape already made)."""
+    return sum(sample.value for sample in (metric_samples(process) if samples is None else samples)
                if sample.name == name and labels.items() <= sample.labels.items())
 
 

@@ -48,7 +48,7 @@ class Outgoing:
     first_layer_at: float | None = None  # nccl: when its first layer was handed to the group
     pool: object = None  # ipc: the decode node's pool rows, opened here (None: the transfer goes over TCP)
     claimed: bool = False  # ipc: the receiver GRANTed this sender the transfer's blocks
-    slots: object = None  # ipc: the pool rows of its blocks within a layer, on the pool's device
+    rows: object = None  # ipc: [num_layers, its blocks' K and V] pool rows, on the pool's device
 
 
 class LayerEntry(NamedTuple):

@@ -43,12 +43,12 @@ class Claims:
         with self._lock:
             return len(self._claims)
 
-    def grant(self, key: bytes, transfer_id: str, conn) -> bool:
+    def grant(self, key: bytes, conn) -> bool:
         """Records `conn`'s claim; False if the transfer was claimed before."""
         with self._lock:
             if key in self._claims:
                 return False
-            self._claims[key] = Claim(transfer_id, conn, time.monotonic() + self.transfer_timeout)
+            self._claims[key] = Claim(key.hex(), conn, time.monotonic() + self.transfer_timeout)
             return True
 
     def holder(self, key: bytes):

@@ -23,7 +23,7 @@ class IpcFrames:
             raise FrameError("CLAIM frame with a payload")
         incoming = self.receiver.proven(conn, header)
         granted = (incoming is not None and incoming.ticket.connector == "ipc" and incoming.started_at is None
-                   and self.receiver.claims.grant(header.transfer_id, incoming.ticket.transfer_id, conn))
+                   and self.receiver.claims.grant(header.transfer_id, conn))
         if granted:
             self.receiver.track(conn, [incoming])  # its deadline is now the transfer's, from here
         secret = incoming.ticket.secret if incoming is not None else b""

@@ -21,7 +21,7 @@ import logging
 import torch
 
 from pdserve.engine.host_copy import stream_event, to_device, to_host
-from pdserve.engine.kv_pool import kv_slots, layer_rows
+from pdserve.engine.kv_pool import kv_slots, slot_rows
 
 from .channel import AbortItem, LayerEntry, LayersItem, Outgoing
 from .connector import KVTicket, TransferError
@@ -55,7 +55,7 @@ class IpcKVSender(TcpKVSender):
         for out, (ticket, kv) in zip(self._states([ticket for ticket, _ in items]), items):
             self._check(ticket, kv)
             if out.pool is None:  # the same answer for every layer of a transfer (opened once)
-                out.pool = self.pools.open(ticket.ipc)
+                out.pool = self.pools.open(ticket.kv_endpoint, ticket.ipc)
             entry = LayerEntry(out, layer, kv, ready) if out.pool is not None else LayerEntry(out, layer, *to_host(kv))
             by_endpoint.setdefault(ticket.kv_endpoint, []).append(entry)
         for endpoint, entries in by_endpoint.items():
@@ -104,15 +104,15 @@ class IpcChannel(TcpChannel):
         if not 0 <= entry.layer < out.ticket.num_layers or entry.layer in out.layer_checksums:
             out.error = TransferError(f"layer {entry.layer} is not the ticket's to write")  # ABORT at its DONE
             return
-        num_blocks = pool.shape[0] // (2 * out.ticket.num_layers)
-        if out.slots is None:  # on this thread's stream, as the writes that read it
-            out.slots = to_device(kv_slots(out.ticket.block_ids, num_blocks), torch.int64, pool.device)
-        rows = layer_rows(out.slots, entry.layer, num_blocks)
+        if out.rows is None:  # every layer's rows at once, on this thread's stream, as the writes that read them
+            num_layers, num_blocks = out.ticket.num_layers, pool.shape[0] // (2 * out.ticket.num_layers)
+            slots = to_device(kv_slots(out.ticket.block_ids, num_blocks), torch.int64, pool.device)
+            out.rows = slot_rows(slots, num_layers, num_blocks)
         if entry.ready is not None:
             self.stream.wait_event(entry.ready)
             entry.staged.record_stream(self.stream)  # made on the engine's stream, read on this one
         with torch.inference_mode():  # the pool was opened, and the layer gathered, under the engine's
-            pool.index_copy_(0, rows, entry.staged.view(-1, pool.shape[1]))
+            pool.index_copy_(0, out.rows[entry.layer], entry.staged.view(-1, pool.shape[1]))
         out.layer_checksums[entry.layer] = 0
         out.num_bytes += out.ticket.layer_bytes
 
@@ -143,4 +143,5 @@ class IpcChannel(TcpChannel):
 
     def _disconnect(self) -> None:
         self._wait_for_writes()  # a closed connection ends this sender's claims (claims.py)
+        self.sender.pools.forget(self.endpoint)  # the node may be gone: its pool is not kept mapped
         super()._disconnect()

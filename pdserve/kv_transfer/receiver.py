@@ -47,7 +47,7 @@ from .incoming import Connection, Incoming, check_frame, layer_error
 from .ipc_receiver import IpcFrames
 from .nccl_receiver import PairPayloads
 from .pair import MAX_OFFER_BYTES, PairOffer
-from .shared_pool import describe
+from .shared_pool import TORCH_DTYPES, describe
 from .sockets import await_readable, recv_exact, tune_socket
 from .tcp import TcpPayloads
 
@@ -61,8 +61,6 @@ WATCH_S = 20e-3
 POLL_S = 20e-6  # the watch's look at the socket
 WATCHDOG_S = 0.1  # how often `_watch` looks for transfers past their time
 DISCARD_BYTES = 256 << 10  # a dropped payload is read through a buffer this big, shared by all
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class KVSocketReceiver(KVReceiver):

@@ -32,7 +32,7 @@ from pdserve.engine.private_apis import open_cuda_tensor, share_cuda_tensor
 log = logging.getLogger(__name__)
 
 VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # a ticket's dtype
 
 
 @cache
@@ -69,31 +69,43 @@ def describe(rows: torch.Tensor) -> bytes:
 
 
 class SharedPools:
-    """The pools of decode nodes that this process opened, by descriptor: each opened once
-    (a CUDA handle is costly to open, and torch keeps it mapped)."""
+    """The pools of decode nodes that this process opened, one per KV endpoint, each opened
+    once (a CUDA handle is costly to open). A mapping keeps its pool's memory alive even after
+    the decode node died, so a pool is dropped when its endpoint names another one (the node
+    restarted) and when the connection to it ends (`forget`); transfers under way hold their own
+    reference."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._opened: dict[bytes, torch.Tensor | None] = {}
+        self._opened: dict[str, tuple[bytes, torch.Tensor | None]] = {}  # endpoint -> (descriptor, rows)
         self._lock = threading.Lock()
 
-    def open(self, descriptor: bytes) -> torch.Tensor | None:
+    def open(self, endpoint: str, descriptor: bytes) -> torch.Tensor | None:
         """The pool rows `descriptor` names, opened here, or None where this process cannot
         write them in place."""
         if not descriptor:
             return None
         with self._lock:
-            if descriptor not in self._opened:
-                self._opened[descriptor] = self._open(descriptor)
-            return self._opened[descriptor]
+            opened = self._opened.get(endpoint)
+            if opened is None or opened[0] != descriptor:
+                opened = self._opened[endpoint] = (descriptor, self._open(descriptor))
+            return opened[1]
+
+    def forget(self, endpoint: str) -> None:
+        with self._lock:
+            self._opened.pop(endpoint, None)
+
+    def __contains__(self, endpoint: str) -> bool:
+        with self._lock:
+            return endpoint in self._opened
 
     def _open(self, descriptor: bytes) -> torch.Tensor | None:
         try:
             d = json.loads(descriptor)
-            if d.get("v") != VERSION or d.get("boot_id") != boot_id() or d.get("dtype") not in DTYPES:
+            if d.get("v") != VERSION or d.get("boot_id") != boot_id() or d.get("dtype") not in TORCH_DTYPES:
                 return None
             if d["kind"] == "cuda" and self.device.type == "cuda" and d["gpu"] == gpu_uuid(self.device):
-                rows = open_cuda_tensor(d, DTYPES[d["dtype"]], self.device)
+                rows = open_cuda_tensor(d, TORCH_DTYPES[d["dtype"]], self.device)
             elif d["kind"] == "memfd" and self.device.type == "cpu":
                 rows = _open_memfd(d)
             else:
@@ -112,7 +124,7 @@ def _open_memfd(d: dict) -> torch.Tensor | None:
     if os.readlink(path) != f"/memfd:{d['name']} (deleted)":
         return None
     num_rows, row = d["shape"]
-    dtype = DTYPES[d["dtype"]]
+    dtype = TORCH_DTYPES[d["dtype"]]
     offset = int(d["offset"])
     flat = torch.from_file(path, shared=True, size=offset // dtype.itemsize + num_rows * row, dtype=dtype)
     return flat[offset // dtype.itemsize:].view(num_rows, row)

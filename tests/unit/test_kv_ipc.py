@@ -17,6 +17,7 @@ import torch
 from pdserve.engine.kv_pool import allocate_kv_caches
 from pdserve.kv_transfer.connector import TransferError
 from pdserve.kv_transfer.receiver import KVSocketReceiver
+from pdserve.kv_transfer.shared_pool import SharedPools
 
 from .kv_peer import layer_data, make_sender, ticket_to_json
 from .test_kv_connectors import assert_all_landed, expect_and_push, wait_until
@@ -140,3 +141,24 @@ def test_a_writer_that_dies_midway_ends_its_claim(receiver):
         assert torch.equal(receiver.kv_caches[layer][0][[1, 2, 3]], layer_data(dead, layer)[0])
     receiver.forget(dead.transfer_id, then=freed.set)
     assert freed.wait(10) and len(receiver.claims) == 0
+
+
+def test_a_pool_stays_mapped_only_while_its_node_serves_the_endpoint(receiver):
+    """A mapping keeps a pool's memory alive after its node died: a sender drops the pool
+    when the endpoint names another (the node restarted) and when its connection there ends."""
+    restarted = shared_receiver()
+    pools = SharedPools(torch.device("cpu"))
+    first = pools.open(receiver.endpoint, receiver.ipc_descriptor)
+    second = pools.open(receiver.endpoint, restarted.ipc_descriptor)
+    assert second.data_ptr() != first.data_ptr() and receiver.endpoint in pools
+    restarted.close()
+    sender = make_sender("ipc")
+    t = ipc_ticket(receiver, [2])
+    receiver.expect(t, Waiter())
+    push(sender, t, random_layers(t)).result(10)
+    assert receiver.endpoint in sender.pools
+    receiver.close()  # the decode node goes away: the sender's next transfer there fails
+    with pytest.raises(ConnectionError):
+        push(sender, ipc_ticket(receiver, [3]), random_layers(t)).result(20)
+    assert receiver.endpoint not in sender.pools
+    sender.close()
