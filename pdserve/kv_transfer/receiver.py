@@ -27,6 +27,7 @@ frames on it and have not settled fail at once (their sender cannot finish them)
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import ssl
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 WATCH_S = 20e-3
 POLL_S = 20e-6  # the watch's look at the socket
 WATCHDOG_S = 0.1  # how often `_watch` looks for transfers past their time
+MAX_ENDED = 4096  # ended tickets whose secrets still prove a connection (receiver `_ended`)
 DISCARD_BYTES = 256 << 10  # a dropped payload is read through a buffer this big, shared by all
 
 
@@ -101,6 +103,9 @@ class KVSocketReceiver(KVReceiver):
         self.port = self._server.getsockname()[1]
         self.endpoint = f"{advertise_host or host}:{self.port}"
         self._tickets: dict[bytes, Incoming] = {}
+        # the secrets of the last tickets that settled or were forgotten: a sender that reconnects
+        # with a frame of one of them (the first item it had queued) still proves itself
+        self._ended: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._connections: set[Connection] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -134,7 +139,7 @@ class KVSocketReceiver(KVReceiver):
         for a transfer written in place, when its claim ends (claims.py), on a receiver thread."""
         key = bytes.fromhex(transfer_id)
         with self._lock:
-            midway = self._tickets.pop(key, None) is not None
+            midway = self._ended_ticket(self._tickets.pop(key, None))
             stuck = [c for c in self._connections if midway and c.pair is not None and key in c.transfers]
         for conn in stuck:
             log.warning("kv transfer %s forgotten midway: closing its pair with %s", transfer_id, conn.addr)
@@ -192,7 +197,10 @@ class KVSocketReceiver(KVReceiver):
         a transfer nobody expects on a connection proven before. Raises FrameError otherwise."""
         with self._lock:
             incoming = self._tickets.get(header.transfer_id)
+            ended_secret = self._ended.get(header.transfer_id) if incoming is None else None
         if incoming is None:
+            if ended_secret is not None and header.proven_by(ended_secret):
+                conn.proven = True  # it holds a ticket of ours that ended just now
             if not conn.proven:
                 raise FrameError(f"{header.type.name} frame for an unknown transfer before any proven frame")
             if header.num_bytes > self.max_frame_bytes:
@@ -237,10 +245,20 @@ class KVSocketReceiver(KVReceiver):
     def settle(self, incoming: Incoming, result: TransferResult) -> None:
         """Calls the ticket back, once: whoever settles first wins."""
         with self._lock:
-            if self._tickets.pop(incoming.ticket.transfer_key, None) is None:
+            if not self._ended_ticket(self._tickets.pop(incoming.ticket.transfer_key, None)):
                 return  # settled or forgotten meanwhile: nobody waits for it
             self.num_bytes_received += incoming.num_bytes
         incoming.on_done(result)
+
+    def _ended_ticket(self, incoming: Incoming | None) -> bool:
+        """Remembers the secret of a ticket just taken out of `_tickets` (None: none was), for
+        `proven`; under the lock."""
+        if incoming is None:
+            return False
+        self._ended[incoming.ticket.transfer_key] = incoming.ticket.secret
+        if len(self._ended) > MAX_ENDED:
+            self._ended.popitem(last=False)
+        return True
 
     def settle_when_copied(self, stream, incoming: Incoming, result: TransferResult, on_late=None) -> None:
         """Settles `incoming` once the work queued so far on CUDA `stream` (its copies into the
@@ -342,12 +360,12 @@ class KVSocketReceiver(KVReceiver):
             recv_exact(conn.sock, self._discard[:min(DISCARD_BYTES, num_bytes - start)], eof_ok=False)
 
     def _open_pair(self, conn: Connection, header: FrameHeader) -> None:
-        """A PAIR frame, proven by the ticket of a live transfer: this connection's KV payloads
-        come over a process group from now on."""
+        """A PAIR frame, proven by the ticket of a live transfer or one that ended just now (a
+        sender reconnects with the first item it had queued; refused, it would wait for a peer
+        that never joins): this connection's KV payloads come over a process group from now on."""
         if conn.pair is not None or not 0 < header.num_bytes <= MAX_OFFER_BYTES:
             raise FrameError("unexpected PAIR frame")
-        if self.proven(conn, header) is None:
-            raise FrameError("PAIR frame for a transfer nobody expects")
+        self.proven(conn, header)
         payload = recv_exact(conn.sock, memoryview(bytearray(header.num_bytes)), eof_ok=False)
         if checksum(payload) != header.payload_checksum:
             raise FrameError("checksum mismatch in PAIR frame")

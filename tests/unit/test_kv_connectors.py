@@ -184,6 +184,28 @@ def test_transfer_forgotten_midway_spares_the_next(connector, receiver):
 
 
 @pytest.mark.parametrize("connector", CONNECTORS)
+def test_a_new_connection_that_opens_with_a_transfer_just_ended_still_carries_the_next(connector, receiver):
+    """A sender (re)connects with the first item it has queued, which may belong to a transfer
+    the receiver forgot a moment ago: that ticket's secret still proves the connection, so the
+    nccl connector's PAIR is accepted (refused, the sender waited for a peer that never joined,
+    up to its pair timeout of 10 s here, and every transfer behind it missed its deadline)."""
+    sender = make_sender(connector)
+    gone = ticket(receiver, [1, 2], connector)
+    receiver.expect(gone, Waiter())
+    receiver.forget(gone.transfer_id)  # cancelled before its first layer left
+    start = time.monotonic()
+    sender.send_layer(gone, 0, random_layers(gone)[0])
+    nxt, waiter = ticket(receiver, [7, 8], connector), Waiter()
+    receiver.expect(nxt, waiter)
+    layers = random_layers(nxt)
+    push(sender, nxt, layers).result(20)
+    assert waiter.wait().ok and time.monotonic() - start < 5
+    assert_landed(receiver.kv_caches, nxt, layers)
+    assert not receiver.kv_caches[0][0][[1, 2]].any()  # the forgotten transfer's bytes were dropped
+    sender.close()
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
 def test_missing_layer_fails_at_done(connector, receiver):
     sender = make_sender(connector)
     t, waiter = ticket(receiver, [3], connector), Waiter()

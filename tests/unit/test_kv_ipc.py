@@ -110,8 +110,8 @@ def test_a_forgotten_transfer_is_freed_only_once_its_writer_is_done(receiver):
 
 
 def test_a_transfer_forgotten_before_its_claim_is_freed_at_once_and_never_written(receiver):
-    """On a connection proven by an earlier transfer its CLAIM is DENYed (on a fresh one, a
-    claim for a transfer nobody expects closes the connection, as any unproven first frame)."""
+    """Its CLAIM is DENYed (here on a connection an earlier transfer proved; on a fresh one the
+    claim proves itself with the ticket that just ended)."""
     sender = make_sender("ipc")
     first = ipc_ticket(receiver, [9])
     receiver.expect(first, Waiter())
