@@ -89,6 +89,8 @@ HELP = {
                                "than the prefill node would compute (0: only when no prefill node is healthy)",
     "stream_timeout_s": "seconds a decode stream may stay silent (its node sends a heartbeat every second "
                         "while a request waits) before the request resumes on another node",
+    "resume_wait_s": "seconds a request under way that finds no healthy node to resume on waits for one "
+                     "to come back (a restarting node) before it fails (a new request fails at once)",
     "router": "the routers' gRPC addresses, comma-separated (a stream whose router goes away resumes on "
               "the next)",
     "api_key": "require this key, or one of several comma-separated (Authorization: Bearer): on the "

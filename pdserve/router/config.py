@@ -30,6 +30,9 @@ class RouterConfig:
     # a decode stream silent this long (its node sends a heartbeat every second while a request
     # waits) is a hung node: the request resumes elsewhere as after a crash
     stream_timeout_s: float = 10.0
+    # a request under way (an attempt ran) that finds no healthy node to resume on waits this long
+    # for one to come back (a restarting node) before it fails; a new request fails at once (503)
+    resume_wait_s: float = 30.0
     health_interval_s: float = 0.5
     drain_timeout_s: float = 30.0
     ready_file: str | None = None

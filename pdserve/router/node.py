@@ -59,7 +59,7 @@ async def serve(config: RouterConfig) -> None:
                     metrics.role_registry("router", config.model))
     servicer = RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint,
                               config.model, config.disaggregation, config.prefill_here_max_tokens,
-                              config.stream_timeout_s, api_keys)
+                              config.stream_timeout_s, api_keys, config.resume_wait_s)
     servicer.tracing = Tracing("pdserve-router", config.otlp_endpoint)
     pb_grpc.add_RouterServiceServicer_to_server(servicer, server.grpc)
     await server.start()

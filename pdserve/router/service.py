@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -83,14 +84,14 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3,
                  index=None, model_fingerprint: str = "", model_name: str = "", disaggregation: str = "auto",
                  prefill_here_max_tokens: int = 512, stream_timeout_s: float = 10.0,
-                 api_keys: ApiKeys = ApiKeys()):
+                 api_keys: ApiKeys = ApiKeys(), resume_wait_s: float = 30.0):
         if disaggregation not in DISAGGREGATION:
             raise ValueError(f"--disaggregation must be one of {', '.join(DISAGGREGATION)}, got {disaggregation!r}")
         self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
         self.disaggregation, self.prefill_here_max_tokens = disaggregation, prefill_here_max_tokens
         self.model_name = model_name
         self.vocab_size = vocab_size
-        self.max_attempts = max_attempts
+        self.max_attempts, self.resume_wait_s = max_attempts, resume_wait_s
         self.index, self.model_fingerprint = index, model_fingerprint
         self.pending = PendingPrefixes()
         self.silence = SilenceWatch(stream_timeout_s)
@@ -152,8 +153,11 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         excluded: set[NodeClient] = set()  # failed this request: avoided while others exist
         full_nodes: set[NodeClient] = set()  # decode nodes without room: never retried
         while progress.num_attempts < self.max_attempts or failures.full:
-            route = await self._route(progress.prompt + progress.sent, request.cache_salt, excluded,
-                                      full_nodes)
+            look = functools.partial(self._route, progress.prompt + progress.sent, request.cache_salt, excluded,
+                                     full_nodes)
+            route = await look()
+            if route is None and progress.num_attempts and not failures.full:
+                route = await self._route_when_back(request_id, look, failures)
             if route is None:
                 return
             progress.num_attempts += 1
@@ -173,6 +177,20 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                     full_nodes |= e.nodes
                 metrics.retries_total.labels("full" if e.full else "failure").inc()
                 log.warning("%s: attempt %d failed: %s", request_id, progress.num_attempts, e)
+
+    async def _route_when_back(self, request_id: str, look, failures: Failures) -> Route | None:
+        """A route for a request under way that found no healthy node: waits up to
+        `resume_wait_s` for one to come back (a node restarting, the only decode node of a small
+        deployment), looking as often as the pool's health is polled. None after that."""
+        log.warning("%s: no healthy %s to resume on; waiting up to %.0f s for one", request_id,
+                    self.needed_nodes(), self.resume_wait_s)
+        deadline = time.monotonic() + self.resume_wait_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(self.pool.poll_interval_s, max(0.0, deadline - time.monotonic())))
+            if (route := await look()) is not None:
+                return route
+        failures.reasons.append(f"no healthy {self.needed_nodes()} came back within {self.resume_wait_s:g} s")
+        return None
 
     def can_serve(self) -> bool:
         """Whether the healthy nodes can serve a prompt (the router's health)."""

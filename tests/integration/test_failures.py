@@ -1,7 +1,7 @@
 """Failures on real processes: a corrupted KV transfer, a decode node killed or hung mid-stream,
-a decode node drained by SIGTERM. Every request still returns the engine's exact tokens. Each
-test breaks a cluster of its own (one prefill and two decode nodes), so none depends on what
-another did."""
+the only decode node restarted, a decode node drained by SIGTERM. Every request still returns
+the engine's exact tokens. Each test breaks a cluster of its own (one prefill and two decode
+nodes, unless it says otherwise), so none depends on what another did."""
 
 import concurrent.futures
 import random
@@ -67,6 +67,24 @@ def test_decode_node_killed_mid_stream_resumes_without_gap_or_duplicate(cluster,
     tokens, last, _ = generate_killing_its_decode_node(cluster, p, LONG)
     assert tokens == want
     assert last.timings.num_attempts == 2 and last.usage.completion_tokens == 300
+
+
+def test_a_stream_whose_only_decode_node_restarts_waits_for_it_and_resumes(reference):
+    """One decode node, killed mid-stream and restarted by its supervisor: the stream has
+    nowhere to resume until it is back, waits for it (`--resume-wait-s`) and continues there,
+    with no gap or duplicate."""
+    p = prompt(2, 50)
+    want = reference.generate([p], LONG)[0].token_ids
+    with Cluster("dummy:tiny", num_prefill=1, num_decode=1, node_args=["--num-kv-blocks", "160"],
+                 router_args=["--health-interval-s", "0.2", "--resume-wait-s", "120"]) as cluster:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(generate, cluster.router_address, p, LONG)
+            assert wait_for(lambda: running_decode(cluster), timeout=30, interval=0.01)
+            cluster.restart("decode-0")  # kills it, then starts it on the same port
+            tokens, last, _ = future.result(timeout=120)
+        assert tokens == want and last.usage.completion_tokens == 300
+        assert last.timings.num_attempts >= 2  # the killed attempt, then one on the node come back
+        assert wait_for(lambda: all_blocks_free(cluster))
 
 
 def test_a_resumed_stream_keeps_its_penalties_min_tokens_and_seed(cluster, reference):

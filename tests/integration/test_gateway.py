@@ -256,8 +256,9 @@ def test_the_readme_examples_work(cluster):
 
 
 def test_an_error_mid_stream_is_an_error_chunk_then_done():
-    """The only decode node dies mid-stream: nowhere to resume, so the stream ends in an error."""
-    with Cluster("dummy:tiny", 1, 1, gateway_port=0) as tiny:
+    """The only decode node dies mid-stream and does not come back within the router's
+    `--resume-wait-s`: nowhere to resume, so the stream ends in an error."""
+    with Cluster("dummy:tiny", 1, 1, gateway_port=0, router_args=["--resume-wait-s", "1"]) as tiny:
         client = openai.OpenAI(base_url=tiny.gateway_url, api_key="none", max_retries=0)
         stream = client.completions.create(model="dummy:tiny", prompt=[5, 6, 7], max_tokens=1500,
                                            stream=True, extra_body={"ignore_eos": True})
