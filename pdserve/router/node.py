@@ -19,6 +19,7 @@ from .config import RouterConfig
 from .nodes import NodePool
 from .policy import make_policy
 from .prefix_index import PrefixIndex
+from .routing import Routes
 from .service import RouterServicer
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ async def serve(config: RouterConfig) -> None:
     server = Server(service_name("RouterService"), config.host, config.port, config.metrics_port,
                     config.drain_timeout_s, auth, _authenticate(auth, api_keys), tls,
                     metrics.role_registry("router", config.model))
-    servicer = RouterServicer(pool, policy, tokenizer, vocab_size, config.max_attempts, index, fingerprint,
-                              config.model, config.disaggregation, config.prefill_here_max_tokens,
+    routes = Routes(pool, policy, index, fingerprint, config.disaggregation, config.prefill_here_max_tokens)
+    servicer = RouterServicer(routes, tokenizer, vocab_size, config.max_attempts, config.model,
                               config.stream_timeout_s, api_keys, config.resume_wait_s)
     servicer.tracing = Tracing("pdserve-router", config.otlp_endpoint)
     pb_grpc.add_RouterServiceServicer_to_server(servicer, server.grpc)
@@ -92,9 +93,9 @@ async def _follow_nodes(server: Server, servicer: RouterServicer, ready_file: st
     while True:
         await pool.changed.wait()
         pool.changed.clear()
-        serving = servicer.can_serve()
+        serving = servicer.routes.can_serve()
         if serving != ready:
-            log.info("router %s", "serving" if serving else f"NOT serving: no healthy {servicer.needed_nodes()}")
+            log.info("router %s", "serving" if serving else f"NOT serving: no healthy {servicer.routes.needed_nodes()}")
             await server.set_serving(serving)
             if serving and ready is None:
                 server.write_ready_file(ready_file, role="router")

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.engine.block_hash import block_hashes
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.service import metrics
@@ -30,20 +29,16 @@ from pdserve.service.tracing import Tracing
 
 from .api_keys import ApiKeys, metadata_key
 from .detokenizer import IncrementalDetokenizer
-from .nodes import NodeClient, NodePool, PrefillWork
-from .pending_prefixes import PendingPrefixes
+from .nodes import NodeClient, PrefillWork
+from .routing import Route, Routes
 from .validation import checked_request
-from .policy import queued_prefill_tokens
 from .copies import copies
 from .progress import Chunk, Progress
 from .responses import chunk_response
 from . import request_metrics
 from .silence_watch import SilenceWatch, Watched
-from .prefix_index import MAX_LOOKUP_BLOCKS
 
 log = logging.getLogger(__name__)
-
-DISAGGREGATION = ("always", "never", "auto")
 
 
 class ClientError(Exception):
@@ -71,29 +66,15 @@ class Failures:
     full: bool = False
 
 
-@dataclass
-class Route:
-    prefill: NodeClient | None  # None: the decode node prefills the prompt itself
-    decode: NodeClient
-    num_cached_tokens: int  # what the index says the node that prefills holds of the prompt
-
-
 class RouterServicer(pb_grpc.RouterServiceServicer):
     tracing = Tracing("pdserve-router")  # off; the node sets its own (--otlp-endpoint)
 
-    def __init__(self, pool: NodePool, policy, tokenizer, vocab_size: int, max_attempts: int = 3,
-                 index=None, model_fingerprint: str = "", model_name: str = "", disaggregation: str = "auto",
-                 prefill_here_max_tokens: int = 512, stream_timeout_s: float = 10.0,
-                 api_keys: ApiKeys = ApiKeys(), resume_wait_s: float = 30.0):
-        if disaggregation not in DISAGGREGATION:
-            raise ValueError(f"--disaggregation must be one of {', '.join(DISAGGREGATION)}, got {disaggregation!r}")
-        self.pool, self.policy, self.tokenizer = pool, policy, tokenizer
-        self.disaggregation, self.prefill_here_max_tokens = disaggregation, prefill_here_max_tokens
+    def __init__(self, routes: Routes, tokenizer, vocab_size: int, max_attempts: int = 3, model_name: str = "",
+                 stream_timeout_s: float = 10.0, api_keys: ApiKeys = ApiKeys(), resume_wait_s: float = 30.0):
+        self.routes, self.pool, self.tokenizer = routes, routes.pool, tokenizer
         self.model_name = model_name
         self.vocab_size = vocab_size
         self.max_attempts, self.resume_wait_s = max_attempts, resume_wait_s
-        self.index, self.model_fingerprint = index, model_fingerprint
-        self.pending = PendingPrefixes()
         self.silence = SilenceWatch(stream_timeout_s)
         self.active_ids: set[str] = set()  # request ids of the streams open now
         self.api_keys = api_keys  # salts each key's prefix cache apart with --cache-isolation per-key
@@ -136,7 +117,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                     if ended:
                         return  # closing the attempts cancels the decode call (a stop string: still running)
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if failures.full else grpc.StatusCode.UNAVAILABLE
-            detail = "; ".join(failures.reasons) or f"no healthy {self.needed_nodes()}"
+            detail = "; ".join(failures.reasons) or f"no healthy {self.routes.needed_nodes()}"
             raise ClientError(code, f"{request_id}: not served after {progress.num_attempts} attempt(s): {detail}")
         except ClientError:
             ended = True
@@ -153,7 +134,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         excluded: set[NodeClient] = set()  # failed this request: avoided while others exist
         full_nodes: set[NodeClient] = set()  # decode nodes without room: never retried
         while progress.num_attempts < self.max_attempts or failures.full:
-            look = functools.partial(self._route, progress.prompt + progress.sent, request.cache_salt, excluded,
+            look = functools.partial(self.routes.choose, progress.prompt + progress.sent, request.cache_salt, excluded,
                                      full_nodes)
             route = await look()
             if route is None and progress.num_attempts and not failures.full:
@@ -183,88 +164,14 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         `resume_wait_s` for one to come back (a node restarting, the only decode node of a small
         deployment), looking as often as the pool's health is polled. None after that."""
         log.warning("%s: no healthy %s to resume on; waiting up to %.0f s for one", request_id,
-                    self.needed_nodes(), self.resume_wait_s)
+                    self.routes.needed_nodes(), self.resume_wait_s)
         deadline = time.monotonic() + self.resume_wait_s
         while time.monotonic() < deadline:
             await asyncio.sleep(min(self.pool.poll_interval_s, max(0.0, deadline - time.monotonic())))
             if (route := await look()) is not None:
                 return route
-        failures.reasons.append(f"no healthy {self.needed_nodes()} came back within {self.resume_wait_s:g} s")
+        failures.reasons.append(f"no healthy {self.routes.needed_nodes()} came back within {self.resume_wait_s:g} s")
         return None
-
-    def can_serve(self) -> bool:
-        """Whether the healthy nodes can serve a prompt (the router's health)."""
-        return bool(self.pool.healthy("decode") and (self.pool.healthy("prefill") or self.disaggregation != "always"))
-
-    def needed_nodes(self) -> str:
-        return "prefill and decode nodes" if self.disaggregation == "always" else "decode nodes"
-
-    async def _route(self, prompt: list[int], cache_salt: str, excluded: set,
-                     full_nodes: set) -> Route | None:
-        """A (prefill, decode) pair, or a decode node alone that prefills the prompt itself
-        (`_prefill_here`; what each node's cache holds as the index and this router's recent
-        routes know it). Avoids nodes that failed this request where others exist; decode
-        nodes that were full are never retried."""
-        candidates = []
-        for role in ("prefill", "decode"):
-            healthy = [n for n in self.pool.healthy(role) if n not in full_nodes]
-            candidates.append([n for n in healthy if n not in excluded] or healthy)
-        prefill_nodes, decode_nodes = candidates
-        if self.disaggregation == "never":
-            prefill_nodes = []
-        if not decode_nodes or (not prefill_nodes and self.disaggregation == "always"):
-            return None
-        decode = self.policy.pick_decode(decode_nodes, len(prompt))
-        if not prefill_nodes:  # nothing to choose between: no hashing, no index lookup
-            metrics.route_decisions.labels(self.policy.name, "prefill_on_decode").inc()
-            return Route(None, decode, 0)
-        hashes = self._block_hashes(prompt, cache_salt, decode) if self.policy.uses_index else []
-        cached = await self._cached_tokens(hashes, prefill_nodes + [decode]) if self.policy.uses_index else {}
-        if hashes:
-            self.pending.add(hashes, decode)  # it will hold the prompt's blocks either way
-        prefill, reason = self.policy.pick_prefill(
-            prefill_nodes, len(prompt), None if cached is None else {n: c for n, c in cached.items() if n in prefill_nodes})
-        if self._prefill_here(len(prompt), decode, prefill, cached or {}):
-            metrics.route_decisions.labels(self.policy.name, "prefill_on_decode").inc()
-            return Route(None, decode, (cached or {}).get(decode, 0))
-        metrics.route_decisions.labels(self.policy.name, reason).inc()
-        if hashes:
-            self.pending.add(hashes, prefill)
-        return Route(prefill, decode, (cached or {}).get(prefill, 0))
-
-    def _prefill_here(self, num_tokens: int, decode: NodeClient, prefill: NodeClient, cached: dict) -> bool:
-        """`auto`: whether the decode node should prefill the prompt itself: it would compute
-        at most `prefill_here_max_tokens` tokens (those its prefix cache lacks), and its first
-        token would come sooner there: fewer tokens to compute before it, counting each node's
-        queue of prefill work (the prompts a burst already sent to the decode node too, or a
-        burst of short prompts would all queue there while the prefill node idles)."""
-        if self.disaggregation != "auto":
-            return False
-        here = num_tokens - cached.get(decode, 0)
-        there = queued_prefill_tokens(prefill) + num_tokens - cached.get(prefill, 0)
-        return here <= self.prefill_here_max_tokens and queued_prefill_tokens(decode) + here < there
-
-    def _block_hashes(self, prompt: list[int], cache_salt: str, node: NodeClient) -> list[bytes]:
-        """The hashes of the prompt's blocks a prefill node could reuse (not the one holding the
-        last token, which is always computed), at most MAX_LOOKUP_BLOCKS."""
-        if self.index is None or node.stats is None:
-            return []
-        block_size = node.stats.block_size
-        leading = prompt[:min(len(prompt) - 1, MAX_LOOKUP_BLOCKS * block_size)]
-        return block_hashes(leading, block_size, self.model_fingerprint, cache_salt or None)
-
-    async def _cached_tokens(self, hashes: list[bytes], nodes: list[NodeClient]) -> dict[NodeClient, int] | None:
-        """Prefill node -> prompt tokens it holds, or will once the requests this router sent
-        it are computed; None (route by load) without an answering index."""
-        runs = await self.index.lookup(hashes) if self.index is not None else None
-        if runs is None:
-            return None
-        by_id, block_size = self.pool.by_node_id(), nodes[0].stats.block_size
-        cached = {by_id[i]: n for i, n in runs.items() if by_id.get(i) in nodes}
-        for node, n in self.pending.runs(hashes).items():
-            if node in nodes:
-                cached[node] = max(cached.get(node, 0), n)
-        return {node: n * block_size for node, n in cached.items()}
 
     async def _attempt(self, request_id: str, cache_salt: str, progress: Progress, route: Route):
         """Yields Chunks; raises Retry on node trouble."""
@@ -337,7 +244,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         """The prompt's token ids and the sampling params; INVALID_ARGUMENT naming the field."""
         limits = self.pool.model_limits()
         if limits is None:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, f"no healthy {self.needed_nodes()}")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, f"no healthy {self.routes.needed_nodes()}")
         try:
             return await checked_request(request, self.tokenizer, self.vocab_size, limits[0])
         except ValueError as e:
@@ -350,7 +257,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
                              vocab_size=self.vocab_size,
                              num_prefill_nodes=len(self.pool.healthy("prefill")),
                              num_decode_nodes=len(self.pool.healthy("decode")),
-                             has_tokenizer=self.tokenizer is not None, can_serve=self.can_serve())
+                             has_tokenizer=self.tokenizer is not None, can_serve=self.routes.can_serve())
 
 
 async def _chunks(call, decode: NodeClient, silence: SilenceWatch, progress: Progress | None = None):

@@ -82,15 +82,13 @@ def test_a_burst_of_short_prompts_is_shared_between_the_decode_node_and_the_pref
     the decode node to prefill as that node's queue (`PrefillWork`), as it counts the prefill
     node's: a burst of 30-token prompts alternates between them, where it used to pile up on the
     decode node while the prefill node idled."""
-    from types import SimpleNamespace
+    from pdserve.router.routing import Routes
 
-    from pdserve.router.service import RouterServicer
-
-    rule = SimpleNamespace(disaggregation="auto", prefill_here_max_tokens=512)
+    rule = Routes(None, PrefixAware(), disaggregation="auto", prefill_here_max_tokens=512)
     prefill, decode = node("p"), node("d")
     here = []
     for _ in range(8):
-        here.append(RouterServicer._prefill_here(rule, 30, decode, prefill, {}))
+        here.append(rule.prefill_here(30, decode, prefill, {}))
         PrefillWork(decode if here[-1] else prefill, 30, 0)  # in flight until the burst ends
     assert here == [False, True] * 4
     assert decode.num_inflight_tokens == prefill.num_inflight_tokens == 120
