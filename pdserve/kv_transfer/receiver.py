@@ -27,7 +27,6 @@ frames on it and have not settled fail at once (their sender cannot finish them)
 
 from __future__ import annotations
 
-import collections
 import logging
 import socket
 import ssl
@@ -51,6 +50,7 @@ from .pair import MAX_OFFER_BYTES, PairOffer
 from .shared_pool import TORCH_DTYPES, describe
 from .sockets import await_readable, recv_exact, tune_socket
 from .tcp import TcpPayloads
+from .tickets import Tickets
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 WATCH_S = 20e-3
 POLL_S = 20e-6  # the watch's look at the socket
 WATCHDOG_S = 0.1  # how often `_watch` looks for transfers past their time
-MAX_ENDED = 4096  # ended tickets whose secrets still prove a connection (receiver `_ended`)
 DISCARD_BYTES = 256 << 10  # a dropped payload is read through a buffer this big, shared by all
 
 
@@ -102,10 +101,7 @@ class KVSocketReceiver(KVReceiver):
         self._server = socket.create_server((host, port))
         self.port = self._server.getsockname()[1]
         self.endpoint = f"{advertise_host or host}:{self.port}"
-        self._tickets: dict[bytes, Incoming] = {}
-        # the secrets of the last tickets that settled or were forgotten: a sender that reconnects
-        # with a frame of one of them (the first item it had queued) still proves itself
-        self._ended: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._tickets = Tickets()  # expected, and the secrets of those just ended
         self._connections: set[Connection] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -130,7 +126,7 @@ class KVSocketReceiver(KVReceiver):
         if ticket.connector == "nccl":  # made now, not when its first group is on the wire
             incoming.device_slots  # noqa: B018
         with self._lock:
-            self._tickets[ticket.transfer_key] = incoming
+            self._tickets.add(incoming)
 
     def forget(self, transfer_id: str, then: Callable[[], None] | None = None) -> None:
         """Over a process group, a transfer forgotten midway may leave a receive that never
@@ -139,7 +135,7 @@ class KVSocketReceiver(KVReceiver):
         for a transfer written in place, when its claim ends (claims.py), on a receiver thread."""
         key = bytes.fromhex(transfer_id)
         with self._lock:
-            midway = self._ended_ticket(self._tickets.pop(key, None))
+            midway = self._tickets.end(key) is not None
             stuck = [c for c in self._connections if midway and c.pair is not None and key in c.transfers]
         for conn in stuck:
             log.warning("kv transfer %s forgotten midway: closing its pair with %s", transfer_id, conn.addr)
@@ -197,7 +193,7 @@ class KVSocketReceiver(KVReceiver):
         a transfer nobody expects on a connection proven before. Raises FrameError otherwise."""
         with self._lock:
             incoming = self._tickets.get(header.transfer_id)
-            ended_secret = self._ended.get(header.transfer_id) if incoming is None else None
+            ended_secret = self._tickets.ended_secret(header.transfer_id) if incoming is None else None
         if incoming is None:
             if ended_secret is not None and header.proven_by(ended_secret):
                 conn.proven = True  # it holds a ticket of ours that ended just now
@@ -245,20 +241,10 @@ class KVSocketReceiver(KVReceiver):
     def settle(self, incoming: Incoming, result: TransferResult) -> None:
         """Calls the ticket back, once: whoever settles first wins."""
         with self._lock:
-            if not self._ended_ticket(self._tickets.pop(incoming.ticket.transfer_key, None)):
+            if self._tickets.end(incoming.ticket.transfer_key) is None:
                 return  # settled or forgotten meanwhile: nobody waits for it
             self.num_bytes_received += incoming.num_bytes
         incoming.on_done(result)
-
-    def _ended_ticket(self, incoming: Incoming | None) -> bool:
-        """Remembers the secret of a ticket just taken out of `_tickets` (None: none was), for
-        `proven`; under the lock."""
-        if incoming is None:
-            return False
-        self._ended[incoming.ticket.transfer_key] = incoming.ticket.secret
-        if len(self._ended) > MAX_ENDED:
-            self._ended.popitem(last=False)
-        return True
 
     def settle_when_copied(self, stream, incoming: Incoming, result: TransferResult, on_late=None) -> None:
         """Settles `incoming` once the work queued so far on CUDA `stream` (its copies into the
@@ -317,7 +303,7 @@ class KVSocketReceiver(KVReceiver):
             log.warning("kv receiver: closing connection from %s: %s", conn.addr, e)
         finally:
             with self._lock:
-                broken = [self._tickets[k] for k in conn.transfers if k in self._tickets]
+                broken = [i for i in map(self._tickets.get, conn.transfers) if i is not None]
             for incoming in broken:
                 self.fail(incoming, f"the sender's connection {conn.addr} closed mid-transfer")
             self.claims.closed(conn)
@@ -392,7 +378,7 @@ class KVSocketReceiver(KVReceiver):
         """Notes that these transfers have frames on `conn` (they fail if it breaks) and when
         each began. With the lock held."""
         if len(conn.transfers) > 1024:  # keep only the transfers still expected
-            conn.transfers &= self._tickets.keys()
+            conn.transfers &= self._tickets.live.keys()
         now = time.monotonic()
         for incoming in incomings:
             if incoming.started_at is None:
@@ -405,11 +391,9 @@ class KVSocketReceiver(KVReceiver):
         of those is closed (a receive on it may never complete)."""
         while not self._closed:
             time.sleep(WATCHDOG_S)
-            now, wall = time.monotonic(), time.time()
+            now = time.monotonic()
             with self._lock:
-                late = [i for i in self._tickets.values()
-                        if (i.started_at is None and wall > i.ticket.deadline)
-                        or (i.started_at is not None and now > i.started_at + self.transfer_timeout)]
+                late = self._tickets.late(self.transfer_timeout)
                 unproven = [c for c in self._connections if not c.proven and now > c.opened_at + self.proof_timeout]
             for conn in unproven:
                 log.warning("kv receiver: closing %s: no proven frame %.0fs after it opened", conn.addr,
