@@ -50,7 +50,10 @@ class Sampler:
         index = to_device(rows, torch.int64, self.device)
         probs = filtered_probs(logits.index_select(0, index).float(), row_params)
         noise = torch.empty_like(probs)
-        for j, (i, p) in enumerate(zip(rows, row_params)):
+        seeded = [(j, i, p) for j, (i, p) in enumerate(zip(rows, row_params)) if p.seed is not None]
+        if len(seeded) < len(rows):  # the unseeded rows' draws in one launch (seeded ones: redrawn)
+            noise.exponential_(generator=self.default_generator)
+        for j, i, p in seeded:  # each from its own generator: its tokens depend on its seed alone
             skip = num_sampled[i] + p.num_resumed_tokens
             noise[j].exponential_(generator=self._generator(request_ids[i], p, skip, vocab=noise.shape[1]))
         # the exponential race: a draw from probs
@@ -72,8 +75,6 @@ class Sampler:
         return logits.to(torch.float32, copy=True).index_copy_(0, index, sub)  # raw logits stay (logprobs)
 
     def _generator(self, request_id: str, params: SamplingParams, skip: int, vocab: int) -> torch.Generator:
-        if params.seed is None:
-            return self.default_generator
         gen = self.generators.get(request_id)
         if gen is None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed % 2**64)
