@@ -6,10 +6,13 @@
 # binary) for the prefix index the conditional rule reads.
 #   bash scripts/gpu_modes_check.sh
 # Env: WORKLOADS (short long chat mix), MODES (disagg agg cond512 cond8192), NUM_REQUESTS (32).
+# Each run's JSON and log go to /tmp/pdserve-modes/, packed after every run into $OUT/modes.tgz
+# (the device tool brings back at most 8 files; a run cut short still leaves the tarball).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-out=${OUT:-/tmp}
+out=/tmp/pdserve-modes
+rm -rf "$out" && mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .whl/extra/*.whl 2>&1 | grep -v WARN | tail -3
 export PYTHONPATH=/tmp/site PATH=$PWD/.whl/bin:/tmp/site/bin:$PATH
 n=${NUM_REQUESTS:-32}
@@ -28,6 +31,7 @@ for w in ${WORKLOADS:-short long chat mix}; do
     eval timeout 150 python3 benchmarks/serving.py --model dummy:llama3-8b --device cuda:0 --burst 0 --no-engine \
       --redis --num-requests "$n" --slo-ttft 1 --slo-tpot 0.025 --max-seconds 90 --plots "''" \
       ${W[$w]} ${M[$m]} --out "$out/modes-$w-$m.json" > "$out/modes-$w-$m.log" 2>&1 || echo "$w $m: exit $?"
+    tar czf "${OUT:-/tmp}/modes.tgz" -C "$out" .
   done
 done
 python3 - "$out" <<'PY'
