@@ -6,11 +6,13 @@ client saw between two messages of one stream, and errors.
 
 Faults, after a baseline round with none (on a small CPU the longest gap of an undisturbed
 stream is already seconds: prefills of other prompts share the cores): kill -9 of the decode
-node that runs streams; kill -9 of a prefill node while prompts are being prefilled; Redis killed and restarted; SIGTERM (drain) of a decode node; SIGSTOP of
-a decode node (hung; SIGCONT after the router's stream timeout), under the same load and with
-one stream alone (the acceptance's "bound plus one step"); clients that leave mid-stream
-(the check there: every block of every node free afterwards). A killed node is restarted
-before the next fault.
+node that runs streams; kill -9 of a prefill node while prompts are being prefilled; kill -9
+of every decode node at once, restarted at once (the streams have nowhere to resume until one
+is back: the router's `--resume-wait-s`); Redis killed and restarted; SIGTERM (drain) of a
+decode node; SIGSTOP of a decode node (hung; SIGCONT after the router's stream timeout), under
+the same load and with one stream alone (the acceptance's "bound plus one step"); clients that
+leave mid-stream (the check there: every block of every node free afterwards). A killed node
+is restarted before the next fault.
 
 Usage: python benchmarks/faults.py [--streams 8] [--max-tokens 48] [--kv-connector tcp|nccl|ipc]
 """
@@ -112,6 +114,15 @@ def faults(cluster: Cluster, stream_timeout_s: float, num_streams: int) -> list[
             return lambda: cluster.restart(victim.name)
         return act
 
+    def restart_all_decode():
+        wait_until(lambda: busy_decode(cluster))
+        victims = list(cluster.decode)
+        for victim in victims:
+            victim.popen.send_signal(signal.SIGKILL)
+        for victim in victims:  # as a supervisor would; the streams wait meanwhile
+            cluster.restart(victim.name)
+        return lambda: None
+
     def redis():
         cluster.local_redis.stop(kill=True)
         time.sleep(1.0)
@@ -134,6 +145,7 @@ def faults(cluster: Cluster, stream_timeout_s: float, num_streams: int) -> list[
     return [Fault("none (the baseline: the same load undisturbed)", lambda: (lambda: None), num_streams),
             Fault("decode node kill -9 mid-stream", kill(busy_decode), num_streams),
             Fault("prefill node kill -9 while prefilling", kill(busy_prefill), num_streams),
+            Fault("every decode node kill -9 mid-stream, restarted", restart_all_decode, num_streams),
             Fault("Redis killed and restarted", redis, num_streams),
             Fault("decode node SIGTERM (drain) mid-stream", drain, num_streams),
             Fault(hung, hang, num_streams),

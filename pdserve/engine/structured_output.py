@@ -54,7 +54,10 @@ class Grammars:
         """Sets to -inf, in place, what each listed row's grammar does not allow next."""
         import xgrammar as xgr
 
-        bitmask = xgr.allocate_token_bitmask(len(logits), self.vocab_size)  # every token allowed
+        # every token allowed; pinned on CUDA, so its copy below does not make the host wait for
+        # the forward pass in flight (a copy from pageable memory would: host_copy.py)
+        bitmask = torch.full(xgr.get_bitmask_shape(len(logits), self.vocab_size), -1, dtype=xgr.bitmask_dtype,
+                             pin_memory=logits.is_cuda)
         live = [(row, state) for row in rows
                 if (state := self._matcher(request_ids[row], params[row], histories[row])) is not None]
         if live:  # the rows filled on xgrammar's threads: host time the step waits for

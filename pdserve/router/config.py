@@ -32,7 +32,7 @@ class RouterConfig:
     stream_timeout_s: float = 10.0
     # a request under way (an attempt ran) that finds no healthy node to resume on waits this long
     # for one to come back (a restarting node) before it fails; a new request fails at once (503)
-    resume_wait_s: float = 30.0
+    resume_wait_s: float = 60.0
     health_interval_s: float = 0.5
     drain_timeout_s: float = 30.0
     ready_file: str | None = None

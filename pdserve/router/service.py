@@ -70,7 +70,7 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     tracing = Tracing("pdserve-router")  # off; the node sets its own (--otlp-endpoint)
 
     def __init__(self, routes: Routes, tokenizer, vocab_size: int, max_attempts: int = 3, model_name: str = "",
-                 stream_timeout_s: float = 10.0, api_keys: ApiKeys = ApiKeys(), resume_wait_s: float = 30.0):
+                 stream_timeout_s: float = 10.0, api_keys: ApiKeys = ApiKeys(), resume_wait_s: float = 60.0):
         self.routes, self.pool, self.tokenizer = routes, routes.pool, tokenizer
         self.model_name = model_name
         self.vocab_size = vocab_size
