@@ -7,7 +7,8 @@ then `--steps` decode steps are timed (schedule, run, sample, read back; the mea
 a step). Cases: greedy (CUDA graphs with async scheduling), greedy one step at a time (no
 look-ahead: what logprobs and penalties turn off), logprobs with the top 5, the three
 penalties, logit_bias with min_tokens (no look-ahead needed), and sampling at temperature 0.8
-with top-p. Prints each step time and its ratio to greedy.
+with top-p (a sort of the whole vocabulary) and with top-k (no sort). Prints each step time and
+its ratio to greedy.
 
 A JSON-schema case needs a vocabulary for xgrammar, which `dummy:` weights lack: make one
 where a tokenizer is (`--write-grammar-vocab wide_vocab.json`: SmolLM2's 49,152 byte-level
@@ -39,6 +40,7 @@ CASES = {
                                                        repetition_penalty=1.1),
     "logit_bias + min_tokens": dict(logit_bias={100 + i: 1.0 for i in range(8)}, min_tokens=8),
     "temperature 0.8, top_p 0.9": dict(temperature=0.8, top_p=0.9),
+    "temperature 0.8, top_k 50": dict(temperature=0.8, top_k=50),
 }
 
 

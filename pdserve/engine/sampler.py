@@ -85,18 +85,21 @@ class Sampler:
 
 
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k and top-p on the sorted logits, then min-p; returns probs."""
+    """Temperature, then top-k and top-p on the sorted logits (top-k alone: against its k-th
+    value, no sort), then min-p; returns probs."""
     device = logits.device
     temperature = to_device([p.temperature for p in params], torch.float32, device)
     logits = logits / temperature[:, None]
     vocab = logits.shape[-1]
     top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
     top_p = [p.top_p for p in params]
-    if min(top_k) < vocab or min(top_p) < 1.0:
+    if min(top_p) == 1.0 and min(top_k) < vocab:
+        logits = top_k_only(logits, top_k)
+    elif min(top_k) < vocab or min(top_p) < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=device)[None, :]
-        drop = ranks >= to_device(top_k, torch.int64, device)[:, None]
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        k = to_device(top_k, torch.int64, device)  # below the k-th value goes; its ties stay, as in top_k_only
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < sorted_logits.gather(-1, (k - 1)[:, None]),
+                                                  float("-inf"))
         sorted_probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens ranked above it already reach top_p (the first stays)
         above = sorted_probs.cumsum(dim=-1) - sorted_probs
@@ -110,6 +113,16 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
+
+
+def top_k_only(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Each row's logits below its k-th largest set to -inf (a value tied with the k-th stays,
+    as transformers' TopKLogitsWarper keeps it). `torch.topk` of the largest k asked: a row
+    that asks for none has k = vocab, whose k-th value is its least."""
+    k = to_device(top_k, torch.int64, logits.device)
+    largest = logits.topk(max(top_k), dim=-1).values
+    kth = largest.gather(-1, (k - 1)[:, None])
+    return logits.masked_fill(logits < kth, float("-inf"))
 
 
 class RowLogprobs(NamedTuple):

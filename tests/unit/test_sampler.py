@@ -40,6 +40,24 @@ def test_filtered_probs_against_a_direct_computation():
         torch.testing.assert_close(probs[row], expected / expected.sum())
 
 
+@pytest.mark.parametrize("num_rows,vocab", [(1, 7), (3, 50), (8, 1000), (5, 32000)])
+def test_top_k_alone_keeps_what_transformers_keeps(num_rows, vocab):
+    """Top-k keeps the tokens transformers' TopKLogitsWarper keeps, ties at the k-th value
+    included, alone (its k-th value, no sort) and beside a top-p (on the sorted logits); rows
+    without top-k keep every token."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    torch.manual_seed(num_rows * vocab)
+    logits = torch.randn(num_rows, vocab).round(decimals=1)  # rounded: ties at the k-th value
+    ks = [torch.randint(1, vocab + 1, ()).item() if i % 3 != 2 else 0 for i in range(num_rows)]
+    for top_p in (1.0, 0.999999):  # top-k alone (no sort), and beside top-p (sorted): the same rule
+        params = [SamplingParams(temperature=1.0, top_k=k, top_p=top_p) for k in ks]
+        probs = filtered_probs(logits.clone(), params)
+        for row, k in enumerate(ks):
+            want = logits[row:row + 1] if k == 0 else TopKLogitsWarper(k)(None, logits[row:row + 1].clone())
+            torch.testing.assert_close(probs[row], want[0].softmax(-1))
+
+
 def test_greedy_is_argmax_and_sampling_follows_the_distribution():
     sampler = Sampler(torch.device("cpu"), seed=0)
     logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
