@@ -127,6 +127,12 @@ def test_aggregated_serving_has_no_prefill_pods_and_tells_the_router():
     assert env(by_kind(render(), "Deployment")["rel-pdserve-router"])["PDSERVE_DISAGGREGATION"] == "auto"
 
 
+def test_the_router_waits_as_long_as_the_values_say_for_a_decode_node_to_come_back():
+    assert env(by_kind(render(), "Deployment")["rel-pdserve-router"])["PDSERVE_RESUME_WAIT_S"] == "60"
+    router = by_kind(render(None, "router.resumeWaitSeconds=300"), "Deployment")["rel-pdserve-router"]
+    assert env(router)["PDSERVE_RESUME_WAIT_S"] == "300"
+
+
 def test_tls_reaches_every_pdserve_pod_and_its_probes():
     docs = render(str(CHART / "ci" / "tls-values.yaml"))
     for name, deployment in by_kind(docs, "Deployment").items():
@@ -186,7 +192,7 @@ def test_pods_run_as_non_root_with_a_read_only_root_filesystem():
     ("kvConnector=rdma", "/kvConnector"), ("model.name=", "/model/name"),
     ("redis.enabled=false", "/redis/externalUrl"), ("routingPolicy=random", "/routingPolicy"),
     ("disaggregation=sometimes", "/disaggregation"),
-    ("router.port=70000", "/router/port"), ("prefill.extraEnv.FOO=1", "'FOO' does not match"),
+    ("router.port=70000", "/router/port"), ("router.resumeWaitSeconds=-1", "/router/resumeWaitSeconds"), ("prefill.extraEnv.FOO=1", "'FOO' does not match"),
     ("tls.existingSecret=mine", "/tls/serverName"),
 ])
 def test_bad_values_are_refused_by_the_schema(setting, message):
