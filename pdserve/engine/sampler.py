@@ -117,12 +117,13 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
 
 def top_k_only(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """Each row's logits below its k-th largest set to -inf (a value tied with the k-th stays,
-    as transformers' TopKLogitsWarper keeps it). `torch.topk` of the largest k asked: a row
-    that asks for none has k = vocab, whose k-th value is its least."""
-    k = to_device(top_k, torch.int64, logits.device)
-    largest = logits.topk(max(top_k), dim=-1).values
-    kth = largest.gather(-1, (k - 1)[:, None])
-    return logits.masked_fill(logits < kth, float("-inf"))
+    as transformers' TopKLogitsWarper keeps it); a row with k = vocab (none asked) keeps all.
+    One `torch.topk` of the largest k asked, never of the whole vocabulary."""
+    vocab, largest_k = logits.shape[-1], max(k for k in top_k if k < logits.shape[-1])
+    k = to_device([min(k, largest_k) for k in top_k], torch.int64, logits.device)
+    kth = logits.topk(largest_k, dim=-1).values.gather(-1, (k - 1)[:, None])
+    keep_all = to_device([k >= vocab for k in top_k], torch.bool, logits.device)[:, None]
+    return logits.masked_fill((logits < kth) & ~keep_all, float("-inf"))
 
 
 class RowLogprobs(NamedTuple):

@@ -174,12 +174,8 @@ def test_transfer_forgotten_midway_spares_the_next(connector, receiver):
     receiver.forget(gone.transfer_id)  # the request was cancelled: its blocks get freed
     sender.send_layer(gone, 1, layers[1].clone())
     sender.abort(gone)
-    nxt, waiter = ticket(receiver, [7, 8], connector), Waiter()
-    receiver.expect(nxt, waiter)
-    layers = random_layers(nxt)
-    push(sender, nxt, layers).result(20)
-    assert waiter.wait().ok and waiter_gone.result is None  # forgotten: never called back
-    assert_landed(receiver.kv_caches, nxt, layers)
+    assert_carries(receiver, sender, ticket(receiver, [7, 8], connector))
+    assert waiter_gone.result is None  # forgotten: never called back
     sender.close()
 
 
@@ -195,12 +191,8 @@ def test_a_new_connection_that_opens_with_a_transfer_just_ended_still_carries_th
     receiver.forget(gone.transfer_id)  # cancelled before its first layer left
     start = time.monotonic()
     sender.send_layer(gone, 0, random_layers(gone)[0])
-    nxt, waiter = ticket(receiver, [7, 8], connector), Waiter()
-    receiver.expect(nxt, waiter)
-    layers = random_layers(nxt)
-    push(sender, nxt, layers).result(20)
-    assert waiter.wait().ok and time.monotonic() - start < 5
-    assert_landed(receiver.kv_caches, nxt, layers)
+    assert_carries(receiver, sender, ticket(receiver, [7, 8], connector))
+    assert time.monotonic() - start < 5
     assert not receiver.kv_caches[0][0][[1, 2]].any()  # the forgotten transfer's bytes were dropped
     sender.close()
 
@@ -237,12 +229,7 @@ def test_a_layer_the_ticket_does_not_take_fails_only_that_transfer(connector, re
     assert torch.equal(landed, layers[0][0]) or not landed.any()
     # the ticket fails just before its connection closes: the next transfer goes on a new one
     assert wait_until(lambda: receiver.num_connections == 0)
-    good, waiter = ticket(receiver, [7, 8], connector), Waiter()
-    receiver.expect(good, waiter)
-    layers = random_layers(good)
-    push(sender, good, layers).result(20)
-    assert waiter.wait().ok
-    assert_landed(receiver.kv_caches, good, layers)
+    assert_carries(receiver, sender, ticket(receiver, [7, 8], connector))
     sender.close()
 
 
@@ -262,6 +249,15 @@ def warm_up(receiver, sender, connector: str) -> None:
     warm = ticket(receiver, [20], connector)
     receiver.expect(warm, Waiter())
     push(sender, warm, random_layers(warm)).result(10)
+
+
+def assert_carries(receiver, sender, t) -> None:
+    """`t` expected and its layers pushed: it settles ok, its bytes in its blocks."""
+    waiter, layers = Waiter(), random_layers(t)
+    receiver.expect(t, waiter)
+    push(sender, t, layers).result(20)
+    assert waiter.wait().ok
+    assert_landed(receiver.kv_caches, t, layers)
 
 
 def expect_and_push(receiver, sender, tickets, layers) -> tuple[list, list]:

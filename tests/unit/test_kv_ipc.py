@@ -20,7 +20,7 @@ from pdserve.kv_transfer.receiver import KVSocketReceiver
 from pdserve.kv_transfer.shared_pool import SharedPools
 
 from .kv_peer import layer_data, make_sender, ticket_to_json
-from .test_kv_connectors import assert_all_landed, expect_and_push, wait_until
+from .test_kv_connectors import assert_all_landed, assert_carries, expect_and_push, wait_until
 from .test_kv_transfer import (BLOCK_SIZE, HEAD_DIM, KV_HEADS, NUM_BLOCKS, NUM_LAYERS, Waiter, assert_landed,
                                make_ticket, push, random_layers)
 
@@ -100,12 +100,7 @@ def test_a_forgotten_transfer_is_freed_only_once_its_writer_is_done(receiver):
     sender.send_layer(gone, 1, layers[1].clone())
     sender.abort(gone)
     assert freed.wait(10) and len(receiver.claims) == 0
-    nxt, waiter = ipc_ticket(receiver, [7, 8]), Waiter()
-    receiver.expect(nxt, waiter)
-    layers = random_layers(nxt)
-    push(sender, nxt, layers).result(10)
-    assert waiter.wait().ok
-    assert_landed(receiver.kv_caches, nxt, layers)
+    assert_carries(receiver, sender, ipc_ticket(receiver, [7, 8]))
     sender.close()
 
 
